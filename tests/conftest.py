@@ -1,0 +1,93 @@
+"""Shared fixtures: seeds, tiny configs, and checkpoints written by transformers' own save_pretrained."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where none exists")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+FAMILIES = {
+    "UniSpeech": ["Model", "ForCTC", "ForSequenceClassification", "ForPreTraining"],
+    "UniSpeechSat": [
+        "Model",
+        "ForCTC",
+        "ForSequenceClassification",
+        "ForAudioFrameClassification",
+        "ForXVector",
+        "ForPreTraining",
+    ],
+}
+ALL_CLASSES = [(fam, head) for fam, heads in FAMILIES.items() for head in heads]
+
+
+def tiny_config_kwargs(family: str, **overrides) -> dict:
+    """A small config in the spirit of transformers' own model tests (hidden 16, 2 layers, conv k8/s4)."""
+    kw = dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=20,
+        conv_dim=(32, 32, 32),
+        conv_stride=(4, 4, 4),
+        conv_kernel=(8, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=32,
+        codevector_dim=24,
+        proj_codevector_dim=12,
+        num_codevectors_per_group=5,
+        num_codevector_groups=2,
+        num_labels=3,
+    )
+    if family == "UniSpeechSat":
+        kw.update(tdnn_dim=(32, 32), tdnn_kernel=(3, 3), tdnn_dilation=(1, 2), xvector_output_dim=8, num_clusters=7)
+    kw.update(overrides)
+    return kw
+
+
+def hf_model(family: str, head: str, **overrides):
+    """A randomly initialised transformers model of ``family + head``, in eval mode."""
+    import transformers
+    config = getattr(transformers, family + "Config")(**tiny_config_kwargs(family, **overrides))
+    return getattr(transformers, family + head)(config).eval()
+
+
+def padded_batch(lengths, total=None, generator_seed=0):
+    """Random waveforms ``[B, total]`` with a right-padded attention mask for the given lengths."""
+    g = torch.Generator().manual_seed(generator_seed)
+    total = total or max(lengths)
+    x = torch.randn(len(lengths), total, generator=g)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        x[i, n:] = 0.0
+    return x, mask

@@ -1,0 +1,107 @@
+"""Backend dispatch: selection, forced backends, reasons, the env var, and verify mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unispeech_fast as uf
+from unispeech_fast import dispatch
+from unispeech_fast.ops import attention, attention_ref
+
+
+def _qkv(b=2, t=7, h=2, d=4):
+    return [torch.randn(b, t, h, d) for _ in range(3)]
+
+
+def test_only_eager_exists_and_that_is_visible():
+    table = uf.available_backends("cpu")
+    assert set(table) == set(dispatch.OPS)
+    for op, per_backend in table.items():
+        assert per_backend["eager"] == []
+        for name in ("triton", "cuda", "cpp"):
+            assert any("no %s implementation" % name in r for r in per_backend[name]), (op, name)
+    text = dispatch.format_backend_table(("cpu",))
+    for op in dispatch.OPS:
+        assert op in text
+
+
+def test_auto_picks_eager_on_cpu():
+    q, k, v = _qkv()
+    assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "eager"
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
+def test_forced_backend_that_cannot_run_raises_with_reasons(name):
+    q, k, v = _qkv()
+    with uf.backend(name):
+        with pytest.raises(uf.BackendNotSupportedError, match=f"backend '{name}' cannot run 'attention'") as info:
+            attention(q, k, v)
+    assert f"no {name} implementation of 'attention'" in str(info.value)
+
+
+def test_backend_context_nests_and_restores():
+    assert uf.current_backend() == "auto"
+    with uf.backend("eager"):
+        assert uf.current_backend() == "eager"
+        with uf.backend("triton"):
+            assert uf.current_backend() == "triton"
+        assert uf.current_backend() == "eager"
+    assert uf.current_backend() == "auto"
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("UNISPEECH_FAST_BACKEND", "cpp")
+    assert uf.current_backend() == "cpp"
+    q, k, v = _qkv()
+    with pytest.raises(uf.BackendNotSupportedError):
+        attention(q, k, v)
+    with uf.backend("eager"):  # the context manager wins over the environment
+        attention(q, k, v)
+
+
+@pytest.fixture
+def wrong_cpp_attention(monkeypatch):
+    """Register a deliberately wrong 'cpp' attention and pretend the extension loaded."""
+    monkeypatch.setattr(dispatch, "backend_reasons", lambda name, device: [])
+
+    def bad(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
+        out, w = attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
+        return out + 1e-2, w
+
+    dispatch.register("attention", "cpp")(bad)
+    yield
+    dispatch._unregister("attention", "cpp")
+
+
+def test_verify_mode_catches_a_wrong_kernel(wrong_cpp_attention):
+    q, k, v = _qkv()
+    with uf.backend("cpp"):
+        out, _ = attention(q, k, v)  # no verification: wrong answer goes through
+        assert not torch.allclose(out, attention_ref(q, k, v)[0])
+        with uf.verify():
+            with pytest.raises(uf.VerificationError, match=r"attention on backend 'cpp'.*max abs error 1\.0+e-02"):
+                attention(q, k, v)
+        with uf.verify(atol=2e-2, rtol=0):
+            attention(q, k, v)  # within the loosened tolerance
+
+
+def test_verify_env_var(wrong_cpp_attention, monkeypatch):
+    monkeypatch.setenv("UNISPEECH_FAST_VERIFY", "1")
+    q, k, v = _qkv()
+    with uf.backend("cpp"), pytest.raises(uf.VerificationError):
+        attention(q, k, v)
+
+
+def test_verify_passes_for_eager_model():
+    config = uf.UniSpeechSatConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                                   conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),
+                                   num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+    model = uf.UniSpeechSatModel(config).eval()
+    with uf.verify():
+        model(torch.randn(1, 500))
+
+
+def test_auto_prefers_a_usable_kernel_backend(wrong_cpp_attention):
+    q, k, v = _qkv()
+    assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "cpp"

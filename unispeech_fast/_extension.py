@@ -1,0 +1,45 @@
+"""The one place that loads the compiled extension ``unispeech_fast._C``.
+
+Nothing imports the extension at ``import unispeech_fast`` time; :func:`status` loads it on first
+use and remembers why it could not (not built, or built for another torch). The package works
+without it: the ``cpp`` and ``cuda`` backends then report themselves unavailable with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import os
+
+__all__ = ["ExtensionStatus", "status"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    reason: str
+    has_cuda: bool
+    cuda_reason: str
+    path: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def status() -> ExtensionStatus:
+    """Load ``unispeech_fast._C`` once and describe what it provides."""
+    if os.environ.get("UNISPEECH_FAST_DISABLE_EXTENSION", "0") not in ("", "0"):
+        why = "disabled by UNISPEECH_FAST_DISABLE_EXTENSION"
+        return ExtensionStatus(False, why, False, why)
+    spec = importlib.util.find_spec("unispeech_fast._C")
+    if spec is None:
+        why = "unispeech_fast._C is not built (this version of setup.py builds no extension)"
+        return ExtensionStatus(False, why, False, why)
+    try:
+        module = importlib.import_module("unispeech_fast._C")
+    except (ImportError, OSError) as exc:  # built against another torch / Python
+        why = f"unispeech_fast._C failed to load: {exc}"
+        return ExtensionStatus(False, why, False, why, spec.origin)
+    has_cuda = bool(getattr(module, "built_with_cuda", lambda: False)())
+    cuda_reason = "" if has_cuda else "unispeech_fast._C was built without CUDA sources"
+    return ExtensionStatus(True, "", has_cuda, cuda_reason, spec.origin)

@@ -1,0 +1,365 @@
+"""Backend dispatch for the fused ops.
+
+Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``) has one eager
+PyTorch reference and may have implementations on the ``triton``, ``cuda`` and ``cpp`` backends.
+Each implementation answers ``not_supported_reasons(**inputs)`` with plain-English reasons; in
+``"auto"`` mode the first backend of the priority list with no reasons runs the call, and a forced
+backend that cannot run raises :class:`BackendNotSupportedError` listing every reason. Nothing falls
+back silently: a forced backend never degrades to another one.
+
+Verify mode (:func:`verify` or ``UNISPEECH_FAST_VERIFY=1``) runs the eager reference beside the
+chosen backend on every call and raises :class:`VerificationError` with the max error when they
+disagree beyond the tolerance for the dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib.util
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "OPS",
+    "BackendNotSupportedError",
+    "VerificationError",
+    "backend",
+    "current_backend",
+    "verify",
+    "verify_enabled",
+    "available_backends",
+    "register",
+    "call",
+]
+
+logger = logging.getLogger("unispeech_fast")
+
+#: All backend names, in the order ``"auto"`` tries them.
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "eager")
+#: The ops that go through dispatch.
+OPS: tuple[str, ...] = ("feature_extractor", "pos_conv", "attention", "gumbel_quantizer")
+
+_ENV_BACKEND = "UNISPEECH_FAST_BACKEND"
+_ENV_VERIFY = "UNISPEECH_FAST_VERIFY"
+
+_backend_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("unispeech_fast_backend", default=None)
+_verify_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unispeech_fast_verify", default=None)
+
+# Default verify tolerances (atol, rtol) per dtype, as used when the caller gives none.
+VERIFY_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+class BackendNotSupportedError(RuntimeError):
+    """No backend (or not the forced one) can run this call; the message lists why."""
+
+
+class VerificationError(AssertionError):
+    """Verify mode found a backend output that disagrees with the eager reference."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpImpl:
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    not_supported_reasons: Callable[..., list[str]]
+    is_stochastic: Callable[..., bool]
+
+
+_REGISTRY: dict[str, dict[str, OpImpl]] = {op: {} for op in OPS}
+
+
+def _no_reasons(**_: Any) -> list[str]:
+    return []
+
+
+def _never_stochastic(**_: Any) -> bool:
+    return False
+
+
+def register(
+    op: str,
+    backend_name: str,
+    *,
+    not_supported_reasons: Callable[..., list[str]] | None = None,
+    is_stochastic: Callable[..., bool] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``fn`` as the implementation of ``op`` on ``backend_name``."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if backend_name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[op][backend_name] = OpImpl(
+            op, backend_name, fn, not_supported_reasons or _no_reasons, is_stochastic or _never_stochastic
+        )
+        return fn
+
+    return deco
+
+
+def _unregister(op: str, backend_name: str) -> None:
+    """Remove an implementation (used by tests that register a temporary backend)."""
+    _REGISTRY[op].pop(backend_name, None)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_reasons(name: str, device: torch.device | None) -> list[str]:
+    """Why ``name`` cannot run at all on ``device`` (empty when it could, given an implementation)."""
+    if name == "eager":
+        return []
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        if device is not None and device.type == "cpu" and not _triton_interpret():
+            return ["triton runs CPU tensors only under TRITON_INTERPRET=1"]
+        if device is not None and device.type not in ("cpu", "cuda"):
+            return [f"triton does not support device type {device.type!r}"]
+        return []
+    from . import _extension  # the only module that loads the compiled extension
+
+    status = _extension.status()
+    if name == "cpp":
+        reasons = [] if status.loaded else [f"C++ extension not available: {status.reason}"]
+        if device is not None and device.type != "cpu":
+            reasons.append(f"cpp serves CPU tensors, got {device.type}")
+        return reasons
+    if name == "cuda":
+        reasons = [] if status.has_cuda else [f"CUDA extension not available: {status.cuda_reason}"]
+        if device is not None and device.type != "cuda":
+            reasons.append(f"cuda serves CUDA tensors, got {device.type}")
+        return reasons
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def _reasons_for(op: str, name: str, inputs: dict[str, Any], device: torch.device | None) -> list[str]:
+    reasons = backend_reasons(name, device)
+    impl = _REGISTRY[op].get(name)
+    if impl is None:
+        reasons = reasons + [f"no {name} implementation of {op!r} exists yet"]
+    elif not reasons:
+        reasons = list(impl.not_supported_reasons(**inputs))
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend requested for this context: ``backend()`` if active, else ``$UNISPEECH_FAST_BACKEND``, else auto."""
+    name = _backend_var.get()
+    if name is None:
+        env = os.environ.get(_ENV_BACKEND, "").strip()
+        if env:
+            try:
+                return _check_name(env)
+            except ValueError as exc:
+                raise ValueError(f"${_ENV_BACKEND}: {exc}") from None
+        return "auto"
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str = "auto") -> Iterator[str]:
+    """Context manager selecting the backend for every op called inside it.
+
+    ``"auto"`` picks the first backend that supports each call; any other name forces that backend
+    and raises :class:`BackendNotSupportedError` where it cannot run.
+    """
+    token = _backend_var.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _backend_var.reset(token)
+
+
+def _device_of(inputs: dict[str, Any]) -> torch.device | None:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def select(op: str, inputs: dict[str, Any]) -> OpImpl:
+    """The implementation that will run ``op`` on ``inputs`` under the current backend setting."""
+    name = current_backend()
+    device = _device_of(inputs)
+    if name != "auto":
+        reasons = _reasons_for(op, name, inputs, device)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {name!r} cannot run {op!r} ({_describe(inputs)}):\n  - " + "\n  - ".join(reasons)
+            )
+        return _REGISTRY[op][name]
+    collected: list[str] = []
+    for candidate in BACKENDS:
+        reasons = _reasons_for(op, candidate, inputs, device)
+        if not reasons:
+            return _REGISTRY[op][candidate]
+        collected.extend(f"{candidate}: {r}" for r in reasons)
+    raise BackendNotSupportedError(
+        f"no backend can run {op!r} ({_describe(inputs)}):\n  - " + "\n  - ".join(collected)
+    )
+
+
+def _describe(inputs: dict[str, Any]) -> str:
+    parts = []
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{key}={tuple(value.shape)} {str(value.dtype).replace('torch.', '')} {value.device.type}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def verify_enabled() -> dict | None:
+    cfg = _verify_var.get()
+    if cfg is not None:
+        return cfg
+    if os.environ.get(_ENV_VERIFY, "0") not in ("", "0"):
+        return {"atol": None, "rtol": None}
+    return None
+
+
+@contextlib.contextmanager
+def verify(atol: float | None = None, rtol: float | None = None) -> Iterator[None]:
+    """Run the eager reference beside the chosen backend on every op call and compare.
+
+    Raises :class:`VerificationError` naming the op, the backend and the max abs error when
+    ``|out - ref| > atol + rtol * |ref|`` anywhere. Tolerances default per dtype
+    (:data:`VERIFY_TOLERANCES`). Stochastic calls (dropout, Gumbel sampling) cannot be compared and
+    are logged, once per op, as not verified.
+    """
+    token = _verify_var.set({"atol": atol, "rtol": rtol})
+    try:
+        yield
+    finally:
+        _verify_var.reset(token)
+
+
+_logged_once: set[str] = set()
+
+
+def log_once(key: str, message: str) -> None:
+    if key not in _logged_once:
+        _logged_once.add(key)
+        logger.warning(message)
+
+
+def _flatten(out: Any) -> list[torch.Tensor | None]:
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    return [out] if (out is None or isinstance(out, torch.Tensor)) else []
+
+
+def _compare(op: str, impl: OpImpl, out: Any, ref: Any, cfg: dict) -> None:
+    outs, refs = _flatten(out), _flatten(ref)
+    if len(outs) != len(refs):
+        raise VerificationError(f"{op} on {impl.backend}: {len(outs)} outputs, reference has {len(refs)}")
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        if o is None or r is None:
+            if (o is None) != (r is None):
+                raise VerificationError(f"{op} on {impl.backend}: output {i} is None on one side only")
+            continue
+        if o.shape != r.shape:
+            raise VerificationError(f"{op} on {impl.backend}: output {i} shape {tuple(o.shape)} != {tuple(r.shape)}")
+        default_atol, default_rtol = VERIFY_TOLERANCES.get(r.dtype, (0.0, 0.0))
+        atol = default_atol if cfg["atol"] is None else cfg["atol"]
+        rtol = default_rtol if cfg["rtol"] is None else cfg["rtol"]
+        o64, r64 = o.detach().double(), r.detach().double()
+        err = (o64 - r64).abs()
+        bad = err > atol + rtol * r64.abs()
+        if bool(bad.any()) or bool(torch.isnan(o64).ne(torch.isnan(r64)).any()):
+            raise VerificationError(
+                f"{op} on backend {impl.backend!r} disagrees with the eager reference: output {i}, "
+                f"max abs error {err.nan_to_num(float('inf')).max().item():.3e} "
+                f"(atol={atol:g}, rtol={rtol:g}, {int(bad.sum())} of {bad.numel()} elements out of tolerance)"
+            )
+
+
+def call(op: str, **inputs: Any) -> Any:
+    """Run ``op`` on the selected backend (checking against the reference in verify mode)."""
+    impl = select(op, inputs)
+    cfg = verify_enabled()
+    if cfg is None or impl.backend == "eager":
+        return impl.fn(**inputs)
+    if impl.is_stochastic(**inputs):
+        log_once(f"verify-stochastic-{op}", f"verify: {op} calls with randomness (dropout/Gumbel noise) "
+                 "cannot be compared with the reference and are not verified")
+        return impl.fn(**inputs)
+    out = impl.fn(**inputs)
+    ref_impl = _REGISTRY[op]["eager"]
+    with torch.no_grad():
+        ref = ref_impl.fn(**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+    _compare(op, impl, out, ref, cfg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def available_backends(device: str | torch.device | None = None) -> dict[str, dict[str, list[str]]]:
+    """Per op and backend, the reasons it cannot run on ``device`` (an empty list means usable).
+
+    ``device`` defaults to ``"cpu"``; pass ``"cuda"`` to ask about the GPU. Shape/dtype-specific
+    limits are not included: those are checked per call.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    _ensure_ops_registered()
+    table: dict[str, dict[str, list[str]]] = {}
+    for op in OPS:
+        table[op] = {}
+        for name in BACKENDS:
+            reasons = list(backend_reasons(name, dev))
+            if _REGISTRY[op].get(name) is None:
+                reasons.append(f"no {name} implementation of {op!r} exists yet")
+            table[op][name] = reasons
+    return table
+
+
+def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
+    """A readable table of which backend can run which op, per device."""
+    lines = []
+    for dev in devices:
+        table = available_backends(dev)
+        lines.append(f"device {dev}:")
+        width = max(len(op) for op in OPS)
+        lines.append(f"  {'op'.ljust(width)}  " + "  ".join(b.ljust(6) for b in BACKENDS) + "  auto picks")
+        notes: dict[str, str] = {}
+        for op in OPS:
+            cells = []
+            pick = "-"
+            for name in BACKENDS:
+                ok = not table[op][name]
+                cells.append(("yes" if ok else "no").ljust(6))
+                if ok and pick == "-":
+                    pick = name
+                if not ok:
+                    notes.setdefault(f"{name}", "; ".join(dict.fromkeys(
+                        r for r in table[op][name] if "implementation" not in r)) or "kernels not implemented yet")
+            lines.append(f"  {op.ljust(width)}  " + "  ".join(cells) + f"  {pick}")
+        for name, why in notes.items():
+            lines.append(f"  {name}: {why}")
+    return "\n".join(lines)
+
+
+def _ensure_ops_registered() -> None:
+    # Importing the op modules registers their implementations.
+    from . import ops  # noqa: F401
