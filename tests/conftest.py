@@ -27,6 +27,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords:
+        _unexpected_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI a skipped CPU-runnable test is a failure: a broken build must not pass by skipping."""
+    if os.environ.get("CI", "").lower() in ("1", "true") and _unexpected_skips and exitstatus == 0:
+        print(f"\nCI: {len(_unexpected_skips)} CPU-runnable test(s) skipped: {_unexpected_skips[:10]}")
+        session.exitstatus = 1
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -139,7 +139,15 @@ class _BaseConfig:
                 setattr(self, key, tuple(values[key]))
         id2label = getattr(self, "id2label", None)
         if id2label is not None:
-            self.id2label = {int(k): v for k, v in id2label.items()}
+            if not isinstance(id2label, dict):
+                raise ConfigError(f"id2label must be a mapping of class ids to names, got {type(id2label).__name__}")
+            try:
+                self.id2label = {int(k): v for k, v in id2label.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"id2label keys must be integer class ids, got {list(id2label)[:5]}") from None
+            label2id = getattr(self, "label2id", None)
+            if label2id is not None and not isinstance(label2id, dict):
+                raise ConfigError(f"label2id must be a mapping of names to class ids, got {type(label2id).__name__}")
             if num_labels is not None and num_labels != len(self.id2label):
                 raise ConfigError(
                     f"num_labels={num_labels} does not match the id2label map of length {len(self.id2label)}"
@@ -206,6 +214,10 @@ class _BaseConfig:
             positive_int(name)
         if self.vocab_size is not None:
             positive_int("vocab_size")
+        for name in ("conv_bias", "do_stable_layer_norm", "apply_spec_augment", "ctc_zero_infinity",
+                     "use_weighted_layer_sum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in _TUPLE_FIELDS:
             if not hasattr(self, name):
                 continue

@@ -36,6 +36,8 @@ __all__ = [
     "available_backends",
     "register",
     "call",
+    "implemented_backends",
+    "format_backend_table",
 ]
 
 logger = logging.getLogger("unispeech_fast")
@@ -334,29 +336,41 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, di
     return table
 
 
+def implemented_backends() -> dict[str, list[str]]:
+    """Per op, the backends that have a registered implementation (whether or not usable here)."""
+    _ensure_ops_registered()
+    return {op: [name for name in BACKENDS if name in _REGISTRY[op]] for op in OPS}
+
+
 def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
-    """A readable table of which backend can run which op, per device."""
+    """A readable table of which backend can run which op, per device, with every reason."""
     lines = []
+    width = max(len(op) for op in OPS)
     for dev in devices:
         table = available_backends(dev)
         lines.append(f"device {dev}:")
-        width = max(len(op) for op in OPS)
         lines.append(f"  {'op'.ljust(width)}  " + "  ".join(b.ljust(6) for b in BACKENDS) + "  auto picks")
-        notes: dict[str, str] = {}
+        notes: dict[str, dict[str, None]] = {name: {} for name in BACKENDS}
+        missing: dict[str, list[str]] = {name: [] for name in BACKENDS}
         for op in OPS:
-            cells = []
-            pick = "-"
+            cells, pick = [], "-"
             for name in BACKENDS:
-                ok = not table[op][name]
-                cells.append(("yes" if ok else "no").ljust(6))
-                if ok and pick == "-":
+                reasons = table[op][name]
+                cells.append(("yes" if not reasons else "no").ljust(6))
+                if not reasons and pick == "-":
                     pick = name
-                if not ok:
-                    notes.setdefault(f"{name}", "; ".join(dict.fromkeys(
-                        r for r in table[op][name] if "implementation" not in r)) or "kernels not implemented yet")
+                for reason in reasons:
+                    if reason.startswith(f"no {name} implementation"):
+                        missing[name].append(op)
+                    else:
+                        notes[name][reason] = None
             lines.append(f"  {op.ljust(width)}  " + "  ".join(cells) + f"  {pick}")
-        for name, why in notes.items():
-            lines.append(f"  {name}: {why}")
+        for name in BACKENDS:
+            why = list(notes[name])
+            if missing[name]:
+                why.insert(0, "no kernel implemented yet for " + ", ".join(missing[name]))
+            if why:
+                lines.append(f"  {name}: " + "; ".join(why))
     return "\n".join(lines)
 
 

@@ -224,8 +224,8 @@ def check_head_mask(head_mask: Any, num_layers: int, num_heads: int) -> torch.Te
     if head_mask.shape == (num_layers, num_heads):
         return head_mask
     raise ValueError(
-        f"head_mask must have shape ({num_heads},) or ({num_layers}, {num_heads}) "
-        f"(num_heads,) or (num_layers, num_heads); got {tuple(head_mask.shape)}"
+        f"head_mask must have shape (num_heads,) = ({num_heads},) or (num_layers, num_heads) = "
+        f"({num_layers}, {num_heads}), got {tuple(head_mask.shape)}"
     )
 
 
@@ -344,7 +344,9 @@ class Backbone(PreTrainedModel):
                     f"{(features.shape[0], frames)}, got "
                     f"{tuple(mask_time_indices.shape) if isinstance(mask_time_indices, torch.Tensor) else type(mask_time_indices).__name__}"
                 )
-            mask_time_indices = mask_time_indices.to(device=features.device, dtype=torch.bool)
+            if mask_time_indices.dtype != torch.bool:
+                raise TypeError(f"mask_time_indices must be a bool tensor, got {mask_time_indices.dtype}")
+            mask_time_indices = mask_time_indices.to(device=features.device)
 
         hidden, extract_features = self.feature_projection(features)
         hidden = self._mask_hidden_states(hidden, mask_time_indices, frame_mask)

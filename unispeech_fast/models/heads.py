@@ -18,7 +18,7 @@ from ..outputs import (
     UniSpeechSatForPreTrainingOutput,
     XVectorOutput,
 )
-from .base import Backbone, PreTrainedModel, weighted_layer_sum
+from .base import Backbone, PreTrainedModel, check_input_values, weighted_layer_sum
 
 __all__ = [
     "ForCTC",
@@ -94,8 +94,10 @@ class ForCTC(_Head):
         """``labels`` ``[batch, target_len]`` with ids in ``[0, vocab_size)``; -100 and ``pad_token_id``
         entries are padding. Returns ``CausalLMOutput(loss, logits [B, T, vocab], ...)``."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
+        check_input_values(self, input_values)
         if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+            if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
+                    or labels.dtype == torch.bool):
                 raise TypeError("labels must be an integer tensor of shape [batch, target_length]")
             if labels.dim() != 2 or labels.shape[0] != input_values.shape[0]:
                 raise ValueError(
@@ -166,6 +168,7 @@ class ForSequenceClassification(_Head):
     ) -> SequenceClassifierOutput | tuple:
         """``labels`` ``[batch]`` class ids. Returns ``SequenceClassifierOutput(loss, logits [B, num_labels], ...)``."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
+        check_input_values(self, input_values)
         if labels is not None:
             _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
         last, _, hidden_states, attentions = self._run_backbone(
@@ -269,19 +272,21 @@ class ForXVector(_Head):
     ) -> XVectorOutput | tuple:
         """``labels`` ``[batch]`` speaker ids. Returns ``XVectorOutput(loss, logits, embeddings, ...)``."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
+        check_input_values(self, input_values)
         if labels is not None:
             _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
         last, _, hidden_states, attentions = self._run_backbone(
             input_values, attention_mask, mask_time_indices, head_mask, oa, oh or self.config.use_weighted_layer_sum
         )
+        needed = 2 + sum((k - 1) * d for k, d in zip(self.config.tdnn_kernel, self.config.tdnn_dilation))
+        if last.shape[1] < needed:
+            raise ValueError(
+                f"input_values gives {last.shape[1]} frame(s); the x-vector TDNN stack and statistics pooling "
+                f"need at least {needed}: use longer inputs"
+            )
         hidden = self.projector(self._pick_hidden(last, hidden_states))
         for layer in self.tdnn:
             hidden = layer(hidden)
-        if hidden.shape[1] < 2:
-            raise ValueError(
-                f"the TDNN stack left {hidden.shape[1]} frame(s); statistics pooling needs at least 2: "
-                "use longer inputs"
-            )
         if attention_mask is None:
             mean, std = hidden.mean(dim=1), hidden.std(dim=1)
         else:
