@@ -51,16 +51,30 @@ class _Head(PreTrainedModel):
     def _make_backbone(self, config) -> None:
         setattr(self, self.base_model_prefix, self.backbone_cls(config, _init_weights=False))
 
+    def _make_layer_weights(self, config) -> None:
+        """``layer_weights`` (num_layers + 1, uniform) when the head sums hidden states."""
+        if config.use_weighted_layer_sum:
+            n = config.num_hidden_layers + 1
+            self.layer_weights = nn.Parameter(torch.ones(n) / n)
+
     def _run_backbone(self, input_values, attention_mask, mask_time_indices, head_mask, output_attentions,
                       output_hidden_states):
         return self.base_model._encode(
             input_values, attention_mask, mask_time_indices, head_mask, output_attentions, output_hidden_states
         )
 
-    def _pick_hidden(self, last: torch.Tensor, hidden_states) -> torch.Tensor:
-        if self.config.use_weighted_layer_sum:
-            return weighted_layer_sum(hidden_states, self.layer_weights)
-        return last
+    def _encode_for_classifier(self, input_values, attention_mask, mask_time_indices, head_mask,
+                               output_attentions, output_hidden_states):
+        """Backbone run for the classification heads: returns ``(hidden, hidden_states or None,
+        attentions)`` with ``hidden`` the last hidden state or, with ``use_weighted_layer_sum``, the
+        softmax-weighted sum of all recorded hidden states."""
+        weighted = self.config.use_weighted_layer_sum
+        last, _, hidden_states, attentions = self._run_backbone(
+            input_values, attention_mask, mask_time_indices, head_mask, output_attentions,
+            output_hidden_states or weighted,
+        )
+        hidden = weighted_layer_sum(hidden_states, self.layer_weights) if weighted else last
+        return hidden, hidden_states if output_hidden_states else None, attentions
 
 
 class ForCTC(_Head):
@@ -148,9 +162,7 @@ class ForSequenceClassification(_Head):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._make_backbone(config)
-        if config.use_weighted_layer_sum:
-            n = config.num_hidden_layers + 1
-            self.layer_weights = nn.Parameter(torch.ones(n) / n)
+        self._make_layer_weights(config)
         self.projector = nn.Linear(config.hidden_size, config.classifier_proj_size)
         self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
         self.post_init()
@@ -171,10 +183,10 @@ class ForSequenceClassification(_Head):
         check_input_values(self, input_values)
         if labels is not None:
             _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
-        last, _, hidden_states, attentions = self._run_backbone(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh or self.config.use_weighted_layer_sum
+        hidden, hidden_states, attentions = self._encode_for_classifier(
+            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
-        hidden = self.projector(self._pick_hidden(last, hidden_states))
+        hidden = self.projector(hidden)
         if attention_mask is None:
             pooled = hidden.mean(dim=1)
         else:
@@ -185,7 +197,7 @@ class ForSequenceClassification(_Head):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
-        out = SequenceClassifierOutput(loss, logits, hidden_states if oh else None, attentions)
+        out = SequenceClassifierOutput(loss, logits, hidden_states, attentions)
         return out if rd else out.to_tuple()
 
 
@@ -195,9 +207,7 @@ class ForAudioFrameClassification(_Head):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._make_backbone(config)
-        if config.use_weighted_layer_sum:
-            n = config.num_hidden_layers + 1
-            self.layer_weights = nn.Parameter(torch.ones(n) / n)
+        self._make_layer_weights(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.num_labels = config.num_labels
         self.post_init()
@@ -216,10 +226,10 @@ class ForAudioFrameClassification(_Head):
         """``labels`` ``[batch, frames, num_labels]`` one-/multi-hot; the loss is cross-entropy against
         their argmax over every frame, padded frames included (as transformers computes it)."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
-        last, _, hidden_states, attentions = self._run_backbone(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh or self.config.use_weighted_layer_sum
+        hidden, hidden_states, attentions = self._encode_for_classifier(
+            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
-        logits = self.classifier(self._pick_hidden(last, hidden_states))
+        logits = self.classifier(hidden)
         loss = None
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape:
@@ -230,7 +240,7 @@ class ForAudioFrameClassification(_Head):
             loss = F.cross_entropy(
                 logits.view(-1, self.num_labels), torch.argmax(labels.view(-1, self.num_labels), dim=1)
             )
-        out = TokenClassifierOutput(loss, logits, hidden_states if oh else None, attentions)
+        out = TokenClassifierOutput(loss, logits, hidden_states, attentions)
         return out if rd else out.to_tuple()
 
 
@@ -241,9 +251,7 @@ class ForXVector(_Head):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._make_backbone(config)
-        if config.use_weighted_layer_sum:
-            n = config.num_hidden_layers + 1
-            self.layer_weights = nn.Parameter(torch.ones(n) / n)
+        self._make_layer_weights(config)
         self.projector = nn.Linear(config.hidden_size, config.tdnn_dim[0])
         self.tdnn = nn.ModuleList(TDNNLayer(config, i) for i in range(len(config.tdnn_dim)))
         self.feature_extractor = nn.Linear(config.tdnn_dim[-1] * 2, config.xvector_output_dim)
@@ -275,16 +283,16 @@ class ForXVector(_Head):
         check_input_values(self, input_values)
         if labels is not None:
             _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
-        last, _, hidden_states, attentions = self._run_backbone(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh or self.config.use_weighted_layer_sum
+        hidden, hidden_states, attentions = self._encode_for_classifier(
+            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
         needed = 2 + sum((k - 1) * d for k, d in zip(self.config.tdnn_kernel, self.config.tdnn_dilation))
-        if last.shape[1] < needed:
+        if hidden.shape[1] < needed:
             raise ValueError(
-                f"input_values gives {last.shape[1]} frame(s); the x-vector TDNN stack and statistics pooling "
+                f"input_values gives {hidden.shape[1]} frame(s); the x-vector TDNN stack and statistics pooling "
                 f"need at least {needed}: use longer inputs"
             )
-        hidden = self.projector(self._pick_hidden(last, hidden_states))
+        hidden = self.projector(hidden)
         for layer in self.tdnn:
             hidden = layer(hidden)
         if attention_mask is None:
@@ -306,11 +314,19 @@ class ForXVector(_Head):
         embeddings = self.feature_extractor(torch.cat([mean, std], dim=-1))
         logits = self.classifier(embeddings)
         loss = self.objective(logits, labels) if labels is not None else None
-        out = XVectorOutput(loss, logits, embeddings, hidden_states if oh else None, attentions)
+        out = XVectorOutput(loss, logits, embeddings, hidden_states, attentions)
         return out if rd else out.to_tuple()
 
 
-class UniSpeechPreTrainingHead(_Head):
+class _PreTrainingHead(_Head):
+    def set_gumbel_temperature(self, temperature: float) -> None:
+        """Set the quantizer's Gumbel-softmax temperature (used in training; anneal it per step)."""
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.quantizer.temperature = temperature
+
+
+class UniSpeechPreTrainingHead(_PreTrainingHead):
     """transformers' ``UniSpeechForPreTraining``: quantizes ``extract_features`` with the Gumbel
     quantizer and projects them (``project_q`` then ``project_hid``) to the hidden size.
 
@@ -329,12 +345,6 @@ class UniSpeechPreTrainingHead(_Head):
         self.ctc_proj = nn.Linear(config.hidden_size, config.num_ctc_classes)
         self.dropout = nn.Dropout(config.final_dropout)
         self.post_init()
-
-    def set_gumbel_temperature(self, temperature: float) -> None:
-        """Set the Gumbel-softmax temperature (training only; anneal it per step)."""
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.quantizer.temperature = temperature
 
     def forward(
         self,
@@ -362,7 +372,7 @@ class UniSpeechPreTrainingHead(_Head):
         return out if rd else out.to_tuple()
 
 
-class UniSpeechSatPreTrainingHead(_Head):
+class UniSpeechSatPreTrainingHead(_PreTrainingHead):
     """transformers' ``UniSpeechSatForPreTraining``: returns ``logits = dropout(extract_features)`` and
     ``projected_states = last_hidden_state``; the quantizer, projections, ``speaker_proj`` and
     ``label_embeddings_concat`` exist for checkpoint compatibility but are unused, and the loss is None."""
@@ -381,12 +391,6 @@ class UniSpeechSatPreTrainingHead(_Head):
         self.post_init()
         with torch.no_grad():
             self.label_embeddings_concat.zero_()
-
-    def set_gumbel_temperature(self, temperature: float) -> None:
-        """Set the (unused, as in transformers) quantizer's Gumbel-softmax temperature."""
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.quantizer.temperature = temperature
 
     def forward(
         self,
