@@ -297,12 +297,12 @@ class _BaseConfig:
             out.pop("output_hidden_states")
         if out.get("return_dict") is True:
             out.pop("return_dict")
-        try:
-            from importlib.metadata import version
+        try:  # informational only; written when transformers (an optional extra) is installed
+            from importlib.metadata import PackageNotFoundError, version
 
             out["transformers_version"] = version("transformers")
-        except Exception:  # transformers is an optional extra; the key is informational only
-            out["transformers_version"] = "5.23.0"
+        except PackageNotFoundError:
+            pass
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
