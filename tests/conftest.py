@@ -10,6 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Without a GPU the Triton kernels are checked by Triton's interpreter on CPU tensors. It is read when
+# ``@triton.jit`` runs, so it must be set before anything imports ``unispeech_fast.kernels``; it is
+# never set by the package itself. (torch.cuda.is_available() does not import triton.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

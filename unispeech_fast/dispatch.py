@@ -150,8 +150,18 @@ def backend_reasons(name: str, device: torch.device | None) -> list[str]:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def _reasons_for(op: str, name: str, inputs: dict[str, Any], device: torch.device | None) -> list[str]:
+_AUTO_SKIPS_INTERPRETER = (
+    "auto does not pick the Triton interpreter (a correctness tool, far slower than any other backend); "
+    "force it with backend('triton')"
+)
+
+
+def _reasons_for(
+    op: str, name: str, inputs: dict[str, Any], device: torch.device | None, auto: bool = False
+) -> list[str]:
     reasons = backend_reasons(name, device)
+    if auto and name == "triton" and not reasons and device is not None and device.type == "cpu":
+        reasons = [_AUTO_SKIPS_INTERPRETER]
     impl = _REGISTRY[op].get(name)
     if impl is None:
         reasons = reasons + [f"no {name} implementation of {op!r} exists yet"]
@@ -215,7 +225,7 @@ def select(op: str, inputs: dict[str, Any]) -> OpImpl:
         return _REGISTRY[op][name]
     collected: list[str] = []
     for candidate in BACKENDS:
-        reasons = _reasons_for(op, candidate, inputs, device)
+        reasons = _reasons_for(op, candidate, inputs, device, auto=True)
         if not reasons:
             return _REGISTRY[op][candidate]
         collected.extend(f"{candidate}: {r}" for r in reasons)
@@ -357,8 +367,8 @@ def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
             for name in BACKENDS:
                 reasons = table[op][name]
                 cells.append(("yes" if not reasons else "no").ljust(6))
-                if not reasons and pick == "-":
-                    pick = name
+                if not reasons and pick == "-" and not (name == "triton" and torch.device(dev).type == "cpu"):
+                    pick = name  # auto never picks the interpreter
                 for reason in reasons:
                     if reason.startswith(f"no {name} implementation"):
                         missing[name].append(op)

@@ -1,0 +1,116 @@
+"""Ahead-of-time compilation of every Triton kernel variant for real GPU targets, without a GPU.
+
+Each kernel module in this package lists, in ``aot_variants()``, every (kernel, signature,
+constexprs, num_warps, num_stages) combination that its launcher can choose. :func:`check_all`
+compiles each one with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, which
+runs the whole pipeline down to ptxas with no driver, and fails a variant that does not compile or
+needs more shared memory than its target offers. CI runs it through ``python -m
+unispeech_fast.kernels.aot`` in a process with ``TRITON_INTERPRET`` unset (the interpreter replaces
+``@triton.jit`` functions with objects that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+__all__ = ["AotVariant", "SMEM_LIMIT_BYTES", "KERNEL_MODULES", "compile_variant", "check_all", "main"]
+
+#: Largest shared memory one block may use (opt-in maximum), by compute capability: A100 (sm_80)
+#: 163 KiB, H100 (sm_90) 227 KiB (CUDA C Programming Guide, compute capability tables).
+SMEM_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
+
+#: Modules of this package that define ``aot_variants()``.
+KERNEL_MODULES: tuple[str, ...] = ("attention", "feature_extractor", "pos_conv", "gumbel_quantizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AotVariant:
+    """One compilable specialisation of a kernel, exactly as a launcher would launch it.
+
+    ``signature`` maps every argument name to its Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
+    ...) and constexpr arguments to ``"constexpr"``; ``constexprs`` gives their values.
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def compile_variant(variant: AotVariant, arch: int) -> dict[str, Any]:
+    """Compile ``variant`` for ``sm_<arch>``; returns a result row (``ok`` False with ``error`` on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row: dict[str, Any] = {"kernel": variant.name, "arch": f"sm_{arch}", "num_warps": variant.num_warps,
+                           "num_stages": variant.num_stages}
+    start = time.perf_counter()
+    try:
+        src = ASTSource(variant.fn, dict(variant.signature), dict(variant.constexprs))
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+        )
+    except Exception as exc:  # any compiler error is a failed variant, reported with its message
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}")
+        return row
+    shared = int(compiled.metadata.shared)
+    limit = SMEM_LIMIT_BYTES[arch]
+    row.update(shared_bytes=shared, seconds=round(time.perf_counter() - start, 2))
+    if shared > limit:
+        row.update(ok=False, error=f"needs {shared} bytes of shared memory, sm_{arch} allows {limit}")
+    else:
+        row.update(ok=True)
+    return row
+
+
+def _variants(modules: tuple[str, ...]) -> list[AotVariant]:
+    out: list[AotVariant] = []
+    for name in modules:
+        module = importlib.import_module(f"{__package__}.{name}")
+        fn: Callable[[], list[AotVariant]] = getattr(module, "aot_variants")
+        out.extend(fn())
+    return out
+
+
+def check_all(archs: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES) -> list[dict[str, Any]]:
+    """Compile every variant of ``modules`` for every arch; returns one row per (variant, arch)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (the interpreter's functions cannot be compiled)")
+    return [compile_variant(v, arch) for v in _variants(modules) for arch in archs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
+    parser.add_argument("--module", action="append", choices=KERNEL_MODULES, help="only these kernel modules")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = check_all(tuple(args.arch or (80, 90)), tuple(args.module or KERNEL_MODULES))
+    for row in rows:
+        status = "ok " if row["ok"] else "FAIL"
+        detail = f"shared {row['shared_bytes']:>6} B" if "shared_bytes" in row else ""
+        print(f"{status} {row['arch']} {row['kernel']:<60} warps={row['num_warps']} stages={row['num_stages']} {detail}")
+        if not row["ok"]:
+            print(f"     {row['error']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} of {len(rows)} variants compiled")
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
