@@ -165,6 +165,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        # (key, weight, bias) of the concatenated q/k/v projection, reused while the weights are unchanged.
+        self._qkv_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k and v projections stacked into one ``[3H, H]`` weight and ``[3H]`` bias.
+
+        Under autograd they are concatenated on every call (gradients flow to the three Linear
+        layers, whose parameters and state-dict keys stay transformers'); without grad the result is
+        cached until a weight changes (in-place updates bump ``_version``; ``.to()`` moves storage).
+        """
+        params = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                  self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._qkv_cache = None
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._qkv_cache[1], self._qkv_cache[2]
 
     def forward(
         self,
@@ -174,10 +194,10 @@ class Attention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, frames, _ = hidden_states.shape
-        shape = (batch, frames, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
+        # One GEMM for q, k and v; the kernels take the strided [B, T, heads, head_dim] views directly.
+        weight, bias = self._qkv_params()
+        qkv = F.linear(hidden_states, weight, bias).view(batch, frames, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
         out, weights = ops.attention(
             q,
             k,
