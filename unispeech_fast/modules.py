@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, tiling
 from .activations import get_activation
 from .configuration import _BaseConfig
 
@@ -72,15 +72,31 @@ class FeatureEncoder(nn.Module):
         self.activation = config.feat_extract_activation
         self.gradient_checkpointing = False
         self._requires_grad = True
+        # Long inputs without autograd go through the exact tiled extractor (unispeech_fast.tiling) once
+        # the untiled layer-0 activation would exceed tile_threshold_bytes; tile_frames output frames each.
+        self.tile_threshold_bytes = 256 * 2**20
+        self.tile_frames = 256
 
     def _freeze_parameters(self) -> None:
         for param in self.parameters():
             param.requires_grad = False
         self._requires_grad = False
 
+    def _wants_tiling(self, input_values: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() and (input_values.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # training keeps the untiled path (gradient checkpointing is its memory saver)
+        first = self.conv_layers[0].conv
+        frames0 = (input_values.shape[-1] - first.kernel_size[0]) // first.stride[0] + 1
+        nbytes = input_values.shape[0] * first.out_channels * max(frames0, 0) * input_values.element_size()
+        return nbytes > self.tile_threshold_bytes
+
     def _run(self, input_values: torch.Tensor) -> torch.Tensor:
         layers = list(self.conv_layers)
-        return ops.feature_extractor(
+        run = ops.feature_extractor
+        extra = {}
+        if self._wants_tiling(input_values):
+            run, extra = tiling.tiled_feature_extractor, {"tile_frames": self.tile_frames}
+        return run(
             input_values,
             conv_weights=[layer.conv.weight for layer in layers],
             conv_biases=[layer.conv.bias for layer in layers],
@@ -90,6 +106,7 @@ class FeatureEncoder(nn.Module):
             norm_type=self.norm_type,
             activation=self.activation,
             eps=CONV_NORM_EPS,
+            **extra,
         )
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
