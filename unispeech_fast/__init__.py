@@ -17,6 +17,7 @@ from .dispatch import (
     verify,
 )
 from .loading import CheckpointError
+from .patching import is_patched, patch, unpatch
 from .models import (
     MODEL_CLASSES,
     UniSpeechForCTC,
@@ -50,6 +51,9 @@ __all__ = [
     "current_backend",
     "verify",
     "available_backends",
+    "patch",
+    "unpatch",
+    "is_patched",
     "BackendNotSupportedError",
     "VerificationError",
     "CheckpointError",
