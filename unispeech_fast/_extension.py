@@ -33,13 +33,19 @@ def status() -> ExtensionStatus:
         return ExtensionStatus(False, why, False, why)
     spec = importlib.util.find_spec("unispeech_fast._C")
     if spec is None:
-        why = "unispeech_fast._C is not built (this version of setup.py builds no extension)"
+        why = (
+            "unispeech_fast._C is not built (install with `pip install --no-build-isolation -e .` and a C++ "
+            "compiler; UNISPEECH_FAST_SKIP_BUILD=1 at install time skips it)"
+        )
         return ExtensionStatus(False, why, False, why)
     try:
+        import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
         module = importlib.import_module("unispeech_fast._C")
     except (ImportError, OSError) as exc:  # built against another torch / Python
         why = f"unispeech_fast._C failed to load: {exc}"
         return ExtensionStatus(False, why, False, why, spec.origin)
     has_cuda = bool(getattr(module, "built_with_cuda", lambda: False)())
-    cuda_reason = "" if has_cuda else "unispeech_fast._C was built without CUDA sources"
+    note = getattr(module, "cuda_build_note", lambda: "built without CUDA sources")()
+    cuda_reason = "" if has_cuda else f"unispeech_fast._C: {note}"
     return ExtensionStatus(True, "", has_cuda, cuda_reason, spec.origin)

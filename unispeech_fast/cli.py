@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "backend that cannot run fails with the reasons")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and audio (default: 0)")
     demo.set_defaults(func=cmd_demo)
+
+    from . import audio_cli  # embed, transcribe, diarize, verify-speakers (files in, results out)
+
+    audio_cli.add_parsers(sub)
     return parser
 
 

@@ -9,6 +9,10 @@ from .feature_extractor import feature_extractor, feature_extractor_ref
 from .gumbel_quantizer import gumbel_quantizer, gumbel_quantizer_ref
 from .pos_conv import pos_conv, pos_conv_ref
 
+# Register the compiled extension's backends (cpp for CPU tensors, cuda for CUDA tensors). Neither
+# import loads the extension: that happens on first use, through unispeech_fast._extension.status().
+from . import _cuda, _extension_ops  # noqa: E402,F401  (isort: skip)
+
 __all__ = [
     "attention",
     "attention_ref",

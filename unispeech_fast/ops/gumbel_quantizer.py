@@ -29,6 +29,7 @@ def gumbel_quantizer_ref(
     num_groups: int,
     temperature: float,
     sample: bool,
+    gumbels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager reference (transformers' ``GumbelVectorQuantizer.forward`` after ``weight_proj``).
 
@@ -36,13 +37,28 @@ def gumbel_quantizer_ref(
         logits: ``[batch, frames, num_groups * V]``.
         codevectors: ``[1, num_groups * V, D / num_groups]``.
         sample: True for the training path (Gumbel sampling, torch RNG), False for argmax.
+        gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only, for tests).
+            With it the call computes exactly what ``F.gumbel_softmax(hard=True)`` computes when it
+            draws that noise, in fp32 (fp64 for fp64 logits, so tests get a high-precision reference).
 
     Returns:
         ``(quantized [batch, frames, D], perplexity scalar)``.
     """
     batch, frames, _ = logits.shape
     flat = logits.reshape(batch * frames * num_groups, -1)
-    if sample:
+    if gumbels is not None and not sample:
+        raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
+    if sample and gumbels is not None:
+        if gumbels.shape != logits.shape:
+            raise ValueError(f"gumbels must have the shape of logits {tuple(logits.shape)}, got {tuple(gumbels.shape)}")
+        work = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        # F.gumbel_softmax(hard=True), step by step, with the given noise instead of a fresh draw.
+        y_soft = ((work + gumbels.reshape(flat.shape).to(work.dtype)) / temperature).softmax(-1)
+        index = y_soft.max(-1, keepdim=True)[1]
+        y_hard = torch.zeros_like(work, memory_format=torch.legacy_contiguous_format).scatter_(-1, index, 1.0)
+        probs = (y_hard - y_soft.detach() + y_soft).type_as(flat)
+        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1))
+    elif sample:
         probs = F.gumbel_softmax(flat.float(), tau=temperature, hard=True).type_as(flat)
         soft = torch.softmax(flat.view(batch * frames, num_groups, -1).float(), dim=-1)
         perplexity = _perplexity(soft)
@@ -77,3 +93,248 @@ def gumbel_quantizer(
         temperature=temperature,
         sample=sample,
     )
+
+
+# ---------------------------------------------------------------------------------------------- triton
+# Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
+# _triton_backward: allocate, pick blocks, launch) -> custom ops with autograd (torch.library) ->
+# _gumbel_quantizer_triton (the dispatch entry, which draws the Philox seed).
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels):
+    from ..kernels import gumbel_quantizer as kern
+
+    batch, frames, gv = logits.shape
+    n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
+    cfg = kern.pick_config(num_codes)
+    flat = logits.reshape(n, gv)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    book = codevectors.reshape(gv, dg).float().contiguous()  # tiny ([G*V, D/G]); the kernel reads fp32
+    out_dtype = torch.promote_types(logits.dtype, codevectors.dtype)
+    out = torch.empty(n, num_groups * dg, device=logits.device, dtype=out_dtype)
+    index = torch.empty(n, num_groups, device=logits.device, dtype=torch.int32)
+    blocks = _cdiv(n, cfg.rows_fwd)
+    partial = torch.empty(blocks, num_groups, num_codes, device=logits.device, dtype=torch.float32)
+    soft = torch.empty((n, num_groups, num_codes) if sample else (0,), device=logits.device, dtype=torch.float32)
+    explicit = gumbels is not None
+    noise = gumbels.reshape(n, gv).float().contiguous() if explicit else partial  # unread unless explicit
+    # Unread unless sampling from Philox; int64 like a real seed so the launch matches its AOT variant.
+    seed_t = seed if seed is not None else torch.zeros(1, device=logits.device, dtype=torch.int64)
+    if n > 0:
+        kern._gumbel_fwd_kernel[(blocks, num_groups)](
+            flat, noise, seed_t, book, out, soft, index, partial,
+            n, num_codes, dg, flat.stride(0), out.stride(0), float(temperature),
+            SAMPLE=bool(sample), EXPLICIT_NOISE=explicit, ROWS=cfg.rows_fwd,
+            BLOCK_N=cfg.block_n_fwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_fwd,
+            num_warps=cfg.num_warps_fwd, num_stages=kern.NUM_STAGES,
+        )
+    marginal = partial.sum(dim=0) / n  # deterministic reduction of the per-block partials
+    ppl_dtype = torch.float32 if sample else logits.dtype  # as the reference
+    perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum().to(ppl_dtype)
+    return out.view(batch, frames, num_groups * dg), perplexity, soft, index, marginal
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n: int) -> torch.Tensor:
+    """``c_gv = gP * dP/dm_gv / N`` with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``).
+
+    ``log`` is taken of ``max(m, tiny)``: a code with marginal 0 has ``p = 0`` in every row, so its
+    coefficient only ever multiplies 0 (the reference's ``xlogy`` backward would give NaN there).
+    """
+    entropy = -torch.xlogy(marginal, marginal).sum(-1, keepdim=True)
+    log_m = torch.log(marginal.clamp_min(torch.finfo(torch.float32).tiny))
+    return (grad_perplexity.float() * -torch.exp(entropy) * (log_m + 1.0) / n).contiguous()
+
+
+def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
+                     temperature, sample, need_logits, need_codevectors):
+    from ..kernels import gumbel_quantizer as kern
+
+    batch, frames, gv = logits.shape
+    n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
+    if need_logits and not sample:
+        raise ValueError("need_logits requires sample=True: in eval the logits get no gradient")
+    cfg = kern.pick_config(num_codes)
+    gq = grad_out.reshape(n, num_groups * dg)
+    if gq.stride(-1) != 1:
+        gq = gq.contiguous()
+    grad_logits = logits.new_empty(0)
+    grad_codevectors = codevectors.new_empty(0)
+    if need_logits:
+        flat = logits.reshape(n, gv)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        book = codevectors.reshape(gv, dg).float().contiguous()
+        coef = _perplexity_coefficients(marginal, grad_perplexity, n)
+        grad_flat = torch.empty(n, gv, device=logits.device, dtype=logits.dtype)
+        if n > 0:
+            kern._gumbel_bwd_logits_kernel[(_cdiv(n, cfg.block_n_bwd), num_groups)](
+                gq, book, soft, flat, coef, grad_flat,
+                n, num_codes, dg, gq.stride(0), flat.stride(0), grad_flat.stride(0), float(temperature),
+                BLOCK_N=cfg.block_n_bwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_bwd,
+                num_warps=cfg.num_warps_bwd, num_stages=kern.NUM_STAGES,
+            )
+        grad_logits = grad_flat.view(logits.shape)
+    if need_codevectors:
+        acc = torch.zeros(gv, dg, device=codevectors.device, dtype=torch.float32)
+        if n > 0:
+            kern._gumbel_bwd_codevectors_kernel[(_cdiv(n, kern.SCATTER_BLOCK_N), num_groups)](
+                gq, index, acc, n, num_codes, dg, gq.stride(0),
+                BLOCK_N=kern.SCATTER_BLOCK_N, BLOCK_D=kern.SCATTER_BLOCK_D,
+                num_warps=kern.SCATTER_NUM_WARPS, num_stages=kern.NUM_STAGES,
+            )
+        grad_codevectors = acc.to(codevectors.dtype).view(codevectors.shape)
+    return grad_logits, grad_codevectors
+
+
+@torch.library.custom_op("unispeech_fast::triton_gumbel_quantizer_fwd", mutates_args=())
+def _triton_fwd_op(
+    logits: torch.Tensor,
+    codevectors: torch.Tensor,
+    num_groups: int,
+    temperature: float,
+    sample: bool,
+    seed: torch.Tensor | None,
+    gumbels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(quantized, perplexity, soft [N,G,V] fp32 or empty, index [N,G] int32, marginal [G,V])``."""
+    return _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels)
+
+
+@_triton_fwd_op.register_fake
+def _(logits, codevectors, num_groups, temperature, sample, seed, gumbels):
+    batch, frames, gv = logits.shape
+    n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
+    out = logits.new_empty(batch, frames, num_groups * dg, dtype=torch.promote_types(logits.dtype, codevectors.dtype))
+    perplexity = logits.new_empty((), dtype=torch.float32 if sample else logits.dtype)
+    soft = logits.new_empty((n, num_groups, num_codes) if sample else (0,), dtype=torch.float32)
+    index = logits.new_empty(n, num_groups, dtype=torch.int32)
+    marginal = logits.new_empty(num_groups, num_codes, dtype=torch.float32)
+    return out, perplexity, soft, index, marginal
+
+
+@torch.library.custom_op("unispeech_fast::triton_gumbel_quantizer_bwd", mutates_args=())
+def _triton_bwd_op(
+    grad_out: torch.Tensor,
+    grad_perplexity: torch.Tensor,
+    logits: torch.Tensor,
+    codevectors: torch.Tensor,
+    soft: torch.Tensor,
+    index: torch.Tensor,
+    marginal: torch.Tensor,
+    num_groups: int,
+    temperature: float,
+    sample: bool,
+    need_logits: bool,
+    need_codevectors: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(grad_logits or empty, grad_codevectors or empty)``; ``need_logits`` needs ``sample``."""
+    return _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
+                            temperature, sample, need_logits, need_codevectors)
+
+
+@_triton_bwd_op.register_fake
+def _(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups, temperature, sample,
+      need_logits, need_codevectors):
+    grad_logits = torch.empty_like(logits) if need_logits else logits.new_empty(0)
+    grad_codevectors = torch.empty_like(codevectors) if need_codevectors else codevectors.new_empty(0)
+    return grad_logits, grad_codevectors
+
+
+def _triton_setup_context(ctx, inputs, output):
+    logits, codevectors, num_groups, temperature, sample, _seed, _gumbels = inputs
+    _, _, soft, index, marginal = output
+    ctx.save_for_backward(logits, codevectors, soft, index, marginal)
+    ctx.num_groups, ctx.temperature, ctx.sample = num_groups, temperature, sample
+
+
+def _triton_backward_rule(ctx, grad_out, grad_perplexity, _grad_soft, _grad_index, _grad_marginal):
+    logits, codevectors, soft, index, marginal = ctx.saved_tensors
+    # Eval: the one-hot is a constant, so the logits get no gradient (as in transformers).
+    need_logits, need_codevectors = ctx.needs_input_grad[0] and ctx.sample, ctx.needs_input_grad[1]
+    if grad_out is None:
+        grad_out = torch.zeros(
+            *logits.shape[:2], codevectors.shape[-1] * ctx.num_groups, device=logits.device,
+            dtype=torch.promote_types(logits.dtype, codevectors.dtype),
+        )
+    if grad_perplexity is None:
+        grad_perplexity = torch.zeros((), device=logits.device, dtype=torch.float32)
+    grad_logits, grad_codevectors = _triton_bwd_op(
+        grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, ctx.num_groups, ctx.temperature,
+        ctx.sample, need_logits, need_codevectors,
+    )
+    return (grad_logits if need_logits else None, grad_codevectors if need_codevectors else None,
+            None, None, None, None, None)
+
+
+_triton_fwd_op.register_autograd(_triton_backward_rule, setup_context=_triton_setup_context)
+
+
+#: The largest V the launch table serves (``unispeech_fast.kernels.gumbel_quantizer.MAX_V``; kept here so
+#: that answering "can it run?" does not import triton; a test checks that the two agree).
+_TRITON_MAX_CODES = 512
+
+
+def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, sample, gumbels=None) -> list[str]:
+    reasons = []
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        return [f"logits must be a 3-D tensor [batch, frames, G*V], got {getattr(logits, 'shape', type(logits))}"]
+    if not isinstance(codevectors, torch.Tensor) or codevectors.dim() != 3:
+        return [f"codevectors must be a 3-D tensor [1, G*V, D/G], got {getattr(codevectors, 'shape', type(codevectors))}"]
+    if not isinstance(num_groups, int) or num_groups < 1 or logits.shape[-1] % num_groups:
+        return [f"num_groups must be a positive divisor of logits.shape[-1]={logits.shape[-1]}, got {num_groups!r}"]
+    num_codes = logits.shape[-1] // num_groups
+    if codevectors.shape[:2] != (1, logits.shape[-1]):
+        reasons.append(f"codevectors must be [1, {logits.shape[-1]}, D/G], got {tuple(codevectors.shape)}")
+    for name, t in (("logits", logits), ("codevectors", codevectors)):
+        if t.dtype not in _TRITON_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+    if codevectors.device != logits.device:
+        reasons.append(f"codevectors on {codevectors.device} but logits on {logits.device}")
+    if logits.device.type == "cpu" and torch.bfloat16 in (logits.dtype, codevectors.dtype):
+        reasons.append("bfloat16 is broken in the Triton interpreter (CPU tensors); use float16/float32 or a GPU")
+    if num_codes > _TRITON_MAX_CODES:
+        reasons.append(f"V = {num_codes} codes per group exceeds the kernel's maximum {_TRITON_MAX_CODES}")
+    if logits.shape[0] * logits.shape[1] * logits.shape[2] >= 2**31:
+        reasons.append("frames * G * V must be below 2**31 (32-bit Philox offsets)")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        reasons.append(f"temperature must be a positive number, got {temperature!r}")
+    if gumbels is not None:
+        if not sample:
+            reasons.append("gumbels (explicit noise) is only used with sample=True")
+        elif not isinstance(gumbels, torch.Tensor) or gumbels.shape != logits.shape or gumbels.device != logits.device:
+            reasons.append(f"gumbels must be a tensor of the shape and device of logits {tuple(logits.shape)}")
+    return reasons
+
+
+@dispatch.register(
+    "gumbel_quantizer", "triton",
+    not_supported_reasons=_triton_not_supported_reasons,
+    is_stochastic=lambda sample=False, **_: bool(sample),
+)
+def _gumbel_quantizer_triton(
+    logits: torch.Tensor,
+    codevectors: torch.Tensor,
+    num_groups: int,
+    temperature: float,
+    sample: bool,
+    gumbels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backend: fused sample/argmax + codevector gather + marginals; see the kernels' docstring.
+
+    Training draws a Philox seed from torch's default generator of ``logits.device`` (so
+    ``torch.manual_seed`` reproduces a run); ``gumbels`` replaces the draw with explicit noise.
+    """
+    seed = None
+    if sample and gumbels is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device, dtype=torch.int64)
+    quantized, perplexity, _, _, _ = torch.ops.unispeech_fast.triton_gumbel_quantizer_fwd(
+        logits, codevectors, int(num_groups), float(temperature), bool(sample), seed, gumbels if sample else None
+    )
+    return quantized, perplexity

@@ -4,9 +4,19 @@
 norm taken over the output- and input-channel dims separately for each tap (weight norm with
 ``dim=2``, as ``torch.nn.utils.parametrizations.weight_norm(conv, dim=2)`` computes it). For even K
 the convolution yields T + 1 frames and the last is dropped (transformers' ``SamePad``).
+
+Backends: ``eager`` (:func:`pos_conv_ref`) and ``triton`` (``kernels/pos_conv.py``: one fused
+implicit-GEMM kernel for conv + bias + exact GELU + residual; backward as GELU'-scaling, a second
+implicit GEMM for the input gradient and a split reduction for the weight gradient), registered as
+the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd``. The weight norm itself stays in
+torch: folded once per weight change without grad, and differentiated by torch's weight-norm
+backward under autograd.
 """
 
 from __future__ import annotations
+
+import collections
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +54,279 @@ def pos_conv_ref(
 
 
 dispatch.register("pos_conv", "eager")(pos_conv_ref)
+
+
+# ---------------------------------------------------------------------------------------------- triton
+# Weight folding. ``W = torch._weight_norm(v, g, 2)`` is packed per group into the GEMM layout the
+# kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``). Under
+# autograd this happens on every call with torch ops, so torch's own weight-norm backward (and the
+# permute's) carries the packed weight's gradient to ``weight_g`` and ``weight_v``. Without grad the
+# packed weight is cached until g or v changes: the key holds each tensor's data pointer, version
+# counter (bumped by in-place updates such as ``with torch.no_grad(): v.add_(1)``), shape, strides,
+# dtype and device, plus a weak reference that must still be alive (so freed memory reused by a new
+# tensor cannot hit a stale entry). Writes through ``.data`` bypass the version counter and are not seen.
+_FOLD_CACHE_SIZE = 8
+_FOLD_CACHE: "collections.OrderedDict[tuple, tuple[weakref.ref, weakref.ref, torch.Tensor]]" = collections.OrderedDict()
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (batch; groups x channel blocks)
+
+
+def _fold_weight(weight_g: torch.Tensor, weight_v: torch.Tensor, groups: int) -> torch.Tensor:
+    """``torch._weight_norm(v, g, 2)`` packed to ``[groups, K * C, C]`` (differentiable torch ops)."""
+    weight = torch._weight_norm(weight_v, weight_g, 2)
+    hidden, channels, kernel = weight.shape
+    return weight.view(groups, channels, channels, kernel).permute(0, 3, 2, 1).reshape(groups, kernel * channels, channels)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _packed_weight(weight_g: torch.Tensor, weight_v: torch.Tensor, groups: int) -> torch.Tensor:
+    """The packed folded weight: recomputed under autograd or compile, cached otherwise."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad)):
+        return _fold_weight(weight_g, weight_v, groups).contiguous()
+    try:
+        key = (_tensor_key(weight_g), _tensor_key(weight_v), groups)
+    except RuntimeError:  # inference-mode tensors have no version counter: nothing to key a cache on
+        with torch.no_grad():
+            return _fold_weight(weight_g, weight_v, groups).contiguous()
+    hit = _FOLD_CACHE.get(key)
+    if hit is not None and hit[0]() is not None and hit[1]() is not None:
+        _FOLD_CACHE.move_to_end(key)
+        return hit[2]
+    with torch.no_grad():
+        packed = _fold_weight(weight_g, weight_v, groups).contiguous()
+    _FOLD_CACHE[key] = (weakref.ref(weight_g), weakref.ref(weight_v), packed)
+    while len(_FOLD_CACHE) > _FOLD_CACHE_SIZE:
+        _FOLD_CACHE.popitem(last=False)
+    return packed
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type == "cpu"  # dispatch admits CPU tensors for triton only under TRITON_INTERPRET
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    # fp32 follows eager conv1d: TF32 only where cuDNN may use it (torch.backends.cudnn.allow_tf32).
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _configs(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, ...]]:
+    from ..kernels import pos_conv as kernels
+
+    return kernels.INTERPRETER_CONFIGS if _interpreting(device) else kernels.GPU_CONFIGS[_DTYPE_NAMES[dtype]]
+
+
+def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, device):
+    """One implicit-GEMM conv launch (forward, or the input gradient with the flipped weight)."""
+    from ..kernels import pos_conv as kernels
+
+    batch, frames, _ = inp.shape
+    groups, red, channels = packed.shape
+    block_t, block_co, block_r, warps, stages = _configs(inp.dtype, device)["conv"]
+    grid = (_cdiv(frames, block_t), groups * _cdiv(channels, block_co), batch)
+    kernels._conv_kernel[grid](
+        inp, packed, bias if bias is not None else inp, res, out, pre,
+        frames, channels, red, offset,
+        *inp.stride(), *packed.stride(), *res.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, GELU=gelu, SAVE_PRE=save_pre,
+        DOT_PRECISION=_dot_precision(inp.dtype, device),
+        BLOCK_T=block_t, BLOCK_CO=block_co, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+    )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, save_pre: bool):
+    batch, frames, hidden = x.shape
+    out = torch.empty((batch, frames, hidden), dtype=x.dtype, device=x.device)
+    pre = torch.empty((batch, frames, hidden) if save_pre else (0,), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return out, pre
+    kernel = packed.shape[1] // packed.shape[2]
+    dummy = pre if save_pre else torch.empty(1, dtype=torch.float32, device=x.device)
+    _launch_conv(x, packed, bias, x, out, dummy, -(kernel // 2), True, save_pre, x.device)
+    return out, pre
+
+
+def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``grad_Wp`` in fp32: per-split partial sums over (batch, time), added in a fixed order.
+
+    A deterministic two-stage reduction rather than fp32 atomics: the gradient is bitwise reproducible
+    run to run, and the partial buffer stays small because (reduction blocks x groups) already gives
+    thousands of programs at the real sizes, so few time splits are needed to fill the GPU.
+    """
+    from ..kernels import pos_conv as kernels
+
+    batch, frames, _ = x.shape
+    groups, red, channels = packed.shape
+    kernel = red // channels
+    block_r, block_co, block_t, warps, stages = _configs(x.dtype, x.device)["grad_weight"]
+    n_t_tiles = _cdiv(frames, block_t)
+    total = batch * n_t_tiles
+    base = _cdiv(red, block_r) * groups * _cdiv(channels, block_co)
+    if _interpreting(x.device):
+        splits = min(2, total)  # exercises the two-stage reduction at test sizes
+    else:
+        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(total, _cdiv(target, base), 64))
+    tiles_per_split = _cdiv(total, splits)
+    splits = _cdiv(total, tiles_per_split)
+    partial = torch.empty((splits, groups, red, channels), dtype=torch.float32, device=x.device)
+    grid = (_cdiv(red, block_r), groups * _cdiv(channels, block_co), splits)
+    kernels._grad_weight_kernel[grid](
+        x, grad_pre, partial,
+        batch, frames, channels, red, -(kernel // 2), n_t_tiles, tiles_per_split,
+        *x.stride(), *grad_pre.stride(), *partial.stride(),
+        DOT_PRECISION=_dot_precision(x.dtype, x.device),
+        BLOCK_R=block_r, BLOCK_CO=block_co, BLOCK_T=block_t, num_warps=warps, num_stages=stages,
+    )
+    return partial.sum(0)
+
+
+def _backward(grad_out, x, packed, pre, has_bias: bool, weight_grad: bool):
+    from ..kernels import pos_conv as kernels
+
+    batch, frames, hidden = x.shape
+    groups, red, channels = packed.shape
+    kernel = red // channels
+    empty = x.new_empty(0)
+    if x.numel() == 0:
+        grad_w = torch.zeros_like(packed) if weight_grad else packed.new_empty(0)
+        grad_b = x.new_zeros(hidden) if (has_bias and weight_grad) else empty
+        return grad_out.to(dtype=x.dtype, memory_format=torch.contiguous_format, copy=True), grad_w, grad_b
+    grad_out = grad_out.to(x.dtype).contiguous()
+    grad_pre = torch.empty_like(grad_out)
+    block, warps = _configs(x.dtype, x.device)["gelu_grad"]
+    numel = grad_out.numel()
+    kernels._gelu_grad_kernel[(_cdiv(numel, block),)](grad_out, pre, grad_pre, numel, BLOCK=block, num_warps=warps)
+
+    # grad_x = grad_out + conv of grad_pre with W transposed (ci <-> co) and its taps flipped
+    flipped = packed.view(groups, kernel, channels, channels).flip(1).transpose(2, 3).reshape(groups, red, channels)
+    grad_x = torch.empty_like(grad_out)
+    _launch_conv(grad_pre, flipped.contiguous(), None, grad_out, grad_x, pre, kernel // 2 - (kernel - 1),
+                 False, False, x.device)
+    if not weight_grad:
+        return grad_x, packed.new_empty(0), empty
+    grad_w = _grad_weight(x, grad_pre, packed).to(packed.dtype)
+    grad_b = grad_pre.sum(dim=(0, 1), dtype=torch.float32).to(x.dtype) if has_bias else empty
+    return grad_x, grad_w, grad_b
+
+
+@torch.library.custom_op("unispeech_fast::triton_pos_conv_fwd", mutates_args=())
+def _triton_pos_conv_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, save_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + gelu(conv(x) + bias), pre)`` with the packed weight ``[groups, K * C, C]``; ``pre`` is the
+    fp32 pre-activation ``[B, T, H]`` when ``save_pre`` (needed by the backward), else empty."""
+    return _forward(x, weight, bias, save_pre)
+
+
+@_triton_pos_conv_fwd.register_fake
+def _(x, weight, bias, save_pre):
+    pre_shape = x.shape if save_pre else (0,)
+    return x.new_empty(x.shape), x.new_empty(pre_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("unispeech_fast::triton_pos_conv_bwd", mutates_args=())
+def _triton_pos_conv_bwd(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, has_bias: bool, weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of the forward op; the last two are empty unless
+    ``weight_grad`` (and ``grad_bias`` also without a bias)."""
+    return _backward(grad_out, x, weight, pre, has_bias, weight_grad)
+
+
+@_triton_pos_conv_bwd.register_fake
+def _(grad_out, x, weight, pre, has_bias, weight_grad):
+    grad_w = weight.new_empty(weight.shape if weight_grad else (0,))
+    grad_b = x.new_empty((x.shape[2],) if (has_bias and weight_grad) else (0,))
+    return x.new_empty(x.shape), grad_w, grad_b
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, save_pre = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.has_bias = bias is not None
+    ctx.saved_pre = save_pre
+
+
+def _fwd_backward(ctx, grad_out, _grad_pre):
+    if not ctx.saved_pre:
+        raise RuntimeError("triton_pos_conv_fwd was called with save_pre=False, so it cannot be differentiated; "
+                           "pass save_pre=True when gradients are needed")
+    x, weight, pre = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    grad_x, grad_w, grad_b = torch.ops.unispeech_fast.triton_pos_conv_bwd(grad_out, x, weight, pre, ctx.has_bias, weight_grad)
+    return (grad_x, grad_w if weight_grad else None, grad_b if (ctx.has_bias and weight_grad) else None, None)
+
+
+_triton_pos_conv_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _triton_not_supported(
+    x: torch.Tensor,
+    weight_g: torch.Tensor,
+    weight_v: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    activation: str = "gelu",
+) -> list[str]:
+    reasons = []
+    if activation != "gelu":
+        reasons.append(f"the triton kernel fuses only activation 'gelu' (exact erf), got {activation!r}")
+    if x.dim() != 3 or weight_v.dim() != 3:
+        reasons.append(f"x must be [batch, frames, hidden] and weight_v [hidden, hidden // groups, kernel], "
+                       f"got x {tuple(x.shape)} and weight_v {tuple(weight_v.shape)}")
+        return reasons
+    hidden, kernel = x.shape[2], weight_v.shape[2]
+    if not isinstance(groups, int) or groups < 1 or hidden % groups:
+        reasons.append(f"groups must be a positive divisor of hidden size {hidden}, got {groups!r}")
+    elif tuple(weight_v.shape) != (hidden, hidden // groups, kernel):
+        reasons.append(f"weight_v must have shape {(hidden, hidden // groups, kernel)}, got {tuple(weight_v.shape)}")
+    if weight_g.numel() != kernel:
+        reasons.append(f"weight_g must have shape (1, 1, {kernel}), got {tuple(weight_g.shape)}")
+    if bias is not None and tuple(bias.shape) != (hidden,):
+        reasons.append(f"bias must have shape ({hidden},), got {tuple(bias.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, t in (("weight_g", weight_g), ("weight_v", weight_v), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            reasons.append(f"{name} dtype {t.dtype} must match x dtype {x.dtype}")
+        if t.device != x.device:
+            reasons.append(f"{name} is on {t.device}, x on {x.device}")
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        reasons.append("bfloat16 is computed wrongly by the Triton interpreter (CPU); use a GPU or another dtype")
+    if x.shape[0] > _MAX_GRID_YZ:
+        reasons.append(f"batch {x.shape[0]} exceeds the kernel grid limit {_MAX_GRID_YZ}")
+    return reasons
+
+
+@dispatch.register("pos_conv", "triton", not_supported_reasons=_triton_not_supported)
+def _pos_conv_triton(
+    x: torch.Tensor,
+    weight_g: torch.Tensor,
+    weight_v: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """Triton backend: weight norm folded (and cached without grad), then one fused kernel."""
+    packed = _packed_weight(weight_g, weight_v, groups)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or packed.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    out, _ = torch.ops.unispeech_fast.triton_pos_conv_fwd(x, packed, bias, needs_grad)
+    return out
 
 
 def pos_conv(

@@ -1,0 +1,398 @@
+"""The CUDA ops of unispeech_fast._C (csrc/cuda) against the eager references, and the cuda backend.
+
+The ``gpu``-marked tests need a GPU and the extension built with CUDA (they fail, not skip, when the
+extension lacks CUDA on a GPU machine). Tolerance policy: the kernel's max error against a float64
+reference is at most 2x the error of the eager PyTorch computation in the same dtype, plus a floor of
+one unit roundoff of the dtype (for outputs and every gradient). The CPU tests check that the backend
+module imports without the extension and explains why it cannot run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unispeech_fast import _extension, dispatch
+from unispeech_fast.ops import attention, attention_ref, feature_extractor, feature_extractor_ref
+from unispeech_fast.ops import gumbel_quantizer_ref, pos_conv_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_backend():
+    """Registers this module's cuda implementations for these tests and restores the registry after, so
+    that other test files see the registry as the package itself sets it up."""
+    saved = {op: dict(dispatch._REGISTRY[op]) for op in ("attention", "feature_extractor")}
+    from unispeech_fast.ops import _cuda
+
+    dispatch.register("attention", "cuda", not_supported_reasons=_cuda._attention_reasons)(_cuda.attention_cuda)
+    dispatch.register("feature_extractor", "cuda", not_supported_reasons=_cuda._feature_extractor_reasons)(
+        _cuda.feature_extractor_cuda
+    )
+    yield _cuda
+    for op, impls in saved.items():
+        dispatch._REGISTRY[op].clear()
+        dispatch._REGISTRY[op].update(impls)
+
+
+@pytest.fixture
+def ops():
+    status = _extension.status()
+    assert status.has_cuda, f"the gpu tests need unispeech_fast._C built with CUDA: {status.cuda_reason}"
+    return torch.ops.unispeech_fast
+
+
+def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+
+
+def _assert_close(name: str, out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> None:
+    """Kernel error <= 2x eager error (same dtype) + one unit roundoff of the dtype."""
+    assert out.shape == ref.shape, (name, tuple(out.shape), tuple(ref.shape))
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    floor = torch.finfo(out.dtype).eps
+    err, eager_err = _err(out, ref), _err(eager, ref)
+    assert err <= 2 * eager_err + floor, f"{name}: max error {err:.3e} > 2 x eager {eager_err:.3e} + {floor:.1e}"
+
+
+# ================================================================================================ CPU tests
+def test_module_registers_cuda_backends(cuda_backend):
+    implemented = dispatch.implemented_backends()
+    assert "cuda" in implemented["attention"]
+    assert "cuda" in implemented["feature_extractor"]
+
+
+def test_attention_reasons_on_cpu(cuda_backend):
+    q, k, v = (torch.randn(2, 5, 2, 16, requires_grad=True) for _ in range(3))
+    reasons = cuda_backend._attention_reasons(q, k, v, dropout_p=0.1, need_weights=True)
+    text = "\n".join(reasons)
+    assert "CUDA tensors" in text and "cpu" in text
+    assert "float16/bfloat16" in text and "torch.float32" in text
+    assert "head_dim" in text and "16" in text
+    assert "need_weights" in text and "dropout_p=0.1" in text
+    assert "the CUDA attention has no backward; the triton backend serves training" in reasons
+    if not _extension.status().has_cuda:
+        assert any(r.startswith("CUDA extension not available") for r in reasons)
+    with torch.no_grad():
+        assert not any("no backward" in r for r in cuda_backend._attention_reasons(q, k, v))
+
+
+def test_attention_reasons_check_masks(cuda_backend):
+    q, k, v = (torch.randn(2, 5, 3, 64, dtype=torch.float16) for _ in range(3))
+    reasons = cuda_backend._attention_reasons(q, k, v, torch.ones(2, 5), torch.ones(4))
+    assert any("key_padding_mask must be bool [batch, frames]" in r for r in reasons)
+    assert any("head_mask must be [heads]" in r for r in reasons)
+
+
+def test_feature_extractor_reasons_on_cpu(cuda_backend):
+    x = torch.randn(2, 400, requires_grad=True)
+    weights = [torch.randn(8, 1, 10), torch.randn(8, 8, 3)]
+    reasons = cuda_backend._feature_extractor_reasons(
+        x, weights, [None, None], [torch.ones(8), None], [torch.zeros(8), None], [5, 2], "group", activation="relu"
+    )
+    text = "\n".join(reasons)
+    assert "x must be a CUDA tensor, got cpu" in text
+    assert "exact GELU only" in text and "relu" in text
+    assert "no backward" in text
+    with torch.no_grad():
+        quiet = cuda_backend._feature_extractor_reasons(
+            x, weights, [None, None], [torch.ones(8), None], [torch.zeros(8), None], [5, 2], "group"
+        )
+    assert not any("no backward" in r or "GELU" in r for r in quiet)
+
+
+def test_feature_extractor_reasons_layer0_shape_and_norm(cuda_backend):
+    x = torch.randn(2, 400)
+    reasons = cuda_backend._feature_extractor_reasons(
+        x, [torch.randn(8, 2, 10)], [None], [torch.ones(8)], [None], [5], "layer"
+    )
+    assert any("layer 0 weight must be [C_out, 1, K]" in r for r in reasons)
+    assert any("both be given or both be None" in r for r in reasons)
+
+
+def test_forced_cuda_backend_on_cpu_raises_with_reasons():
+    q, k, v = (torch.randn(1, 3, 2, 64) for _ in range(3))
+    with dispatch.backend("cuda"), pytest.raises(dispatch.BackendNotSupportedError, match="backend 'cuda' cannot run"):
+        attention(q, k, v)
+
+
+def test_auto_never_picks_cuda_on_cpu():
+    x = torch.randn(1, 50)
+    ws, bs, gs, betas = [torch.randn(4, 1, 10)], [None], [None], [None]
+    assert dispatch.select("feature_extractor", {"x": x, "conv_weights": ws}).backend != "cuda"
+    out = feature_extractor(x, ws, bs, gs, betas, [5], "group")
+    torch.testing.assert_close(out, feature_extractor_ref(x, ws, bs, gs, betas, [5], "group"))
+
+
+def test_seqlens_from_mask(cuda_backend):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert cuda_backend.seqlens_from_mask(mask).tolist() == [3, 4, 0]
+    assert cuda_backend.seqlens_from_mask(mask).dtype == torch.int32
+    assert cuda_backend.seqlens_from_mask(torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)) is None
+    assert cuda_backend.seqlens_from_mask(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)) is None
+
+
+# ================================================================================================ GPU: attention
+def _lengths(batch: int, seq: int) -> list[int]:
+    return [seq, max(1, seq // 2), max(1, seq - 5)][:batch]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq", [1, 17, 64, 127, 273])
+def test_attention_matches_reference(ops, dtype, head_dim, seq):
+    batch, heads = 3, 4
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    mask = torch.arange(seq, device="cuda")[None, :] < torch.tensor(_lengths(batch, seq), device="cuda")[:, None]
+    head_mask = torch.tensor([1.0, 0.0, 0.5, 2.0], device="cuda")
+    ref = attention_ref(q.double(), k.double(), v.double(), mask, head_mask.double())[0]
+    eager = attention_ref(q, k, v, mask, head_mask)[0]
+    with torch.no_grad(), dispatch.backend("cuda"):
+        out, weights = attention(q, k, v, mask, head_mask)
+    assert weights is None and out.dtype == dtype
+    _assert_close("attention", out, eager, ref)
+    # Without mask and head mask; and the raw op with an explicit scale.
+    _assert_close("attention (no masks)", ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5),
+                  attention_ref(q, k, v)[0], attention_ref(q.double(), k.double(), v.double())[0])
+    _assert_close("attention (scale 0.3)", ops.attention_fwd(q, k, v, None, None, 0.3),
+                  attention_ref(q, k, v, scale=0.3)[0], attention_ref(q.double(), k.double(), v.double(), scale=0.3)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_attention_strided_views_and_unaligned(ops, dtype):
+    batch, seq, heads, head_dim = 2, 77, 3, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)  # fused projection layout
+    q, k, v = qkv.unbind(2)
+    eager = attention_ref(q, k, v)[0]
+    ref = attention_ref(q.double(), k.double(), v.double())[0]
+    _assert_close("attention (fused qkv views)", ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5), eager, ref)
+    buf = torch.randn(3, batch, seq, heads, head_dim + 1, device="cuda", dtype=dtype)
+    q, k, v = buf[..., 1:].unbind(0)  # not 16-byte aligned: the scalar load path
+    eager = attention_ref(q, k, v)[0]
+    ref = attention_ref(q.double(), k.double(), v.double())[0]
+    _assert_close("attention (unaligned)", ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5), eager, ref)
+
+
+@pytest.mark.gpu
+def test_attention_zero_length_row_attends_uniformly(ops):
+    batch, seq, heads, head_dim = 2, 40, 2, 64
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device="cuda")
+    mask[1, :7] = True
+    ref = attention_ref(q.double(), k.double(), v.double(), mask)[0]
+    eager = attention_ref(q, k, v, mask)[0]
+    seqlens = torch.tensor([0, 7], dtype=torch.int32, device="cuda")
+    _assert_close("attention (length 0)", ops.attention_fwd(q, k, v, seqlens, None, head_dim ** -0.5), eager, ref)
+
+
+@pytest.mark.gpu
+def test_attention_cuda_refuses_training_and_bad_inputs(ops, cuda_backend):
+    q, k, v = (torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    no_backward = "the CUDA attention has no backward; the triton backend serves training"
+    assert no_backward in cuda_backend._attention_reasons(q, k, v)
+    left_padded = torch.tensor([[False] * 3 + [True] * 5], device="cuda")
+    with torch.no_grad():
+        assert cuda_backend._attention_reasons(q, k, v) == []
+        assert any("right-padded" in r for r in cuda_backend._attention_reasons(q, k, v, left_padded))
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        ops.attention_fwd(q[..., :32], k[..., :32], v[..., :32], None, None, 1.0)
+    with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
+        ops.attention_fwd(q.float(), k.float(), v.float(), None, None, 1.0)
+
+
+# ============================================================================================ GPU: feature extractor
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_kind", [0, 1, 2])
+@pytest.mark.parametrize("samples,channels", [(10, 37), (11, 512), (403, 37), (5 * 2100 + 13, 512)])
+def test_conv_norm_gelu_layer0(ops, dtype, norm_kind, samples, channels):
+    batch = 2
+    x = torch.randn(batch, samples, device="cuda", dtype=dtype)
+    w = (torch.randn(channels, 1, 10, device="cuda") * 0.4).to(dtype)
+    b = (torch.randn(channels, device="cuda") * 0.1).to(dtype)
+    gamma = (1 + 0.2 * torch.randn(channels, device="cuda")).to(dtype) if norm_kind else None
+    beta = (0.1 * torch.randn(channels, device="cuda")).to(dtype) if norm_kind else None
+    norm_type = "layer" if norm_kind == 2 else "group"
+
+    def run_ref(t):
+        cast = (lambda a: None if a is None else a.to(t))
+        return feature_extractor_ref(x.to(t), [w.to(t)], [b.to(t)], [cast(gamma)], [cast(beta)], [5], norm_type)
+
+    out = ops.conv_norm_gelu_fwd(x[:, None], w, b, gamma, beta, 5, norm_kind, 1e-5)
+    assert out.dtype == dtype
+    _assert_close(f"conv_norm_gelu kind {norm_kind}", out, run_ref(dtype), run_ref(torch.float64))
+
+
+@pytest.mark.gpu
+def test_conv_norm_gelu_large_offset_statistics(ops):
+    """GroupNorm statistics over a long axis with a large mean (catastrophic cancellation check)."""
+    x = torch.randn(1, 5 * 6000 + 5, device="cuda") + 50.0
+    w = torch.full((4, 1, 10), 0.1, device="cuda") + 0.01 * torch.randn(4, 1, 10, device="cuda")
+    gamma, beta = torch.ones(4, device="cuda"), torch.zeros(4, device="cuda")
+    out = ops.conv_norm_gelu_fwd(x[:, None], w, None, gamma, beta, 5, 1, 1e-5)
+    ref = feature_extractor_ref(x.double(), [w.double()], [None], [gamma.double()], [beta.double()], [5], "group")
+    eager = feature_extractor_ref(x, [w], [None], [gamma], [beta], [5], "group")
+    _assert_close("conv_norm_gelu (offset)", out, eager, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_type", ["group", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feature_extractor_cuda_backend(norm_type, dtype):
+    torch.manual_seed(1)
+    dims, kernels, strides = [32, 32, 32], [10, 3, 2], [5, 2, 2]
+    ws, bs, gs, betas, c_in = [], [], [], [], 1
+    for i, (c, k) in enumerate(zip(dims, kernels)):
+        ws.append((torch.randn(c, c_in, k, device="cuda") / (c_in * k) ** 0.5).to(dtype))
+        bs.append(None)
+        with_norm = norm_type == "layer" or i == 0
+        gs.append((1 + 0.1 * torch.randn(c, device="cuda")).to(dtype) if with_norm else None)
+        betas.append((0.1 * torch.randn(c, device="cuda")).to(dtype) if with_norm else None)
+        c_in = c
+    x = torch.randn(3, 1601, device="cuda", dtype=dtype)
+    with torch.no_grad(), dispatch.backend("cuda"):
+        out = feature_extractor(x, ws, bs, gs, betas, strides, norm_type)
+    to64 = (lambda ts: [None if t is None else t.double() for t in ts])
+    ref = feature_extractor_ref(x.double(), to64(ws), bs, to64(gs), to64(betas), strides, norm_type)
+    eager = feature_extractor_ref(x, ws, bs, gs, betas, strides, norm_type)
+    _assert_close(f"feature_extractor ({norm_type})", out, eager, ref)
+
+
+@pytest.mark.gpu
+def test_conv_norm_gelu_refuses_multichannel_input(ops):
+    x = torch.randn(1, 2, 100, device="cuda")
+    with pytest.raises(RuntimeError, match="one input channel"):
+        ops.conv_norm_gelu_fwd(x, torch.randn(4, 2, 10, device="cuda"), None, None, None, 5, 0, 1e-5)
+
+
+# ================================================================================================ GPU: pos_conv
+def _pos_conv_folded(x, weight, bias, groups):
+    """Test oracle of the raw op (weight norm already folded): x + gelu(conv1d(x^T)[..., :T])^T."""
+    k = weight.shape[-1]
+    h = F.conv1d(x.transpose(1, 2), weight, bias, padding=k // 2, groups=groups)[:, :, : x.shape[1]]
+    return x + F.gelu(h).transpose(1, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hidden,groups,kernel,seq",
+    [(96, 2, 16, 1), (96, 2, 16, 37), (128, 2, 128, 130), (128, 2, 128, 37), (20, 4, 7, 37), (20, 4, 7, 1),
+     (768, 16, 128, 130)],
+)
+def test_pos_conv_fwd_bwd(ops, dtype, hidden, groups, kernel, seq):
+    cg = hidden // groups
+    x = torch.randn(2, seq, hidden, device="cuda").to(dtype)
+    w = (torch.randn(hidden, cg, kernel, device="cuda") / (cg * kernel) ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    grad_out = torch.randn(2, seq, hidden, device="cuda").to(dtype)
+
+    out, pre = ops.pos_conv_fwd(x, w, b, groups, True)
+    grad_x, grad_w, grad_b = ops.pos_conv_bwd(grad_out, x, w, pre, groups, True)
+
+    def autograd(t):
+        xs, ws, bs = (a.detach().to(t).requires_grad_() for a in (x, w, b))
+        y = _pos_conv_folded(xs, ws, bs, groups)
+        y.backward(grad_out.to(t))
+        return y.detach(), xs.grad, ws.grad, bs.grad
+
+    ref, eager = autograd(torch.float64), autograd(dtype)
+    for name, o, e, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), (out, grad_x, grad_w, grad_b), eager, ref):
+        _assert_close(f"pos_conv {name}", o, e, r)
+    # The folded-weight op agrees with the package reference (weight norm with g = ||w|| per tap).
+    g = w.double().norm(dim=(0, 1), keepdim=True)
+    ref_pkg = pos_conv_ref(x.double(), g, w.double(), b.double(), groups)
+    _assert_close("pos_conv vs pos_conv_ref", out, eager[0], ref_pkg)
+    _, no_pre = ops.pos_conv_fwd(x, w, None, groups, False)
+    assert no_pre.numel() == 0
+    _, _, no_gb = ops.pos_conv_bwd(grad_out, x, w, pre, groups, False)
+    assert no_gb.numel() == 0
+
+
+# ================================================================================================ GPU: gumbel quantizer
+def _gumbel_oracle(logits, codevectors, groups, tau, gumbels):
+    """Test oracle of the raw sampling op with given noise (straight-through, perplexity of softmax(l))."""
+    n, gv = logits.shape
+    v = gv // groups
+    z = (logits + gumbels).view(n, groups, v)
+    soft = torch.softmax(z / tau, dim=-1)
+    hard = F.one_hot(z.argmax(-1), v).to(soft.dtype)
+    y = hard - soft.detach() + soft
+    quantized = torch.einsum("ngv,gvd->ngd", y, codevectors.view(groups, v, -1)).reshape(n, -1)
+    marginal = torch.softmax(logits.view(n, groups, v), dim=-1).mean(0)
+    perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
+    return quantized, z.argmax(-1), soft, perplexity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,groups,codes,dg", [(1, 1, 5, 3), (37, 2, 320, 128), (300, 2, 33, 17)])
+def test_gumbel_quantizer_eval_matches_reference(ops, dtype, rows, groups, codes, dg):
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, False, None, 0, 0)
+    ref_q, _ = gumbel_quantizer_ref(logits[None], code[None], groups, 2.0, False)
+    torch.testing.assert_close(q, ref_q[0], rtol=0, atol=0)  # a gather: exact
+    torch.testing.assert_close(idx, logits.view(rows, groups, codes).argmax(-1))  # first index on ties
+    assert soft.numel() == 0 and perp.dtype == torch.float32
+    # The perplexity is fp32 whatever the input dtype: compare with the float64 reference.
+    _, ref_perp = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False)
+    torch.testing.assert_close(perp.double(), ref_perp, rtol=1e-5, atol=1e-5)
+    gq = torch.randn_like(q)
+    one = torch.ones((), device="cuda")
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, one, logits, code, idx, soft, groups, 2.0, False)
+    assert (grad_l == 0).all()
+    expected = torch.zeros(groups * codes, dg, device="cuda", dtype=torch.float64)
+    flat_idx = (idx + torch.arange(groups, device="cuda") * codes).reshape(-1)
+    expected.index_add_(0, flat_idx, gq.double().view(rows * groups, dg))
+    _assert_close("gumbel grad_codevectors (eval)", grad_c, expected.to(dtype), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128)])
+def test_gumbel_quantizer_sample_with_given_noise(ops, dtype, rows, groups, codes, dg):
+    tau = 0.7
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0)
+    gq = torch.randn_like(q)
+    g_perp = torch.tensor(0.37, device="cuda")
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True)
+
+    def run(t):
+        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t))
+        ((oq * gq.to(t)).sum() + operp * g_perp.to(t)).backward()
+        return oq.detach(), oidx, osoft.detach(), operp.detach(), ls.grad, cs.grad
+
+    ref, eager = run(torch.float64), run(dtype)
+    fp32 = run(torch.float32)  # soft and perplexity are fp32 outputs: their eager peer is the fp32 computation
+    torch.testing.assert_close(idx, ref[1])
+    _assert_close("gumbel quantized", q, eager[0], ref[0])
+    _assert_close("gumbel soft", soft, fp32[2], ref[2])
+    _assert_close("gumbel perplexity", perp, fp32[3], ref[3])
+    _assert_close("gumbel grad_logits", grad_l, eager[4], ref[4])
+    _assert_close("gumbel grad_codevectors", grad_c, eager[5], ref[5])
+
+
+@pytest.mark.gpu
+def test_gumbel_quantizer_philox_noise(ops):
+    rows, groups, codes = 4096, 2, 8
+    logits = torch.zeros(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, 4, device="cuda")
+    a = ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 0)
+    b = ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 0)
+    c = ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 1)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # deterministic in (seed, offset)
+    assert not torch.equal(a[1], c[1])
+    counts = torch.bincount(a[1].reshape(-1), minlength=codes).float()
+    expected = rows * groups / codes
+    assert ((counts - expected).abs() < 0.15 * expected).all(), counts  # argmax of Gumbel noise is uniform
+    torch.testing.assert_close(a[2].sum(-1), torch.ones(rows, groups, device="cuda"))

@@ -1,0 +1,347 @@
+"""File commands of the CLI: ``unispeech-fast embed|transcribe|diarize|verify-speakers AUDIO... --model DIR``.
+
+:func:`add_parsers` adds the four subcommands to an ``argparse`` subparsers object; each sets
+``func`` to its ``run_*(args) -> int``. The work is done by :mod:`unispeech_fast.audio`.
+
+- ``embed``: backbone features per file (mean-pooled, or every frame with ``--pool frames``;
+  ``--layer N`` for ``hidden_states[N]``), written as ``<stem>.npy`` files into the ``--output``
+  directory, or as one ``.safetensors`` file (one tensor per input, keyed by the path as given).
+- ``transcribe``: greedy CTC with the checkpoint's ``vocab.json``; ``<file>\\t<text>`` lines on
+  stdout or in ``--output``.
+- ``diarize``: RTTM ``SPEAKER`` lines from a frame-classification checkpoint (stdout or ``--output``).
+- ``verify-speakers``: x-vector embeddings and their cosine scores; ``<file_a>\\t<file_b>\\t<score>``
+  lines (plus ``same``/``different`` with ``--threshold``), the matrix in ``--output`` (``.npy``),
+  the embeddings in ``--embeddings`` (``.npy`` or ``.safetensors``).
+
+Exit codes (as in :mod:`unispeech_fast.cli`): 0 success; 1 runtime failure (an unreadable, corrupt
+or too short audio file, a corrupt checkpoint, a forced backend that cannot run); 2 usage error (bad
+options, a missing checkpoint directory, a checkpoint whose class does not fit the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _fraction(name: str, high_open: bool):
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .cli import _positive  # imported here: cli imports this module to add these commands
+    from .dispatch import BACKENDS
+
+    p.add_argument("audio", nargs="+", metavar="AUDIO",
+                   help="audio files (WAV, FLAC, OGG, ...); mixed down to mono and resampled to 16 kHz")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json + weights)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="parameter and input dtype (default: float32)")
+    p.add_argument("--backend", choices=("auto",) + tuple(BACKENDS), default=None,
+                   help="force a backend (default: $UNISPEECH_FAST_BACKEND, else auto)")
+    p.add_argument("--threads", type=_positive(int, "--threads"), default=None,
+                   help="torch CPU threads (default: torch's default)")
+    p.add_argument("--max-batch-seconds", type=_positive(float, "--max-batch-seconds"), default=60.0,
+                   help="padded audio per batch, in seconds; a longer file runs alone (default: 60)")
+    p.add_argument("--max-padding", type=_fraction("--max-padding", high_open=True), default=0.15,
+                   help="largest padded fraction of a batch (files are sorted by length; default: 0.15)")
+    p.add_argument("--exact", action="store_true",
+                   help="batch only files of equal length, so every result equals its single-file run "
+                        "(matters for group-norm checkpoints, whose padded batches shift the results)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                   help="skip the zero-mean unit-variance normalisation (default: as the checkpoint's "
+                        "preprocessor_config.json says, normalising when it is absent)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``embed``, ``transcribe``, ``diarize`` and ``verify-speakers`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "embed", help="backbone embeddings of audio files (.npy or .safetensors)",
+        description="Run the checkpoint's backbone on each file and write its last_hidden_state "
+                    "(or hidden_states[--layer]), mean-pooled over the file's frames or every frame.")
+    _common(p)
+    p.add_argument("--output", "-o", required=True, metavar="PATH",
+                   help="a directory (one <stem>.npy per file) or a .safetensors file (one tensor per file)")
+    p.add_argument("--pool", choices=("mean", "frames"), default="mean",
+                   help="mean: one vector per file; frames: [frames, hidden] per file (default: mean)")
+    p.add_argument("--layer", type=int, default=None, metavar="N",
+                   help="hidden_states[N] instead of last_hidden_state (0 = encoder input)")
+    p.set_defaults(func=run_embed)
+
+    p = subparsers.add_parser(
+        "transcribe", help="greedy CTC transcripts (a *ForCTC checkpoint with vocab.json)",
+        description="Greedy CTC decoding: argmax per frame, repeats collapsed, the blank "
+                    "(config.pad_token_id) dropped, '|' read as a space.")
+    _common(p)
+    p.add_argument("--vocab", metavar="FILE", default=None, help="vocab.json (default: the checkpoint's)")
+    p.add_argument("--output", "-o", metavar="FILE", default=None,
+                   help="write '<file>\\t<text>' lines here instead of stdout")
+    p.set_defaults(func=run_transcribe)
+
+    p = subparsers.add_parser(
+        "diarize", help="speaker-activity segments as RTTM (a *ForAudioFrameClassification checkpoint)",
+        description="Per-frame sigmoid of each label > --threshold gives the label's segments, written "
+                    "as RTTM SPEAKER lines.")
+    _common(p)
+    p.add_argument("--threshold", type=_fraction("--threshold", high_open=False), default=0.5,
+                   help="activity threshold on the sigmoid (default: 0.5)")
+    p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the RTTM here instead of stdout")
+    p.set_defaults(func=run_diarize)
+
+    p = subparsers.add_parser(
+        "verify-speakers", help="x-vector cosine scores between audio files (a *ForXVector checkpoint)",
+        description="Embed each file with the x-vector head and print the cosine score of every pair.")
+    _common(p)
+    p.add_argument("--threshold", type=_fraction("--threshold", high_open=False), default=None,
+                   help="also print 'same' (score >= threshold) or 'different' per pair")
+    p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the score matrix here (.npy)")
+    p.add_argument("--embeddings", metavar="FILE", default=None,
+                   help="write the embeddings here (.npy [files, dim], or .safetensors keyed by file)")
+    p.set_defaults(func=run_verify_speakers)
+
+
+# ============================================================================================ helpers
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_task(args: argparse.Namespace, task: Callable[..., int]) -> int:
+    """Common setup (device, threads, backend, model) and the mapping of errors to exit codes."""
+    import torch
+
+    from . import audio
+    from .configuration import ConfigError
+    from .dispatch import BackendNotSupportedError, backend, current_backend
+    from .loading import CheckpointError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: CUDA is not available here (see `python -m unispeech_fast info`)", EXIT_USAGE)
+    if args.backend is None:
+        try:
+            args.backend = current_backend()
+        except ValueError as exc:  # a bad $UNISPEECH_FAST_BACKEND
+            return _error(str(exc), EXIT_USAGE)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        model = audio.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    except audio.ModelMismatchError as exc:
+        return _error(str(exc), EXIT_USAGE)
+    except FileNotFoundError as exc:  # no such directory (and not a hub id that could be fetched)
+        return _error(f"--model {args.model}: {exc}", EXIT_USAGE)
+    except (CheckpointError, ConfigError, OSError) as exc:
+        return _error(f"cannot load --model {args.model}: {exc}", EXIT_FAILURE)
+    options = dict(max_batch_seconds=args.max_batch_seconds, max_padding=args.max_padding, exact=args.exact,
+                   normalize=args.normalize, progress=not args.quiet)
+    try:
+        with backend(args.backend):
+            return task(model, options)
+    except audio.ModelMismatchError as exc:
+        return _error(str(exc), EXIT_USAGE)
+    except audio.AudioError as exc:
+        return _error(str(exc), EXIT_FAILURE)
+    except BackendNotSupportedError as exc:
+        return _error(str(exc), EXIT_FAILURE)
+
+
+def _write_lines(lines: Sequence[str], output: str | None) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _check_output_parent(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: the directory {parent} does not exist"
+    if os.path.isdir(path):
+        return f"{flag} {path} is a directory; give a file name"
+    return None
+
+
+def _npy_names(paths: Sequence[str]) -> dict[str, str] | str:
+    """``<stem>.npy`` per input, or an error message when two inputs share a stem."""
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for p in paths:
+        name = os.path.splitext(os.path.basename(p))[0] + ".npy"
+        if name in seen and seen[name] != p:
+            return (f"{seen[name]} and {p} would both be written as {name}; write a .safetensors file "
+                    "instead (keyed by the full path) or rename one")
+        seen[name] = p
+        names[p] = name
+    return names
+
+
+def _save_safetensors(tensors: dict, path: str) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+
+
+# ============================================================================================ commands
+def run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import audio
+
+    out = args.output
+    as_safetensors = out.endswith(".safetensors")
+    if as_safetensors:
+        problem = _check_output_parent(out, "--output")
+        if problem:
+            return _error(problem, EXIT_USAGE)
+    else:
+        if os.path.exists(out) and not os.path.isdir(out):
+            return _error(f"--output {out} exists and is not a directory (a .safetensors name writes one file)",
+                          EXIT_USAGE)
+        names = _npy_names(args.audio)
+        if isinstance(names, str):
+            return _error(names, EXIT_USAGE)
+    if len(set(args.audio)) != len(args.audio):
+        return _error("the same AUDIO file is given twice", EXIT_USAGE)
+
+    def task(model, options):
+        n_layers = model.config.num_hidden_layers
+        if args.layer is not None and not -(n_layers + 1) <= args.layer <= n_layers:
+            return _error(f"--layer {args.layer}: this checkpoint has hidden_states 0..{n_layers} "
+                          f"(or negative from the end)", EXIT_USAGE)
+        vectors = audio.embed(model, args.audio, layer=args.layer, pool=args.pool, **options)
+        if as_safetensors:
+            _save_safetensors(dict(zip(args.audio, vectors)), out)
+        else:
+            os.makedirs(out, exist_ok=True)
+            for path, vec in zip(args.audio, vectors):
+                np.save(os.path.join(out, names[path]), vec)
+        return EXIT_OK
+
+    return _run_task(args, task)
+
+
+def run_transcribe(args: argparse.Namespace) -> int:
+    from . import audio
+
+    problem = _check_output_parent(args.output, "--output")
+    if problem:
+        return _error(problem, EXIT_USAGE)
+
+    def task(model, options):
+        audio._require_head(model, "ForCTC", "transcribe")
+        vocab_path = args.vocab or os.path.join(model.checkpoint_dir, "vocab.json")
+        try:
+            vocab = audio.load_vocab(vocab_path)
+        except (OSError, ValueError) as exc:
+            return _error(f"{exc}" + ("" if args.vocab else " (pass --vocab FILE)"), EXIT_USAGE)
+        texts = audio.transcribe(model, args.audio, vocab=vocab, **options)
+        _write_lines([f"{p}\t{t}" for p, t in zip(args.audio, texts)], args.output)
+        return EXIT_OK
+
+    return _run_task(args, task)
+
+
+def run_diarize(args: argparse.Namespace) -> int:
+    from . import audio
+
+    problem = _check_output_parent(args.output, "--output")
+    if problem:
+        return _error(problem, EXIT_USAGE)
+
+    def task(model, options):
+        segments = audio.diarize(model, args.audio, threshold=args.threshold, **options)
+        lines = []
+        for path, segs in zip(args.audio, segments):
+            lines += audio.rttm_lines(os.path.splitext(os.path.basename(path))[0], segs)
+        _write_lines(lines, args.output)
+        return EXIT_OK
+
+    return _run_task(args, task)
+
+
+def run_verify_speakers(args: argparse.Namespace) -> int:
+    from . import audio
+
+    if len(args.audio) < 2:
+        return _error("verify-speakers compares files: give at least two AUDIO files", EXIT_USAGE)
+    for flag, path in (("--output", args.output), ("--embeddings", args.embeddings)):
+        problem = _check_output_parent(path, flag)
+        if problem:
+            return _error(problem, EXIT_USAGE)
+    if args.embeddings is not None and not args.embeddings.endswith((".npy", ".safetensors")):
+        return _error(f"--embeddings {args.embeddings}: the name must end in .npy or .safetensors", EXIT_USAGE)
+
+    def task(model, options):
+        emb = audio.xvectors(model, args.audio, **options)
+        scores = audio.cosine_scores(emb)
+        if args.output is not None:
+            _save_npy(args.output, scores)
+        if args.embeddings is not None:
+            if args.embeddings.endswith(".safetensors"):
+                _save_safetensors(dict(zip(args.audio, emb)), args.embeddings)
+            else:
+                _save_npy(args.embeddings, emb)
+        lines = []
+        for i in range(len(args.audio)):
+            for j in range(i + 1, len(args.audio)):
+                line = f"{args.audio[i]}\t{args.audio[j]}\t{scores[i, j]:.6f}"
+                if args.threshold is not None:
+                    line += "\t" + ("same" if scores[i, j] >= args.threshold else "different")
+                lines.append(line)
+        _write_lines(lines, None)
+        return EXIT_OK
+
+    return _run_task(args, task)
+
+
+def _save_npy(path: str, array) -> None:
+    """``np.save`` to exactly ``path`` (numpy would append .npy to other names)."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+# ============================================================================================ standalone
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unispeech-fast", description="Inference on audio files.")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with only the file commands and run one (``python -m unispeech_fast.audio_cli``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with status 2 on usage errors
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The ``cuda`` backend of ``attention`` and ``feature_extractor`` (kernels in ``csrc/cuda``).
+
+Importing this module registers both implementations with :mod:`unispeech_fast.dispatch`; it never
+loads the compiled extension (that happens in :mod:`unispeech_fast._extension`, on first use) and
+imports cleanly on machines without CUDA or without the extension, where every call reports itself
+unsupported with the reason. ``pos_conv`` and ``gumbel_quantizer`` register their ``cuda`` backends
+elsewhere.
+
+The CUDA kernels were written on a machine without a GPU: they are compile-checked for sm_80 and
+sm_90 by ``scripts/check_cuda.py`` and compared with the eager references by the ``gpu``-marked tests
+in ``tests/test_cuda_ops.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension, dispatch
+
+__all__ = ["attention_cuda", "feature_extractor_cuda", "seqlens_from_mask"]
+
+_ATTENTION_HEAD_DIMS = (64, 128)
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves training"
+
+
+def _extension_reasons() -> list[str]:
+    status = _extension.status()
+    return [] if status.has_cuda else [f"CUDA extension not available: {status.cuda_reason}"]
+
+
+def _ops():
+    """``torch.ops.unispeech_fast`` after loading the extension (raises if it has no CUDA kernels)."""
+    status = _extension.status()
+    if not status.has_cuda:
+        raise dispatch.BackendNotSupportedError(f"CUDA extension not available: {status.cuda_reason}")
+    return torch.ops.unispeech_fast
+
+
+def seqlens_from_mask(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
+    """int32 ``[batch]`` lengths if ``key_padding_mask`` (bool ``[batch, frames]``, True = valid) is
+    right-padded (every row a run of True followed by False), else None. Synchronises with the device."""
+    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
+    if not torch.equal(positions[None, :] < lengths[:, None], key_padding_mask):
+        return None
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _attention_reasons(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> list[str]:
+    reasons = _extension_reasons()
+    tensors = {"q": q, "k": k, "v": v}
+    if any(t.device.type != "cuda" for t in tensors.values()):
+        reasons.append("q, k and v must be CUDA tensors, got " + ", ".join(t.device.type for t in tensors.values()))
+    if q.dtype not in _ATTENTION_DTYPES:
+        reasons.append(f"the CUDA attention runs float16/bfloat16 (tensor cores), got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        reasons.append(f"q, k and v must be [batch, frames, heads, head_dim] of one shape, got "
+                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    elif q.shape[-1] not in _ATTENTION_HEAD_DIMS:
+        reasons.append(f"the CUDA attention supports head_dim {_ATTENTION_HEAD_DIMS}, got {q.shape[-1]}")
+    if any(t.dim() > 0 and t.stride(-1) != 1 for t in tensors.values()):
+        reasons.append("q, k and v need a contiguous last dim")
+    if need_weights:
+        reasons.append("the CUDA attention does not return the attention probabilities (need_weights=True)")
+    if dropout_p > 0.0:
+        reasons.append(f"the CUDA attention has no dropout, got dropout_p={dropout_p}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        reasons.append(_NO_BACKWARD)
+    if head_mask is not None and (head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]):
+        reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
+            reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
+                           f"{tuple(key_padding_mask.shape)}")
+        elif not reasons and seqlens_from_mask(key_padding_mask) is None:
+            reasons.append("the CUDA attention needs a right-padded key_padding_mask (valid keys first)")
+    return reasons
+
+
+@dispatch.register("attention", "cuda", not_supported_reasons=_attention_reasons)
+def attention_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """Flash-attention forward (``torch.ops.unispeech_fast.attention_fwd``); inference only.
+
+    ``out = head_mask[h] * softmax(scale q k^T + mask) v`` with the key padding given as lengths (the
+    mask must be right-padded). A row whose keys are all padded attends to every key uniformly, as the
+    eager reference does. Returns ``(out, None)``.
+    """
+    seqlens = None if key_padding_mask is None else seqlens_from_mask(key_padding_mask)
+    if key_padding_mask is not None and seqlens is None:
+        raise ValueError("key_padding_mask must be right-padded for the CUDA attention")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out = _ops().attention_fwd(q, k, v, seqlens, head_mask, float(scale))
+    return out, None
+
+
+# ---------------------------------------------------------------------------------------------- feature extractor
+def _feature_extractor_reasons(
+    x: torch.Tensor,
+    conv_weights: Sequence[torch.Tensor],
+    conv_biases: Sequence[torch.Tensor | None],
+    norm_weights: Sequence[torch.Tensor | None],
+    norm_biases: Sequence[torch.Tensor | None],
+    conv_strides: Sequence[int],
+    norm_type: str,
+    activation: str = "gelu",
+    eps: float = 1e-5,
+) -> list[str]:
+    reasons = _extension_reasons()
+    if x.device.type != "cuda":
+        reasons.append(f"x must be a CUDA tensor, got {x.device.type}")
+    if x.dtype not in _FEATURE_DTYPES:
+        reasons.append(f"the CUDA feature extractor runs float32/float16/bfloat16, got {x.dtype}")
+    if activation != "gelu":
+        reasons.append(f"the CUDA feature extractor fuses exact GELU only, got activation={activation!r}")
+    if norm_type not in ("group", "layer"):
+        reasons.append(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
+    if x.dim() != 2:
+        reasons.append(f"x must be a waveform [batch, samples], got shape {tuple(x.shape)}")
+    if not conv_weights:
+        reasons.append("no conv layers given")
+    else:
+        w0 = conv_weights[0]
+        if w0.dim() != 3 or w0.shape[1] != 1:
+            reasons.append(f"layer 0 weight must be [C_out, 1, K], got {tuple(w0.shape)}")
+        elif w0.shape[2] > 64 or w0.shape[0] > 2048:
+            reasons.append(f"layer 0 must have K <= 64 and C_out <= 2048, got {tuple(w0.shape)}")
+        if (norm_weights[0] is None) != (norm_biases[0] is None):
+            reasons.append("layer 0 norm weight and bias must both be given or both be None")
+        layer0 = [w0, conv_biases[0], norm_weights[0], norm_biases[0]]
+        if any(t is not None and t.dtype != x.dtype for t in layer0):
+            reasons.append(f"layer 0 parameters must have the dtype of x ({x.dtype})")
+        if x.dim() == 2 and w0.dim() == 3 and x.shape[-1] < w0.shape[-1]:
+            reasons.append(f"x has {x.shape[-1]} samples, fewer than the kernel size {w0.shape[-1]}")
+    if torch.is_grad_enabled():
+        params = [x, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
+        if any(t is not None and t.requires_grad for t in params):
+            reasons.append("the CUDA feature extractor has no backward; the triton backend serves training")
+    return reasons
+
+
+@dispatch.register("feature_extractor", "cuda", not_supported_reasons=_feature_extractor_reasons)
+def feature_extractor_cuda(
+    x: torch.Tensor,
+    conv_weights: Sequence[torch.Tensor],
+    conv_biases: Sequence[torch.Tensor | None],
+    norm_weights: Sequence[torch.Tensor | None],
+    norm_biases: Sequence[torch.Tensor | None],
+    conv_strides: Sequence[int],
+    norm_type: str,
+    activation: str = "gelu",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The conv feature extractor with layer 0 as one CUDA kernel; inference only.
+
+    Only layer 0 (one input channel: conv -> GroupNorm/LayerNorm/none -> exact GELU) is a custom kernel,
+    ``torch.ops.unispeech_fast.conv_norm_gelu_fwd``; the other layers (512 input channels) run torch's
+    ``conv1d`` (cuDNN), ``group_norm``/``layer_norm`` and ``gelu``, exactly as the eager reference does.
+    """
+    gamma, beta = norm_weights[0], norm_biases[0]
+    norm_kind = 0 if gamma is None else (1 if norm_type == "group" else 2)
+    h = _ops().conv_norm_gelu_fwd(
+        x[:, None], conv_weights[0], conv_biases[0], gamma, beta, int(conv_strides[0]), norm_kind, float(eps)
+    )
+    for i in range(1, len(conv_weights)):
+        h = F.conv1d(h, conv_weights[i], conv_biases[i], stride=conv_strides[i])
+        gamma, beta = norm_weights[i], norm_biases[i]
+        if gamma is not None:
+            if norm_type == "group":
+                h = F.group_norm(h, h.shape[1], gamma, beta, eps)
+            else:
+                h = F.layer_norm(h.transpose(-2, -1), (h.shape[1],), gamma, beta, eps).transpose(-2, -1)
+        h = F.gelu(h)
+    return h
