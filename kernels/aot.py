@@ -84,11 +84,26 @@ def _variants(modules: tuple[str, ...]) -> list[AotVariant]:
     return out
 
 
-def check_all(archs: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES) -> list[dict[str, Any]]:
-    """Compile every variant of ``modules`` for every arch; returns one row per (variant, arch)."""
+def _compile_task(task: tuple[str, int, int]) -> dict[str, Any]:
+    module, index, arch = task
+    return compile_variant(_variants((module,))[index], arch)
+
+
+def check_all(
+    archs: tuple[int, ...] = (80, 90), modules: tuple[str, ...] = KERNEL_MODULES, jobs: int | None = None
+) -> list[dict[str, Any]]:
+    """Compile every variant of ``modules`` for every arch, ``jobs`` processes at a time (default: one
+    per CPU); returns one row per (variant, arch), in order."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (the interpreter's functions cannot be compiled)")
-    return [compile_variant(v, arch) for v in _variants(modules) for arch in archs]
+    tasks = [(m, i, arch) for m in modules for i in range(len(_variants((m,)))) for arch in archs]
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    if jobs == 1:
+        return [_compile_task(t) for t in tasks]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_task, tasks, chunksize=4))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
     parser.add_argument("--module", action="append", choices=KERNEL_MODULES, help="only these kernel modules")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     args = parser.parse_args(argv)
-    rows = check_all(tuple(args.arch or (80, 90)), tuple(args.module or KERNEL_MODULES))
+    rows = check_all(tuple(args.arch or (80, 90)), tuple(args.module or KERNEL_MODULES), args.jobs)
     for row in rows:
         status = "ok " if row["ok"] else "FAIL"
         detail = f"shared {row['shared_bytes']:>6} B" if "shared_bytes" in row else ""

@@ -72,3 +72,18 @@ def test_training_step_matches_eager(name):
             assert q.grad is None, n
             continue
         torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
+
+
+@pytest.mark.parametrize("name", ["auto"] + _backends())
+def test_torch_compile_fullgraph_of_a_model_matches_eager(name):
+    """The kernels are torch.library ops with fake implementations, so a whole model compiles in one graph."""
+    family, head, overrides = CASES[0]
+    model = _model(family, head, **overrides).eval()
+    x, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        with uf.backend("eager"):
+            ref = model(x, attention_mask=mask).logits
+        with uf.backend(name):
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            out = compiled(x, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)

@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import os
 
-__all__ = ["ExtensionStatus", "status"]
+__all__ = ["ExtensionStatus", "status", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,3 +49,19 @@ def status() -> ExtensionStatus:
     note = getattr(module, "cuda_build_note", lambda: "built without CUDA sources")()
     cuda_reason = "" if has_cuda else f"unispeech_fast._C: {note}"
     return ExtensionStatus(True, "", has_cuda, cuda_reason, spec.origin)
+
+
+def _constant_under_compile(fn):
+    # torch.compile calls a function marked this way at trace time instead of tracing it (it imports
+    # and loads a library, which dynamo cannot trace); correct here because the status never changes
+    # within a process.
+    import torch
+
+    return torch.compiler.assume_constant_result(fn)
+
+
+@_constant_under_compile
+def summary() -> tuple[bool, str, bool, str]:
+    """``(loaded, reason, has_cuda, cuda_reason)`` of :func:`status`, usable inside torch.compile."""
+    st = status()
+    return st.loaded, st.reason, st.has_cuda, st.cuda_reason

@@ -136,14 +136,14 @@ def backend_reasons(name: str, device: torch.device | None) -> list[str]:
         return []
     from . import _extension  # the only module that loads the compiled extension
 
-    status = _extension.status()
+    loaded, reason, has_cuda, cuda_reason = _extension.summary()
     if name == "cpp":
-        reasons = [] if status.loaded else [f"C++ extension not available: {status.reason}"]
+        reasons = [] if loaded else [f"C++ extension not available: {reason}"]
         if device is not None and device.type != "cpu":
             reasons.append(f"cpp serves CPU tensors, got {device.type}")
         return reasons
     if name == "cuda":
-        reasons = [] if status.has_cuda else [f"CUDA extension not available: {status.cuda_reason}"]
+        reasons = [] if has_cuda else [f"CUDA extension not available: {cuda_reason}"]
         if device is not None and device.type != "cuda":
             reasons.append(f"cuda serves CUDA tensors, got {device.type}")
         return reasons
@@ -177,9 +177,15 @@ def _check_name(name: str) -> str:
     return name
 
 
+# torch.compile cannot trace ContextVar.get: while compiling, the selection is read from this plain
+# mirror instead (dynamo guards on it, so entering another backend recompiles). It holds the backend
+# most recently entered by any thread, so under torch.compile use one backend per process.
+_compile_mirror: dict[str, Any] = {"backend": None, "verify": None}
+
+
 def current_backend() -> str:
     """The backend requested for this context: ``backend()`` if active, else ``$UNISPEECH_FAST_BACKEND``, else auto."""
-    name = _backend_var.get()
+    name = _compile_mirror["backend"] if torch.compiler.is_compiling() else _backend_var.get()
     if name is None:
         env = os.environ.get(_ENV_BACKEND, "").strip()
         if env:
@@ -199,10 +205,12 @@ def backend(name: str = "auto") -> Iterator[str]:
     and raises :class:`BackendNotSupportedError` where it cannot run.
     """
     token = _backend_var.set(_check_name(name))
+    previous, _compile_mirror["backend"] = _compile_mirror["backend"], name
     try:
         yield name
     finally:
         _backend_var.reset(token)
+        _compile_mirror["backend"] = previous
 
 
 def _device_of(inputs: dict[str, Any]) -> torch.device | None:
@@ -244,7 +252,7 @@ def _describe(inputs: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- verify
 def verify_enabled() -> dict | None:
-    cfg = _verify_var.get()
+    cfg = _compile_mirror["verify"] if torch.compiler.is_compiling() else _verify_var.get()
     if cfg is not None:
         return cfg
     if os.environ.get(_ENV_VERIFY, "0") not in ("", "0"):
@@ -262,10 +270,12 @@ def verify(atol: float | None = None, rtol: float | None = None) -> Iterator[Non
     are logged, once per op, as not verified.
     """
     token = _verify_var.set({"atol": atol, "rtol": rtol})
+    previous, _compile_mirror["verify"] = _compile_mirror["verify"], {"atol": atol, "rtol": rtol}
     try:
         yield
     finally:
         _verify_var.reset(token)
+        _compile_mirror["verify"] = previous
 
 
 _logged_once: set[str] = set()

@@ -194,6 +194,8 @@ class Attention(nn.Module):
         """
         params = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                   self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
+        if torch.compiler.is_compiling():  # no host-side cache inside a graph
+            return torch.cat(params[:3]), torch.cat(params[3:])
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             self._qkv_cache = None
             return torch.cat(params[:3]), torch.cat(params[3:])
@@ -330,7 +332,7 @@ class Encoder(nn.Module):
         key_padding_mask = None
         if frame_mask is not None:
             hidden_states = hidden_states.masked_fill(~frame_mask[..., None], 0.0)
-            if not bool(frame_mask.all()):
+            if torch.compiler.is_compiling() or not bool(frame_mask.all()):  # no data-dependent branch in a graph
                 key_padding_mask = frame_mask
         hidden_states = self.pos_conv_embed(hidden_states)
         if not self.stable:

@@ -29,15 +29,15 @@ _NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves tr
 
 
 def _extension_reasons() -> list[str]:
-    status = _extension.status()
-    return [] if status.has_cuda else [f"CUDA extension not available: {status.cuda_reason}"]
+    _, _, has_cuda, cuda_reason = _extension.summary()
+    return [] if has_cuda else [f"CUDA extension not available: {cuda_reason}"]
 
 
 def _ops():
     """``torch.ops.unispeech_fast`` after loading the extension (raises if it has no CUDA kernels)."""
-    status = _extension.status()
-    if not status.has_cuda:
-        raise dispatch.BackendNotSupportedError(f"CUDA extension not available: {status.cuda_reason}")
+    _, _, has_cuda, cuda_reason = _extension.summary()
+    if not has_cuda:
+        raise dispatch.BackendNotSupportedError(f"CUDA extension not available: {cuda_reason}")
     return torch.ops.unispeech_fast
 
 

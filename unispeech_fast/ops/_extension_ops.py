@@ -42,6 +42,7 @@ _NORM_KINDS = {"group": 1, "layer": 2}
 _registered = False
 
 
+@torch.compiler.assume_constant_result  # called, not traced, by torch.compile (it loads and registers)
 def ensure_registered() -> bool:
     """Load the extension and register the fakes and autograd formulas once; True when loaded."""
     global _registered
@@ -57,7 +58,7 @@ def ensure_registered() -> bool:
 
 def _ops() -> Any:
     if not ensure_registered():
-        raise dispatch.BackendNotSupportedError(f"C++ extension not available: {_extension.status().reason}")
+        raise dispatch.BackendNotSupportedError(f"C++ extension not available: {_extension.summary()[1]}")
     return torch.ops.unispeech_fast
 
 

@@ -1,0 +1,322 @@
+"""The Triton flash-attention backend against the fp64 reference: forward, gradients, padding, head
+mask, dropout (reproducibility and the exact mask, recovered through a one-hot V), custom-op checks,
+torch.compile, the need_weights fallback and the AOT variant list.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (set by conftest), at small
+shapes; the ``gpu``-marked tests repeat the checks at the model's real sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import unispeech_fast as uf
+from unispeech_fast import dispatch
+from unispeech_fast.ops.attention import _attention_eager, _attention_triton, attention, attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Absolute error floor per dtype, on top of 2x the eager op's own error (for values of order one).
+_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Relative tolerance of the dropout checks, which have no eager counterpart (different random masks).
+_DROPOUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def make_qkv(batch, frames, heads, head_dim, dtype, device=DEVICE, seed=0):
+    """q, k, v as the model makes them: strided ``unbind`` views of one ``[B, T, 3, H, D]`` projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, frames, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    return list(qkv.unbind(2))
+
+
+def right_padded_mask(lengths, frames, device=DEVICE):
+    return torch.arange(frames, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+
+
+def _run(fn, q, k, v, dout, **kw):
+    """Output and (dq, dk, dv) of ``fn``, called on strided views of one ``[B, T, 3, H, D]`` leaf."""
+    qkv = torch.stack([q.detach(), k.detach(), v.detach()], dim=2).requires_grad_()
+    out, _ = fn(*qkv.unbind(2), **kw)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + list(qkv.grad.unbind(2))
+
+
+def check_against_reference(q, k, v, **kw):
+    """Triton output and gradients vs the fp64 reference: error <= 2x eager's error in q's dtype + floor."""
+    dtype = q.dtype
+    dout = torch.randn(q.shape, device=q.device, dtype=torch.float64)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), dout, **kw)
+    eager = _run(_attention_eager, q, k, v, dout, **kw)
+    with dispatch.backend("triton"):
+        got = _run(attention, q, k, v, dout, **kw)
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, eager, ref):
+        assert g.dtype == dtype and g.shape == r.shape
+        err = (g.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + _FLOOR[dtype], f"{name}: error {err:.3e}, eager error {eager_err:.3e}"
+    return got
+
+
+# --------------------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("frames,head_dim", [(1, 16), (17, 64), (67, 80), (40, 32)])
+def test_matches_reference(dtype, frames, head_dim):
+    q, k, v = make_qkv(2, frames, 1, head_dim, dtype)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padding_and_head_mask(dtype):
+    """Different valid lengths per row (one of length 1: every key block but the first is skipped),
+    and a head mask with a zero and a non-binary value."""
+    frames = 37
+    q, k, v = make_qkv(3, frames, 2, 64, dtype)
+    mask = right_padded_mask([frames, 1, 20], frames)
+    head_mask = torch.tensor([0.0, 0.7], device=DEVICE)
+    got = check_against_reference(q, k, v, key_padding_mask=mask, head_mask=head_mask)
+    out, dq, dk, dv = got
+    assert torch.all(out[:, :, 0] == 0) and torch.all(dq[:, :, 0] == 0) and torch.all(dv[:, :, 0] == 0)
+    assert torch.all(dk[~mask] == 0) and torch.all(dv[~mask] == 0)  # padded keys get no gradient
+
+
+def test_head_dim_80_with_padding_fp32():
+    q, k, v = make_qkv(2, 23, 2, 80, torch.float32)
+    check_against_reference(q, k, v, key_padding_mask=right_padded_mask([5, 23], 23), scale=0.3,
+                            head_mask=torch.tensor([1.5, 1.0], device=DEVICE))
+
+
+def test_padded_batch_equals_per_sample():
+    """Padding a sample with extra frames leaves its valid queries' outputs unchanged."""
+    q, k, v = make_qkv(1, 30, 2, 32, torch.float32)
+    mask = right_padded_mask([19], 30)
+    with dispatch.backend("triton"):
+        padded, _ = attention(q, k, v, key_padding_mask=mask)
+        alone, _ = attention(q[:, :19], k[:, :19], v[:, :19])
+    torch.testing.assert_close(padded[:, :19], alone, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- dropout
+def _one_hot_v(batch, frames, heads, dtype, device=DEVICE):
+    # v[b, j, h, :] = e_j, so out[b, i, h, :] = row i of the (dropped, scaled) probability matrix.
+    eye = torch.eye(frames, device=device, dtype=dtype)
+    return eye[None, :, None, :].expand(batch, frames, heads, frames).contiguous()
+
+
+def _dropout_case(dtype=torch.float32, device=DEVICE):
+    frames, heads, p = 24, 2, 0.3
+    q, k, v = make_qkv(2, frames, heads, frames, dtype, device=device)
+    mask = right_padded_mask([frames, 9], frames, device=device)
+    head_mask = torch.tensor([1.0, 0.5], device=device)
+    return q, k, v, dict(key_padding_mask=mask, head_mask=head_mask, dropout_p=p)
+
+
+def test_dropout_zero_equals_no_dropout():
+    q, k, v = make_qkv(2, 19, 2, 32, torch.float32)
+    with dispatch.backend("triton"):
+        a, _ = attention(q, k, v, dropout_p=0.0)
+        b, _ = attention(q, k, v)
+    assert torch.equal(a, b)
+
+
+def test_dropout_same_seed_reproduces_and_other_seed_differs():
+    q, k, v, kw = _dropout_case()
+    dout = torch.randn(q.shape, device=DEVICE)
+    with dispatch.backend("triton"):
+        torch.manual_seed(123)
+        first = _run(attention, q, k, v, dout, **kw)
+        torch.manual_seed(123)
+        again = _run(attention, q, k, v, dout, **kw)
+        torch.manual_seed(124)
+        other = _run(attention, q, k, v, dout, **kw)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    for a, b in zip(first, other):
+        assert not torch.equal(a, b)
+
+
+def check_dropout_mask_and_gradients(q, k, v, kw):
+    """Recover the dropped probabilities ``Pd = f * Z o P`` with a one-hot V (same seed, same q/k),
+    then check: the zeroed fraction of valid entries is near p, kept entries equal ``P * m_h / (1-p)``,
+    and the output and every gradient equal the fp64 reference with that exact mask."""
+    batch, frames, heads, _ = q.shape
+    p, mask, head_mask = kw["dropout_p"], kw["key_padding_mask"], kw["head_mask"]
+    dout = torch.randn(q.shape, device=q.device, dtype=torch.float32)
+    with dispatch.backend("triton"), torch.no_grad():
+        torch.manual_seed(7)
+        pd, _ = attention(q, k, _one_hot_v(batch, frames, heads, q.dtype, q.device), **kw)
+    with dispatch.backend("triton"):
+        torch.manual_seed(7)
+        got = _run(attention, q, k, v, dout, **kw)
+    pd = pd.double().permute(0, 2, 1, 3)  # [B, H, i, j]
+    probs = attention_ref(q.double(), k.double(), v.double(), mask, need_weights=True)[1]
+    valid = mask[:, None, None, :].expand_as(probs)
+    kept = pd != 0
+    assert not kept[~valid].any()
+    dropped_fraction = 1.0 - kept[valid].double().mean().item()
+    assert abs(dropped_fraction - p) < 0.05, dropped_fraction
+    f = (head_mask.double() / (1.0 - p)).view(1, -1, 1, 1)
+    tol = _DROPOUT_TOL[q.dtype]
+    rel = (pd - probs * f).abs()[kept] / (probs * f)[kept]
+    assert rel.max() < tol
+
+    def dropped_ref(q_, k_, v_):
+        scores = torch.einsum("bihd,bjhd->bhij", q_, k_) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, -1) * kept * f, v_), None
+
+    ref = _run(dropped_ref, q.double(), k.double(), v.double(), dout.double())
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err < tol * max(1.0, r.abs().max().item()), f"{name}: error {err:.3e} with the recovered dropout mask"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_mask_statistics_and_gradients(dtype):
+    q, k, v, kw = _dropout_case(dtype)
+    check_dropout_mask_and_gradients(q, k, v, kw)
+
+
+# --------------------------------------------------------------------------------------------- torch.library
+def _op_args(dropout):
+    q, k, v = make_qkv(2, 5, 2, 16, torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    lengths = torch.tensor([5, 3], dtype=torch.int32, device=DEVICE)
+    head_mask = torch.tensor([1.0, 0.5], device=DEVICE) if dropout else None
+    seed = torch.tensor([42], dtype=torch.int64, device=DEVICE) if dropout else None
+    return q, k, v, lengths, head_mask, seed, 0.25 if dropout else 0.0, 0.25
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_opcheck_forward(dropout):
+    torch.library.opcheck(torch.ops.unispeech_fast.triton_attention_fwd.default, _op_args(dropout))
+
+
+def test_opcheck_backward():
+    q, k, v, lengths, head_mask, seed, p, scale = _op_args(True)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.unispeech_fast.triton_attention_fwd(q, k, v, lengths, head_mask, seed, p, scale)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.unispeech_fast.triton_attention_bwd.default,
+                          (dout, q, k, v, lse, lengths, head_mask, seed, p, scale))
+
+
+def test_torch_compile_fullgraph_matches_eager_call():
+    """The registered triton backend function compiles with fullgraph=True (custom ops with fake
+    implementations and autograd) and gives what the dispatched eager call gives, gradients included.
+    It is compiled directly: dispatch's backend selection reads a ContextVar, which dynamo cannot trace."""
+    q, k, v = make_qkv(2, 21, 2, 32, torch.float32)
+    mask = right_padded_mask([21, 8], 21)
+    head_mask = torch.tensor([1.0, 0.5], device=DEVICE)
+
+    def fn(q, k, v):
+        return _attention_triton(q, k, v, key_padding_mask=mask, head_mask=head_mask, scale=0.2)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dout = torch.randn(q.shape, device=DEVICE)
+    with dispatch.backend("triton"):
+        expected = _run(attention, q, k, v, dout, key_padding_mask=mask, head_mask=head_mask, scale=0.2)
+    got = _run(lambda *a: compiled(*a), q, k, v, dout)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+def test_need_weights_runs_the_eager_path_and_logs(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_logged_once", set())
+    q, k, v = make_qkv(2, 9, 2, 16, torch.float32)
+    mask = right_padded_mask([9, 4], 9)
+    with dispatch.backend("triton"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
+        out, weights = attention(q, k, v, key_padding_mask=mask, need_weights=True)
+    ref_out, ref_weights = _attention_eager(q, k, v, key_padding_mask=mask, need_weights=True)
+    assert torch.equal(out, ref_out) and torch.equal(weights, ref_weights)
+    assert "need_weights=True run the eager path" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("left_padded", "must be right-padded"),
+        ("empty_row", "no valid frame"),
+        ("head_dim_129", "head_dim must be in 1..128"),
+        ("float64", "dtype must be float16, bfloat16 or float32"),
+        ("dropout_one", "dropout_p must be in [0, 1)"),
+        ("head_mask_grad", "gradient for head_mask"),
+    ],
+)
+def test_not_supported_reasons(case, reason):
+    q, k, v = make_qkv(2, 6, 2, 129 if case == "head_dim_129" else 8,
+                       torch.float64 if case == "float64" else torch.float32)
+    kw = {}
+    if case == "left_padded":
+        kw["key_padding_mask"] = right_padded_mask([6, 3], 6).flip(1)
+    if case == "empty_row":
+        kw["key_padding_mask"] = right_padded_mask([6, 0], 6)
+    if case == "dropout_one":
+        kw["dropout_p"] = 1.0
+    if case == "head_mask_grad":
+        kw["head_mask"] = torch.ones(2, device=DEVICE, requires_grad=True)
+    with dispatch.backend("triton"), pytest.raises(uf.BackendNotSupportedError) as info:
+        attention(q, k, v, **kw)
+    assert reason in str(info.value)
+
+
+def test_bf16_refused_under_the_interpreter_only():
+    q, k, v = make_qkv(1, 4, 1, 16, torch.bfloat16)
+    with dispatch.backend("triton"):
+        if DEVICE == "cpu":
+            with pytest.raises(uf.BackendNotSupportedError, match="interpreter"):
+                attention(q, k, v)
+        else:
+            torch.testing.assert_close(attention(q, k, v)[0], _attention_eager(q, k, v)[0], atol=2e-2, rtol=2e-2)
+
+
+def test_aot_variants_cover_the_launch_table():
+    from unispeech_fast.kernels import attention as kern
+
+    variants = kern.aot_variants()
+    assert variants
+    seen = {(v.fn.fn.__name__, v.constexprs.get("COMPUTE_DQ"), v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"],
+             v.constexprs["BLOCK_D"], v.constexprs["HAS_HEAD_MASK"], v.constexprs["HAS_DROPOUT"], v.num_warps,
+             v.num_stages, v.signature["Q"])
+            for v in variants}
+    kernels = {"fwd": ("_attn_fwd", None), "bwd_pre": ("_attn_bwd_rows", False), "bwd_kv": ("_attn_bwd_dkdv", None),
+               "bwd_q": ("_attn_bwd_rows", True)}
+    ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+    for dtype in kern.DTYPES:
+        for head_dim in (1, 16, 64, 65, 80, 128):
+            block_d = kern.block_d_for(head_dim)
+            for kernel, (name, compute_dq) in kernels.items():
+                bm, bn, warps, stages = kern.config_for(dtype, head_dim, kernel, interpret=False)
+                for hm in (False, True):
+                    for drop in (False, True):
+                        assert (name, compute_dq, bm, bn, block_d, hm, drop, warps, stages, ptr[dtype]) in seen
+    with pytest.raises(ValueError, match="head_dim must be in 1..128"):
+        kern.block_d_for(129)
+
+
+# --------------------------------------------------------------------------------------------- GPU, real sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("frames", [499, 1500])
+def test_real_sizes_gpu(dtype, frames):
+    q, k, v = make_qkv(2, frames, 12, 64, dtype)
+    mask = right_padded_mask([frames, frames // 3], frames)
+    head_mask = torch.linspace(0.0, 1.5, 12, device=DEVICE)
+    check_against_reference(q, k, v, key_padding_mask=mask, head_mask=head_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [80, 128])
+def test_head_dims_gpu(dtype, head_dim):
+    q, k, v = make_qkv(2, 257, 4, head_dim, dtype)
+    check_against_reference(q, k, v, key_padding_mask=right_padded_mask([257, 100], 257))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dropout_gpu(dtype):
+    q, k, v, kw = _dropout_case(dtype, device="cuda")
+    check_dropout_mask_and_gradients(q, k, v, kw)
