@@ -5,7 +5,10 @@ UniSpeechSat-base config (transformers' defaults), random weights shared by both
 load hits them alike; the table reports the median and the min over the reps, plus per-op timings at the
 model's real shapes (feature extractor, positional conv, Gumbel quantizer) for eager and the cpp backend.
 
-    python benchmarks/cpu_forward.py [--seconds 10] [--reps 7] [--threads N]
+    python benchmarks/cpu_forward.py [--seconds 10] [--reps 7] [--threads N] [--json PATH]
+
+``--json`` writes every row (section, provider, median/min/all times, speedup vs the section's baseline)
+with the machine, versions, git commit and date, for ``benchmarks/results/``.
 
 Run on an otherwise idle machine for numbers worth quoting.
 """
@@ -13,7 +16,12 @@ Run on an otherwise idle machine for numbers worth quoting.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -32,8 +40,14 @@ def _bench(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
     return times
 
 
+_ROWS: list[dict] = []
+
+
 def _report(title: str, times: dict[str, list[float]], baseline: str) -> None:
     base = statistics.median(times[baseline])
+    for name, ts in times.items():
+        _ROWS.append({"section": title, "provider": name, "median_s": statistics.median(ts), "min_s": min(ts),
+                      "times_s": ts, "baseline": baseline, "speedup_vs_baseline": base / statistics.median(ts)})
     print(f"\n{title}")
     print(f"  {'provider':<28} {'median ms':>10} {'min ms':>9} {'speedup vs ' + baseline:>24}")
     for name, ts in times.items():
@@ -46,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +152,51 @@ def main() -> None:
     _report(f"gumbel quantizer, logits {tuple(logits.shape)}", times, "eager gumbel (eval)")
     print("\nauto backend table (cpu):")
     print(dispatch.format_backend_table(("cpu",)))
+    if args.json:
+        _write_json(args, transformers.__version__)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_json(args, transformers_version: str) -> None:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    doc = {
+        "benchmark": "cpu_forward",
+        "device": f"cpu: {_cpu_name()}, {os.cpu_count()} logical cores",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers_version,
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": "UniSpeechSat-base (transformers defaults), random weights, fp32, batch 1",
+        "seconds_of_audio": args.seconds,
+        "reps": args.reps,
+        "rows": _ROWS,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

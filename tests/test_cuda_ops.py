@@ -122,7 +122,9 @@ def test_forced_cuda_backend_on_cpu_raises_with_reasons():
 def test_auto_never_picks_cuda_on_cpu():
     x = torch.randn(1, 50)
     ws, bs, gs, betas = [torch.randn(4, 1, 10)], [None], [None], [None]
-    assert dispatch.select("feature_extractor", {"x": x, "conv_weights": ws}).backend != "cuda"
+    inputs = dict(x=x, conv_weights=ws, conv_biases=bs, norm_weights=gs, norm_biases=betas, conv_strides=[5],
+                  norm_type="group", activation="gelu", eps=1e-5)
+    assert dispatch.select("feature_extractor", inputs).backend != "cuda"
     out = feature_extractor(x, ws, bs, gs, betas, [5], "group")
     torch.testing.assert_close(out, feature_extractor_ref(x, ws, bs, gs, betas, [5], "group"))
 

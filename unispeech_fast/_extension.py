@@ -51,16 +51,17 @@ def status() -> ExtensionStatus:
     return ExtensionStatus(True, "", has_cuda, cuda_reason, spec.origin)
 
 
-def _constant_under_compile(fn):
-    # torch.compile calls a function marked this way at trace time instead of tracing it (it imports
-    # and loads a library, which dynamo cannot trace); correct here because the status never changes
-    # within a process.
-    import torch
+def constant_under_compile(fn):
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does: torch.compile calls it at trace
+    time and bakes in the result instead of tracing it (it imports and loads a library, which dynamo
+    cannot trace); correct for values fixed for the life of the process. The attribute is set directly
+    because the public decorator imports torch._dynamo (and with it triton: seconds) at import time;
+    tests/test_backend_models.py compiles whole models through it."""
+    fn._dynamo_marked_constant = True
+    return fn
 
-    return torch.compiler.assume_constant_result(fn)
 
-
-@_constant_under_compile
+@constant_under_compile
 def summary() -> tuple[bool, str, bool, str]:
     """``(loaded, reason, has_cuda, cuda_reason)`` of :func:`status`, usable inside torch.compile."""
     st = status()

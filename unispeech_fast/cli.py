@@ -277,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from . import audio_cli  # embed, transcribe, diarize, verify-speakers (files in, results out)
+    from .bench import cli as bench_cli  # kernel and model benchmarks
 
     audio_cli.add_parsers(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 

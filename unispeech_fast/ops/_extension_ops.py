@@ -42,7 +42,7 @@ _NORM_KINDS = {"group": 1, "layer": 2}
 _registered = False
 
 
-@torch.compiler.assume_constant_result  # called, not traced, by torch.compile (it loads and registers)
+@_extension.constant_under_compile  # called, not traced, by torch.compile (it loads and registers)
 def ensure_registered() -> bool:
     """Load the extension and register the fakes and autograd formulas once; True when loaded."""
     global _registered
