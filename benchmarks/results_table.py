@@ -1,0 +1,63 @@
+"""Print the README's results tables (markdown) from the committed files in benchmarks/results/.
+
+    python benchmarks/results_table.py            # paste the output into README.md "Results"
+
+Every row names the device it was measured on; nothing here is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _load(pattern: str) -> list[tuple[str, dict]]:
+    return [(os.path.relpath(p, os.path.dirname(HERE)), json.load(open(p))) for p in sorted(glob.glob(os.path.join(HERE, pattern)))]
+
+
+def cpu_forward() -> list[str]:
+    lines = []
+    for path, doc in _load("cpu_forward_*.json"):
+        lines.append(f"CPU forward, {doc['config']}, {doc['seconds_of_audio']:g} s of audio, {doc['threads']} threads, "
+                     f"median of {doc['reps']} interleaved runs. Device: {doc['device']}; torch {doc['torch']}, "
+                     f"transformers {doc['transformers']}; {doc['date']} (`{path}`).")
+        lines.append("")
+        lines.append("| section | provider | median ms | speed-up vs baseline |")
+        lines.append("| --- | --- | ---: | ---: |")
+        for row in doc["rows"]:
+            lines.append(f"| {row['section']} | {row['provider']} | {row['median_s'] * 1e3:.1f} | "
+                         f"{row['speedup_vs_baseline']:.2f}x vs {row['baseline']} |")
+        lines.append("")
+    return lines
+
+
+def long_audio() -> list[str]:
+    lines = []
+    for path, doc in _load("long_audio_memory_*.json"):
+        lines.append(f"Extra peak memory of one forward pass (VmHWM - RSS before), {doc['config']}. "
+                     f"Device: {doc['device']}; torch {doc['torch']}, transformers {doc['transformers']}; "
+                     f"{doc['date']} (`{path}`).")
+        lines.append("")
+        lines.append("| audio | transformers (sdpa) | unispeech_fast (auto) | ratio | wall s (transformers / ours) | max abs diff |")
+        lines.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        by = {}
+        for row in doc["rows"]:
+            by.setdefault(row["audio_seconds"], {})[row.get("provider", "compare")] = row
+        for seconds, rows in sorted(by.items()):
+            hf, ours, cmp_ = rows.get("transformers", {}), rows.get("ours", {}), rows.get("compare", {})
+            if "extra_peak_bytes" not in hf or "extra_peak_bytes" not in ours:
+                lines.append(f"| {seconds:g} s | {hf.get('error', 'n/a')[:60]} | {ours.get('error', 'n/a')[:60]} | | | |")
+                continue
+            a, b = hf["extra_peak_bytes"] / 2**20, ours["extra_peak_bytes"] / 2**20
+            lines.append(f"| {seconds:g} s | {a:.0f} MiB | {b:.0f} MiB | {a / b:.1f}x | "
+                         f"{hf['seconds_wall']:.1f} / {ours['seconds_wall']:.1f} | "
+                         f"{cmp_.get('max_abs_diff_last_hidden_state', float('nan')):.1e} |")
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(cpu_forward() + long_audio()))
