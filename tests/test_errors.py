@@ -529,7 +529,10 @@ def test_forced_backend_on_cpu_raises_with_reasons(sat_model, monkeypatch, name,
     msg = str(excinfo.value)
     assert re.search(expected_reason, msg), msg
     assert "\n  - " in msg  # reasons are listed, one per line
-    assert "(1, 400)" in msg and "float32" in msg and "cpu" in msg  # the call is described
+    # The call is described: the failing op's tensors with shape, dtype and device. Which op fails first
+    # depends on what was built (with the C++ extension, cpp runs the feature extractor and then stops at
+    # attention), so the shape is matched as a pattern.
+    assert re.search(r"\((\d+, )*\d+\) float32 cpu", msg), msg
 
 
 def test_forced_backend_does_not_fall_back(sat_model, monkeypatch):
@@ -547,7 +550,7 @@ def test_forced_backend_does_not_fall_back(sat_model, monkeypatch):
 
     monkeypatch.setitem(dispatch._REGISTRY["feature_extractor"], "eager",
                         dispatch.OpImpl(eager.op, eager.backend, spy, eager.not_supported_reasons, eager.is_stochastic))
-    with torch.no_grad():
+    with uf.backend("eager"), torch.no_grad():
         sat_model(torch.randn(1, 400))
     assert calls == [1]  # the spy is live
     with uf.backend("cuda"):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension, dispatch
+from .attention import right_padded_lengths
 
 __all__ = ["attention_cuda", "feature_extractor_cuda", "seqlens_from_mask"]
 
@@ -41,14 +42,7 @@ def _ops():
     return torch.ops.unispeech_fast
 
 
-def seqlens_from_mask(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
-    """int32 ``[batch]`` lengths if ``key_padding_mask`` (bool ``[batch, frames]``, True = valid) is
-    right-padded (every row a run of True followed by False), else None. Synchronises with the device."""
-    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
-    positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
-    if not torch.equal(positions[None, :] < lengths[:, None], key_padding_mask):
-        return None
-    return lengths
+seqlens_from_mask = right_padded_lengths  # int32 [batch] lengths of a right-padded mask, else None
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -89,7 +83,7 @@ def _attention_reasons(
         if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
             reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
                            f"{tuple(key_padding_mask.shape)}")
-        elif not reasons and seqlens_from_mask(key_padding_mask) is None:
+        elif not reasons and not torch.compiler.is_compiling() and seqlens_from_mask(key_padding_mask) is None:
             reasons.append("the CUDA attention needs a right-padded key_padding_mask (valid keys first)")
     return reasons
 
@@ -111,9 +105,8 @@ def attention_cuda(
     mask must be right-padded). A row whose keys are all padded attends to every key uniformly, as the
     eager reference does. Returns ``(out, None)``.
     """
-    seqlens = None if key_padding_mask is None else seqlens_from_mask(key_padding_mask)
-    if key_padding_mask is not None and seqlens is None:
-        raise ValueError("key_padding_mask must be right-padded for the CUDA attention")
+    # Dispatch checked the mask is right-padded (_attention_reasons), so its row sums are the lengths.
+    seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out = _ops().attention_fwd(q, k, v, seqlens, head_mask, float(scale))

@@ -284,6 +284,12 @@ def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample) -
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
     if logits.device.type != "cuda":
         reasons.append(f"the CUDA gumbel_quantizer serves CUDA tensors, got {logits.device.type}")
+    # The kernel's limits (csrc/cuda/gumbel_quantizer.cu: kMaxGroups, and V in one block's shared memory).
+    if num_groups > 32:
+        reasons.append(f"the CUDA gumbel_quantizer supports at most 32 groups, got num_groups={num_groups}")
+    if not reasons and logits.shape[-1] // num_groups > 12288:
+        reasons.append(f"the CUDA gumbel_quantizer supports at most 12288 codes per group, "
+                       f"got {logits.shape[-1] // num_groups}")
     if not reasons and not _has_kernel("gumbel_quantizer_fwd", "CUDA"):
         reasons.append("the extension has no CUDA kernel for gumbel_quantizer_fwd")
     return reasons

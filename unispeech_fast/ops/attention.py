@@ -64,6 +64,16 @@ def attention_ref(
     return out.to(dtype), (probs.to(dtype) if need_weights else None)
 
 
+def right_padded_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
+    """int32 ``[batch]`` valid lengths when ``key_padding_mask`` (bool ``[batch, frames]``, True = valid)
+    is right-padded in every row (a run of True, then False), else None. One host sync."""
+    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
+    if not torch.equal(positions[None, :] < lengths[:, None], key_padding_mask):
+        return None
+    return lengths
+
+
 def _attention_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -312,9 +322,8 @@ def _triton_reasons(
         elif not torch.compiler.is_compiling():
             # Data-dependent checks (one host sync); skipped while torch.compile traces, where the
             # models' guarantee (right padding, at least one valid frame) is relied on.
-            lengths = key_padding_mask.sum(1)
-            prefix = torch.arange(q.shape[1], device=key_padding_mask.device)[None, :] < lengths[:, None]
-            if not bool(torch.equal(prefix, key_padding_mask)):
+            lengths = right_padded_lengths(key_padding_mask)
+            if lengths is None:
                 reasons.append("key_padding_mask must be right-padded (a valid prefix, then padding) in every row")
             elif bool((lengths == 0).any()):
                 reasons.append("key_padding_mask has a batch row with no valid frame")
