@@ -92,7 +92,10 @@ def test_ctc_loss_and_gradients(tmp_path, family, reduction):
         q = theirs_grads[name]
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+            # With reduction="sum" the gradients reach ~50, where fp32 rounding alone (transformers' own
+            # error against an fp64 run) is ~2e-4: the absolute tolerance scales with the tensor's size.
+            atol = 1e-5 * max(1.0, q.grad.abs().max().item())
+            torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
             checked += 1
     assert checked > 20
 
