@@ -56,7 +56,28 @@ def long_audio() -> list[str]:
                          f"{hf['seconds_wall']:.1f} / {ours['seconds_wall']:.1f} | "
                          f"{cmp_.get('max_abs_diff_last_hidden_state', float('nan')):.1e} |")
         lines.append("")
+        growth = _growth(by)
+        if growth:
+            lines.append(growth)
+            lines.append("")
     return lines
+
+
+def _growth(by: dict) -> str:
+    """Extra peak memory added per output frame between the 60 s row (or the shortest above it) and the
+    longest row, per provider: a constant per-frame cost is linear growth."""
+    long = sorted(s for s, rows in by.items() if s >= 60 and all("extra_peak_bytes" in rows.get(p, {})
+                                                                  for p in ("transformers", "ours")))
+    if len(long) < 2:
+        return ""
+    lo, hi = by[long[0]], by[long[-1]]
+    parts = []
+    for provider, label in (("transformers", "transformers"), ("ours", "unispeech_fast")):
+        frames = hi[provider]["frames"] - lo[provider]["frames"]
+        per_frame = (hi[provider]["extra_peak_bytes"] - lo[provider]["extra_peak_bytes"]) / frames
+        parts.append(f"{label} {per_frame / 1024:.1f} KiB per frame ({per_frame / 4 / 768:.1f} x hidden 768 fp32)")
+    return (f"Growth of the extra peak from {long[0]:g} s to {long[-1]:g} s of audio, per output frame "
+            f"(20 ms): " + "; ".join(parts) + ".")
 
 
 if __name__ == "__main__":
