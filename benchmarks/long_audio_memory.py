@@ -107,7 +107,7 @@ def main() -> None:
     if args.json:
         doc = {
             "benchmark": "long_audio_memory",
-            "device": "cpu: " + _cpu_name() + f", {os.cpu_count()} logical cores",
+            "device": "cpu: " + _cpu_name() + f", {os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}",
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

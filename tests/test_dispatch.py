@@ -118,3 +118,20 @@ def test_verify_passes_for_eager_model():
 def test_auto_prefers_a_usable_kernel_backend(wrong_cpp_attention):
     q, k, v = _qkv()
     assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "cpp"
+
+
+def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
+    """Where benchmarks ranked the backends, auto tries them fastest first; elsewhere the default order."""
+    q, k, v = _qkv()
+    inputs = {"q": q, "k": k, "v": v}
+    assert dispatch.select("attention", inputs).backend == "cpp"  # default order: cpp before eager
+    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cpu", "attention", "float32", "fwd"): ("eager", "cpp")})
+    assert dispatch.auto_order("attention", "cpu", torch.float32) == (("eager", "cpp", "cuda", "triton"), True)
+    assert dispatch.select("attention", inputs).backend == "eager"
+    # Another dtype, or a call that needs gradients (mode fwd_bwd), was not measured: default order.
+    assert dispatch.select("attention", {n: t.double() for n, t in inputs.items()}).backend == "cpp"
+    grad_inputs = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    assert dispatch.select("attention", grad_inputs).backend == "cpp"
+    with torch.no_grad():
+        assert dispatch.select("attention", grad_inputs).backend == "eager"
+    assert "eager (measured order)" in dispatch.format_backend_table(("cpu",))

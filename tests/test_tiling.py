@@ -98,3 +98,22 @@ def test_models_tile_long_inputs_by_themselves_and_match(norm, monkeypatch):
     calls.clear()
     model(x, attention_mask=mask)
     assert not calls
+
+
+def test_device_defaults_decide_when_inference_is_tiled():
+    from unispeech_fast.modules import TILING_DEFAULTS
+
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat"))
+    encoder = uf.UniSpeechSatModel(config).eval().feature_extractor
+    threshold, frames = TILING_DEFAULTS["cpu"]
+    conv0 = encoder.conv_layers[0].conv
+    frames0 = threshold // (conv0.out_channels * 4)  # layer-0 frames at exactly the threshold (fp32)
+    samples = (frames0 - 1) * conv0.stride[0] + conv0.kernel_size[0]
+    at = torch.empty(1, samples)
+    over = torch.empty(1, samples + conv0.stride[0] * 2)
+    with torch.no_grad():
+        assert encoder._tile_frames_for(at) is None
+        assert encoder._tile_frames_for(over) == frames
+        encoder.tile_threshold_bytes, encoder.tile_frames = 0, 7  # explicit settings win over the defaults
+        assert encoder._tile_frames_for(at) == 7
+    assert encoder._tile_frames_for(at) is None  # autograd (parameters require grad): never tiled

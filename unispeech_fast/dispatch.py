@@ -3,7 +3,9 @@
 Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``) has one eager
 PyTorch reference and may have implementations on the ``triton``, ``cuda`` and ``cpp`` backends.
 Each implementation answers ``not_supported_reasons(**inputs)`` with plain-English reasons; in
-``"auto"`` mode the first backend of the priority list with no reasons runs the call, and a forced
+``"auto"`` mode the first backend with no reasons runs the call, trying the backends fastest first
+where benchmarks measured them for the call's device type, op, dtype and mode (the generated table
+``unispeech_fast/_auto_order.py``) and in the default order :data:`BACKENDS` elsewhere; a forced
 backend that cannot run raises :class:`BackendNotSupportedError` listing every reason. Nothing falls
 back silently: a forced backend never degrades to another one.
 
@@ -24,7 +26,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ._auto_order import ORDERS as _MEASURED_ORDERS
+
 __all__ = [
+    "auto_order",
     "BACKENDS",
     "OPS",
     "BackendNotSupportedError",
@@ -42,7 +47,7 @@ __all__ = [
 
 logger = logging.getLogger("unispeech_fast")
 
-#: All backend names, in the order ``"auto"`` tries them.
+#: All backend names, in the order ``"auto"`` tries them where no measured order exists (:func:`auto_order`).
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "eager")
 #: The ops that go through dispatch.
 OPS: tuple[str, ...] = ("feature_extractor", "pos_conv", "attention", "gumbel_quantizer")
@@ -220,6 +225,40 @@ def _device_of(inputs: dict[str, Any]) -> torch.device | None:
     return None
 
 
+def _dtype_of(inputs: dict[str, Any]) -> torch.dtype | None:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+    return None
+
+
+def _needs_grad(inputs: dict[str, Any]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for value in inputs.values():
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in items):
+            return True
+    return False
+
+
+def auto_order(
+    op: str, device: torch.device | str | None, dtype: torch.dtype | None, needs_grad: bool = False
+) -> tuple[tuple[str, ...], bool]:
+    """The order in which ``"auto"`` tries the backends for such a call, and whether it was measured.
+
+    Measured orders (fastest first; mode ``fwd_bwd`` when ``needs_grad``, else ``fwd``) come from
+    ``unispeech_fast/_auto_order.py``, which ``python -m unispeech_fast.bench.auto_order`` generates
+    from benchmark results; backends they do not rank follow in the default order :data:`BACKENDS`.
+    """
+    if device is not None and dtype is not None:
+        key = (torch.device(device).type, op, str(dtype).replace("torch.", ""), "fwd_bwd" if needs_grad else "fwd")
+        measured = _MEASURED_ORDERS.get(key)
+        if measured:
+            return tuple(measured) + tuple(b for b in BACKENDS if b not in measured), True
+    return BACKENDS, False
+
+
 def select(op: str, inputs: dict[str, Any]) -> OpImpl:
     """The implementation that will run ``op`` on ``inputs`` under the current backend setting."""
     name = current_backend()
@@ -232,7 +271,7 @@ def select(op: str, inputs: dict[str, Any]) -> OpImpl:
             )
         return _REGISTRY[op][name]
     collected: list[str] = []
-    for candidate in BACKENDS:
+    for candidate in auto_order(op, device, _dtype_of(inputs), _needs_grad(inputs))[0]:
         reasons = _reasons_for(op, candidate, inputs, device, auto=True)
         if not reasons:
             return _REGISTRY[op][candidate]
@@ -372,13 +411,18 @@ def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
         lines.append(f"  {'op'.ljust(width)}  " + "  ".join(b.ljust(6) for b in BACKENDS) + "  auto picks")
         notes: dict[str, dict[str, None]] = {name: {} for name in BACKENDS}
         missing: dict[str, list[str]] = {name: [] for name in BACKENDS}
+        measured_any = False
         for op in OPS:
             cells, pick = [], "-"
+            order, measured = auto_order(op, dev, torch.float32)
+            measured_any |= measured
+            for name in order:
+                if not table[op][name] and not (name == "triton" and torch.device(dev).type == "cpu"):
+                    pick = name + (" (measured order)" if measured else "")  # auto never picks the interpreter
+                    break
             for name in BACKENDS:
                 reasons = table[op][name]
                 cells.append(("yes" if not reasons else "no").ljust(6))
-                if not reasons and pick == "-" and not (name == "triton" and torch.device(dev).type == "cpu"):
-                    pick = name  # auto never picks the interpreter
                 for reason in reasons:
                     if reason.startswith(f"no {name} implementation"):
                         missing[name].append(op)
@@ -391,6 +435,9 @@ def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
                 why.insert(0, "no kernel implemented yet for " + ", ".join(missing[name]))
             if why:
                 lines.append(f"  {name}: " + "; ".join(why))
+        lines.append("  auto picks for float32 inference: " + (
+            "fastest first where benchmarks measured the op here (unispeech_fast/_auto_order.py), else "
+            if measured_any else "no measured order for this device; ") + "the default order " + ", ".join(BACKENDS))
     return "\n".join(lines)
 
 

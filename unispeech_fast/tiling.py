@@ -6,9 +6,11 @@ each tile is computed from its slice of the waveform plus that halo, and no full
 activation exists. Layer-norm stacks have no other cross-time dependency, so each tile goes through
 :func:`unispeech_fast.ops.feature_extractor` on the current backend. The group-norm stack (base
 checkpoints) normalises layer 0 per channel over the whole time axis: a first pass gathers those
-statistics tile by tile (per-tile mean and M2 in fp32, or fp64 for fp64 input, from ``torch.var_mean``, merged across tiles in
-fp64 with Chan's formula), and the second pass applies them, then runs the remaining layers on the tile
-(with torch's conv and activation: the fused ops take a waveform, not precomputed statistics).
+statistics tile by tile (per-tile mean and M2 in fp32, or fp64 for fp64 input, from ``torch.var_mean``,
+merged across tiles in fp64 with Chan's formula). With the statistics known, layer 0's group norm is a
+per-channel affine map, which folds into layer 0's conv (weight times ``gamma / std``, bias shifted);
+the second pass then runs every tile through :func:`unispeech_fast.ops.feature_extractor` as a stack
+with no norm, on the current backend, one batch row at a time since each row has its own statistics.
 
 Peak memory is the output plus one tile's activations, instead of every layer's full-length output.
 The result equals the untiled extractor to float tolerance (the group-norm statistics are summed in a
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .activations import get_activation
 
 __all__ = ["output_frames", "input_span", "tiled_feature_extractor"]
 
@@ -107,9 +108,15 @@ def tiled_feature_extractor(
             per_frame *= s  # layer-0 frames per output frame
         mean, rstd = _layer0_stats(x, conv_weights[0], conv_biases[0], strides[0], tile_frames * per_frame, eps)
         gamma, beta = norm_weights[0].to(rstd.dtype), norm_biases[0].to(rstd.dtype)
-        scale = (rstd * gamma).to(x.dtype)[..., None]
-        shift = (beta - mean * rstd * gamma).to(x.dtype)[..., None]
-        act = get_activation(activation)
+        # GN(conv(x, w) + b) = conv(x, w * s) + (b * s + shift), s = gamma / std, shift = beta - mean * s:
+        # per (batch row, channel), computed in the statistics' precision and rounded once to x's dtype.
+        scale = rstd * gamma
+        shift = beta - mean * scale
+        if conv_biases[0] is not None:
+            shift = shift + conv_biases[0].to(scale.dtype) * scale
+        w0 = conv_weights[0].to(scale.dtype)
+        layer0 = [((w0 * scale[row, :, None, None]).to(x.dtype), shift[row].to(x.dtype)) for row in range(x.shape[0])]
+        no_norm = [None] * len(conv_weights)
     for first in range(0, frames, tile_frames):
         last = min(first + tile_frames, frames)
         start, stop = input_span(first, last, kernels, strides)
@@ -119,9 +126,9 @@ def tiled_feature_extractor(
                 piece, conv_weights, conv_biases, norm_weights, norm_biases, strides, norm_type, activation, eps
             )
             continue
-        h = F.conv1d(piece[:, None], conv_weights[0], conv_biases[0], stride=strides[0])
-        h = act(h * scale + shift)
-        for weight, bias, stride in zip(conv_weights[1:], conv_biases[1:], strides[1:]):
-            h = act(F.conv1d(h, weight, bias, stride=stride))
-        out[:, :, first:last] = h
+        for row, (weight0, bias0) in enumerate(layer0):
+            out[row:row + 1, :, first:last] = ops.feature_extractor(
+                piece[row:row + 1], [weight0, *conv_weights[1:]], [bias0, *conv_biases[1:]], no_norm, no_norm,
+                strides, norm_type, activation, eps,
+            )
     return out

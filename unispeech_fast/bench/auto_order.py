@@ -1,0 +1,105 @@
+"""Derive ``backend("auto")``'s per-op order from measured benchmark rows.
+
+``unispeech-fast bench --out DIR`` writes ``DIR/results.json``; this module reads such files and, per
+(device type, op, dtype, mode), orders our backends by measured time, fastest first, and writes the
+table that :mod:`unispeech_fast.dispatch` consults (``unispeech_fast/_auto_order.py``)::
+
+    python -m unispeech_fast.bench.auto_order benchmarks/results/cpu_ops_2026-11-29/results.json \\
+        > unispeech_fast/_auto_order.py
+
+Only rows of our own backends (``kind == "ours"``) with ``status == "ok"`` count. Modes are ``fwd``
+(used for calls without autograd) and ``fwd_bwd`` (used when an input requires grad). Within a group
+the backends are compared on the shapes that every one of them ran, by the geometric mean of their
+median times; a group where fewer than two backends ran gives no order, and dispatch keeps its default
+order there (:data:`unispeech_fast.dispatch.BACKENDS`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Iterable, Sequence
+
+from .. import dispatch
+
+__all__ = ["derive", "render", "main"]
+
+MODES = ("fwd", "fwd_bwd")
+Key = tuple[str, str, str, str]  # (device type, op, dtype, mode)
+
+
+def derive(rows: Iterable[dict]) -> dict[Key, tuple[str, ...]]:
+    """``{(device type, op, dtype, mode): backends fastest first}`` from benchmark result rows."""
+    times: dict[Key, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row.get("kind") != "ours" or row.get("status") != "ok" or row.get("mode") not in MODES:
+            continue
+        if row.get("provider") not in dispatch.BACKENDS or row.get("op") not in dispatch.OPS:
+            continue
+        median = row.get("median_ms")
+        if not isinstance(median, (int, float)) or not median > 0:
+            continue
+        key = (str(row["device"]).split(":")[0], row["op"], row["dtype"], row["mode"])
+        times.setdefault(key, {}).setdefault(row["provider"], {})[row["shape"]] = float(median)
+    orders: dict[Key, tuple[str, ...]] = {}
+    for key, per_backend in sorted(times.items()):
+        if len(per_backend) < 2:
+            continue
+        shared = set.intersection(*(set(shapes) for shapes in per_backend.values()))
+        if not shared:
+            continue
+        score = {b: sum(math.log(per_backend[b][s]) for s in shared) / len(shared) for b in per_backend}
+        # Ties (to the microsecond in the geometric mean) keep the default order.
+        orders[key] = tuple(sorted(per_backend, key=lambda b: (round(score[b], 6), dispatch.BACKENDS.index(b))))
+    return orders
+
+
+def render(orders: dict[Key, tuple[str, ...]], sources: Sequence[str]) -> str:
+    """The source text of ``unispeech_fast/_auto_order.py`` for ``orders`` measured in ``sources``."""
+    lines = [
+        '"""The measured order of ``backend("auto")``: generated, do not edit.',
+        "",
+        "Made by ``python -m unispeech_fast.bench.auto_order`` (see :mod:`unispeech_fast.bench.auto_order`)",
+        "from the benchmark results in ``SOURCES``. Keys are (device type, op, dtype, mode); values are our",
+        "backends, fastest first. Where a key is absent, dispatch uses its default order.",
+        '"""',
+        "",
+        "SOURCES: tuple[str, ...] = (",
+        *(f"    {s!r}," for s in sources),
+        ")",
+        "",
+        "ORDERS: dict[tuple[str, str, str, str], tuple[str, ...]] = {",
+        *(f"    {key!r}: {value!r}," for key, value in sorted(orders.items())),
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths or any(p.startswith("-") for p in paths):
+        print("usage: python -m unispeech_fast.bench.auto_order RESULTS.json [...] > unispeech_fast/_auto_order.py",
+              file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: cannot read benchmark results {path}: {exc}", file=sys.stderr)
+            return 1
+        file_rows = doc.get("rows", []) if isinstance(doc, dict) else doc
+        if not isinstance(file_rows, list):
+            print(f"error: {path}: expected a list of rows", file=sys.stderr)
+            return 1
+        rows.extend(file_rows)
+    sys.stdout.write(render(derive(rows), [os.path.normpath(p) for p in paths]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
