@@ -80,5 +80,35 @@ def _growth(by: dict) -> str:
             f"(20 ms): " + "; ".join(parts) + ".")
 
 
+def op_benchmarks() -> list[str]:
+    """``unispeech-fast bench`` result folders: per op, its largest shape, every provider that ran, in
+    inference (fwd) and training (fwd_bwd) mode, with the speed-up over our eager backend."""
+    lines = []
+    for path, rows in _load("*/results.json"):
+        ok = [r for r in rows if r.get("status") == "ok" and r.get("mode") in ("fwd", "fwd_bwd")]
+        if not ok:
+            continue
+        first = ok[0]
+        lines.append(f"Op benchmarks (`unispeech-fast bench`), largest shape of each op's grid. Device: "
+                     f"{first['device_name']}; torch {first['torch']}, triton {first['triton']}, transformers "
+                     f"{first['transformers']}; {first['date']}, commit {str(first['git_commit'])[:7]} (`{path}`).")
+        lines.append("")
+        lines.append("| op | shape | dtype | mode | provider | median ms | vs eager |")
+        lines.append("| --- | --- | --- | --- | --- | ---: | ---: |")
+        for op in dict.fromkeys(r["op"] for r in ok):
+            op_rows = [r for r in ok if r["op"] == op]
+            largest = max(op_rows, key=lambda r: (r["params"].get(r["x_key"], 0), r["shape"]))["shape"]
+            for mode in ("fwd", "fwd_bwd"):
+                sel = [r for r in op_rows if r["shape"] == largest and r["mode"] == mode]
+                eager = {r["dtype"]: r["median_ms"] for r in sel if r["provider"] == "eager"}
+                for r in sel:
+                    base = eager.get(r["dtype"])
+                    ratio = f"{base / r['median_ms']:.2f}x" if base else "n/a"
+                    lines.append(f"| {op} | {largest} | {r['dtype']} | {mode} | {r['provider']} | "
+                                 f"{r['median_ms']:.2f} | {ratio} |")
+        lines.append("")
+    return lines
+
+
 if __name__ == "__main__":
-    print("\n".join(cpu_forward() + long_audio()))
+    print("\n".join(cpu_forward() + long_audio() + op_benchmarks()))
