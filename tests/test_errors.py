@@ -516,7 +516,7 @@ def test_backend_context_overrides_bad_env_var(sat_model, monkeypatch):
     [
         ("triton", r"triton is not installed|TRITON_INTERPRET=1|no triton implementation"),
         ("cuda", r"cuda serves CUDA tensors, got cpu"),
-        ("cpp", r"C\+\+ extension not available|no cpp implementation"),
+        ("cpp", r"C\+\+ extension not available|no cpp implementation|no backward"),
     ],
 )
 def test_forced_backend_on_cpu_raises_with_reasons(sat_model, monkeypatch, name, expected_reason):

@@ -1,6 +1,6 @@
 """Backend dispatch for the fused ops.
 
-Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``) has one eager
+Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``, ``linear``) has one eager
 PyTorch reference and may have implementations on the ``triton``, ``cuda`` and ``cpp`` backends.
 Each implementation answers ``not_supported_reasons(**inputs)`` with plain-English reasons; in
 ``"auto"`` mode the first backend with no reasons runs the call, trying the backends fastest first
@@ -50,7 +50,7 @@ logger = logging.getLogger("unispeech_fast")
 #: All backend names, in the order ``"auto"`` tries them where no measured order exists (:func:`auto_order`).
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "eager")
 #: The ops that go through dispatch.
-OPS: tuple[str, ...] = ("feature_extractor", "pos_conv", "attention", "gumbel_quantizer")
+OPS: tuple[str, ...] = ("feature_extractor", "pos_conv", "attention", "gumbel_quantizer", "linear")
 
 _ENV_BACKEND = "UNISPEECH_FAST_BACKEND"
 _ENV_VERIFY = "UNISPEECH_FAST_VERIFY"

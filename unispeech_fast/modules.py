@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, tiling
+from . import dispatch, ops, tiling
 from .activations import get_activation
 from .configuration import _BaseConfig
 
@@ -34,6 +34,27 @@ __all__ = [
 
 # The conv-stack norms use torch's default eps whatever config.layer_norm_eps says (as in transformers).
 CONV_NORM_EPS = 1e-5
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` that nothing wraps or hooks (PEFT/LoRA replace or hook such layers:
+    those are called as modules, never bypassed through their weights)."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
+def _dispatch_dense() -> bool:
+    # The dense layers go through dispatch under auto and cpp only: the eager, triton and cuda backends
+    # are about the fused ops, and F.linear (cuBLAS on a GPU) is what their dense layers run.
+    return dispatch.current_backend() in ("auto", "cpp")
+
+
+def dense(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` under ``backend("auto"|"cpp")`` goes through the dispatched
+    :func:`unispeech_fast.ops.linear` (oneDNN on CPU for inference, else ``F.linear``)."""
+    if _plain_linear(module) and _dispatch_dense():
+        return ops.linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class ConvLayer(nn.Module):
@@ -146,7 +167,7 @@ class FeatureProjection(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(features)
-        return self.dropout(self.projection(normed)), normed
+        return self.dropout(dense(self.projection, normed)), normed
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -230,10 +251,15 @@ class Attention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, frames, _ = hidden_states.shape
-        # One GEMM for q, k and v; the kernels take the strided [B, T, heads, head_dim] views directly.
-        weight, bias = self._qkv_params()
-        qkv = F.linear(hidden_states, weight, bias).view(batch, frames, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(_plain_linear(m) for m in projections):
+            # One GEMM for q, k and v; the kernels take the strided [B, T, heads, head_dim] views directly.
+            weight, bias = self._qkv_params()
+            qkv = (ops.linear if _dispatch_dense() else F.linear)(hidden_states, weight, bias)
+            qkv = qkv.view(batch, frames, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.unbind(2)
+        else:  # wrapped or hooked projections (e.g. LoRA) run as the modules they are
+            q, k, v = (m(hidden_states).view(batch, frames, self.num_heads, self.head_dim) for m in projections)
         out, weights = ops.attention(
             q,
             k,
@@ -244,7 +270,7 @@ class Attention(nn.Module):
             scale=self.scaling,
             need_weights=output_attentions,
         )
-        return self.out_proj(out.reshape(batch, frames, self.embed_dim)), weights
+        return dense(self.out_proj, out.reshape(batch, frames, self.embed_dim)), weights
 
 
 class FeedForward(nn.Module):
@@ -257,8 +283,8 @@ class FeedForward(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.intermediate_dropout(self.intermediate_act_fn(self.intermediate_dense(hidden_states)))
-        return self.output_dropout(self.output_dense(hidden_states))
+        hidden_states = self.intermediate_dropout(self.intermediate_act_fn(dense(self.intermediate_dense, hidden_states)))
+        return self.output_dropout(dense(self.output_dense, hidden_states))
 
 
 class AttnAdapterLayer(nn.Module):

@@ -92,6 +92,19 @@ def attention_bytes(batch: int, heads: int, frames: int, head_dim: int, elt: int
     return _scale(4 * one, 8 * one, mode)
 
 
+def linear_flops(tokens: int, k: int, n: int, mode: str = "fwd") -> float:
+    """``2 * tokens * K * N`` forward; backward computes the input and weight gradients (``2x``)."""
+    fwd = 2 * tokens * k * n
+    return _scale(fwd, 2 * fwd, mode)
+
+
+def linear_bytes(tokens: int, k: int, n: int, elt: int, mode: str = "fwd") -> float:
+    """Forward reads x ``[tokens, K]`` and W ``[N, K]`` and writes y ``[tokens, N]``; backward reads
+    d_y, x and W and writes d_x and d_W."""
+    x, w, y = tokens * k * elt, n * k * elt, tokens * n * elt
+    return _scale(x + w + y, y + x + w + x + w, mode)
+
+
 def pos_conv_flops(batch: int, frames: int, hidden: int, groups: int, kernel: int, mode: str = "fwd") -> float:
     """The grouped positional conv (same-length output): forward one conv, backward input + weight grads."""
     fwd = conv1d_flops(batch, hidden, hidden, kernel, frames, groups)

@@ -7,6 +7,7 @@ exposes the public function that modules call.
 from .attention import attention, attention_ref
 from .feature_extractor import feature_extractor, feature_extractor_ref
 from .gumbel_quantizer import gumbel_quantizer, gumbel_quantizer_ref
+from .linear import linear, linear_ref
 from .pos_conv import pos_conv, pos_conv_ref
 
 # Register the compiled extension's backends (cpp for CPU tensors, cuda for CUDA tensors). Neither
@@ -20,6 +21,8 @@ __all__ = [
     "feature_extractor_ref",
     "gumbel_quantizer",
     "gumbel_quantizer_ref",
+    "linear",
+    "linear_ref",
     "pos_conv",
     "pos_conv_ref",
 ]
