@@ -14,6 +14,7 @@ ORDERS: dict[tuple[str, str, str, str], tuple[str, ...]] = {
     ('cpu', 'feature_extractor', 'float32', 'fwd_bwd'): ('eager', 'cpp'),
     ('cpu', 'gumbel_quantizer', 'float32', 'fwd'): ('cpp', 'eager'),
     ('cpu', 'gumbel_quantizer', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
+    ('cpu', 'linear', 'float32', 'fwd'): ('cpp', 'eager'),
     ('cpu', 'pos_conv', 'float32', 'fwd'): ('eager', 'cpp'),
     ('cpu', 'pos_conv', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
 }
