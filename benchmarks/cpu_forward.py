@@ -105,6 +105,7 @@ def main() -> None:
         for name in ("eager", "auto"):
             err = (run_ours(name)() - ref).abs().max().item()
             print(f"max |ours({name}) - transformers| = {err:.2e}")
+            _ROWS.append({"section": "accuracy", "provider": f"ours {name}", "max_abs_diff_vs_transformers": err})
     times = _bench({"transformers sdpa": run_hf, "ours eager": run_ours("eager"), "ours auto": run_ours("auto")}, args.reps)
     _report(f"whole model, {args.seconds:g} s audio, batch 1, fp32", times, "transformers sdpa")
 

@@ -28,9 +28,16 @@ def cpu_forward() -> list[str]:
         lines.append("| section | provider | median ms | speed-up vs baseline |")
         lines.append("| --- | --- | ---: | ---: |")
         for row in doc["rows"]:
+            if "median_s" not in row:
+                continue
             lines.append(f"| {row['section']} | {row['provider']} | {row['median_s'] * 1e3:.1f} | "
                          f"{row['speedup_vs_baseline']:.2f}x vs {row['baseline']} |")
         lines.append("")
+        accuracy = [r for r in doc["rows"] if "max_abs_diff_vs_transformers" in r]
+        if accuracy:
+            lines.append("Max abs difference of `last_hidden_state` from transformers: " + ", ".join(
+                f"{r['provider']} {r['max_abs_diff_vs_transformers']:.1e}" for r in accuracy) + ".")
+            lines.append("")
     return lines
 
 
