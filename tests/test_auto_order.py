@@ -10,9 +10,10 @@ from unispeech_fast.bench import auto_order
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _row(provider, shape, median, op="pos_conv", mode="fwd", kind="ours", status="ok", dtype="float32"):
+def _row(provider, shape, median, op="pos_conv", mode="fwd", kind="ours", status="ok", dtype="float32",
+         device_name="cpu (x86_64, AVX512, 2 threads)"):
     return dict(op=op, provider=provider, kind=kind, shape=shape, dtype=dtype, mode=mode, device="cpu",
-                status=status, median_ms=median)
+                device_name=device_name, status=status, median_ms=median)
 
 
 def test_derive_orders_backends_by_measured_time():
@@ -25,11 +26,16 @@ def test_derive_orders_backends_by_measured_time():
         _row("triton", "T=1", 0.1, status="skipped"),            # nor rows that did not run
         _row("eager", "T=1", 1.0, op="attention"),               # a single backend gives no order
         _row("eager", "T=1", 1.0, mode="bwd"), _row("cpp", "T=1", 9.0, mode="bwd"),  # bwd alone is no call mode
+        _row("eager", "T=1", 1.0, op="gumbel_quantizer", device_name="cpu (x86_64, 2 threads)"),  # no ISA: unused
+        _row("cpp", "T=1", 2.0, op="gumbel_quantizer", device_name="cpu (x86_64, 2 threads)"),
+        _row("eager", "T=1", 3.0, device_name="cpu (x86_64, AVX2, 2 threads)"),  # another CPU kind, its own key
+        _row("cpp", "T=1", 2.0, device_name="cpu (x86_64, AVX2, 2 threads)"),
     ]
     orders = auto_order.derive(rows)
     assert orders == {
-        ("cpu", "pos_conv", "float32", "fwd"): ("cpp", "eager"),
-        ("cpu", "pos_conv", "float32", "fwd_bwd"): ("eager", "cpp"),
+        ("cpu:AVX512", "pos_conv", "float32", "fwd"): ("cpp", "eager"),
+        ("cpu:AVX512", "pos_conv", "float32", "fwd_bwd"): ("eager", "cpp"),
+        ("cpu:AVX2", "pos_conv", "float32", "fwd"): ("cpp", "eager"),
     }
 
 

@@ -125,7 +125,7 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
     q, k, v = _qkv()
     inputs = {"q": q, "k": k, "v": v}
     assert dispatch.select("attention", inputs).backend == "cpp"  # default order: cpp before eager
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cpu", "attention", "float32", "fwd"): ("eager", "cpp")})
+    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {(dispatch.CPU_KEY, "attention", "float32", "fwd"): ("eager", "cpp")})
     assert dispatch.auto_order("attention", "cpu", torch.float32) == (("eager", "cpp", "cuda", "triton"), True)
     assert dispatch.select("attention", inputs).backend == "eager"
     # Another dtype, or a call that needs gradients (mode fwd_bwd), was not measured: default order.
@@ -135,3 +135,6 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
     with torch.no_grad():
         assert dispatch.select("attention", grad_inputs).backend == "eager"
     assert "eager (measured order)" in dispatch.format_backend_table(("cpu",))
+    # An order measured on another CPU kind does not apply here.
+    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cpu:OTHER_ISA", "attention", "float32", "fwd"): ("eager", "cpp")})
+    assert dispatch.select("attention", inputs).backend == "cpp"

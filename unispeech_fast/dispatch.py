@@ -4,7 +4,7 @@ Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer
 PyTorch reference and may have implementations on the ``triton``, ``cuda`` and ``cpp`` backends.
 Each implementation answers ``not_supported_reasons(**inputs)`` with plain-English reasons; in
 ``"auto"`` mode the first backend with no reasons runs the call, trying the backends fastest first
-where benchmarks measured them for the call's device type, op, dtype and mode (the generated table
+where benchmarks measured them for the call's device (CPU: its vector ISA), op, dtype and mode (the generated table
 ``unispeech_fast/_auto_order.py``) and in the default order :data:`BACKENDS` elsewhere; a forced
 backend that cannot run raises :class:`BackendNotSupportedError` listing every reason. Nothing falls
 back silently: a forced backend never degrades to another one.
@@ -242,6 +242,17 @@ def _needs_grad(inputs: dict[str, Any]) -> bool:
     return False
 
 
+#: How measured orders name this process's CPU: its vector ISA as torch reports it, since which backend
+#: is fastest differs between, e.g., AVX2 and AVX-512 machines. Read once (not traceable).
+CPU_KEY = f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+
+
+def device_key(device: torch.device | str) -> str:
+    """The device part of a measured-order key: ``"cpu:<ISA>"`` for CPU, else the device type."""
+    kind = torch.device(device).type
+    return CPU_KEY if kind == "cpu" else kind
+
+
 def auto_order(
     op: str, device: torch.device | str | None, dtype: torch.dtype | None, needs_grad: bool = False
 ) -> tuple[tuple[str, ...], bool]:
@@ -252,7 +263,7 @@ def auto_order(
     from benchmark results; backends they do not rank follow in the default order :data:`BACKENDS`.
     """
     if device is not None and dtype is not None:
-        key = (torch.device(device).type, op, str(dtype).replace("torch.", ""), "fwd_bwd" if needs_grad else "fwd")
+        key = (device_key(device), op, str(dtype).replace("torch.", ""), "fwd_bwd" if needs_grad else "fwd")
         measured = _MEASURED_ORDERS.get(key)
         if measured:
             return tuple(measured) + tuple(b for b in BACKENDS if b not in measured), True

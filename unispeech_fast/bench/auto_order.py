@@ -1,14 +1,16 @@
 """Derive ``backend("auto")``'s per-op order from measured benchmark rows.
 
 ``unispeech-fast bench --out DIR`` writes ``DIR/results.json``; this module reads such files and, per
-(device type, op, dtype, mode), orders our backends by measured time, fastest first, and writes the
+(device key, op, dtype, mode), orders our backends by measured time, fastest first, and writes the
 table that :mod:`unispeech_fast.dispatch` consults (``unispeech_fast/_auto_order.py``)::
 
     python -m unispeech_fast.bench.auto_order benchmarks/results/cpu_ops_2026-11-29/results.json \\
         > unispeech_fast/_auto_order.py
 
 Only rows of our own backends (``kind == "ours"``) with ``status == "ok"`` count. Modes are ``fwd``
-(used for calls without autograd) and ``fwd_bwd`` (used when an input requires grad). Within a group
+(used for calls without autograd) and ``fwd_bwd`` (used when an input requires grad). CPU rows are
+keyed by the vector ISA in their device name (``cpu:AVX512``, ``cpu:AVX2``, ...; see
+:func:`unispeech_fast.dispatch.device_key`). Within a group
 the backends are compared on the shapes that every one of them ran, by the geometric mean of their
 median times; a group where fewer than two backends ran gives no order, and dispatch keeps its default
 order there (:data:`unispeech_fast.dispatch.BACKENDS`).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from typing import Iterable, Sequence
 
@@ -27,11 +30,24 @@ from .. import dispatch
 __all__ = ["derive", "render", "main"]
 
 MODES = ("fwd", "fwd_bwd")
-Key = tuple[str, str, str, str]  # (device type, op, dtype, mode)
+Key = tuple[str, str, str, str]  # (device key, op, dtype, mode)
+
+
+_ISA = re.compile(r"\b(AVX512|AVX2|DEFAULT|VSX|ZVECTOR|SVE\d*|NEON)\b")
+
+
+def _device_key(row: dict) -> str | None:
+    """``"cpu:<ISA>"`` for CPU rows (the ISA read off ``device_name``; rows without one are not used,
+    since an order measured on one CPU kind must not steer another), else the device type."""
+    kind = str(row.get("device", "")).split(":")[0]
+    if kind != "cpu":
+        return kind or None
+    match = _ISA.search(str(row.get("device_name", "")))
+    return f"cpu:{match.group(1)}" if match else None
 
 
 def derive(rows: Iterable[dict]) -> dict[Key, tuple[str, ...]]:
-    """``{(device type, op, dtype, mode): backends fastest first}`` from benchmark result rows."""
+    """``{(device key, op, dtype, mode): backends fastest first}`` from benchmark result rows."""
     times: dict[Key, dict[str, dict[str, float]]] = {}
     for row in rows:
         if row.get("kind") != "ours" or row.get("status") != "ok" or row.get("mode") not in MODES:
@@ -41,7 +57,10 @@ def derive(rows: Iterable[dict]) -> dict[Key, tuple[str, ...]]:
         median = row.get("median_ms")
         if not isinstance(median, (int, float)) or not median > 0:
             continue
-        key = (str(row["device"]).split(":")[0], row["op"], row["dtype"], row["mode"])
+        device = _device_key(row)
+        if device is None:
+            continue
+        key = (device, row["op"], row["dtype"], row["mode"])
         times.setdefault(key, {}).setdefault(row["provider"], {})[row["shape"]] = float(median)
     orders: dict[Key, tuple[str, ...]] = {}
     for key, per_backend in sorted(times.items()):
@@ -62,8 +81,9 @@ def render(orders: dict[Key, tuple[str, ...]], sources: Sequence[str]) -> str:
         '"""The measured order of ``backend("auto")``: generated, do not edit.',
         "",
         "Made by ``python -m unispeech_fast.bench.auto_order`` (see :mod:`unispeech_fast.bench.auto_order`)",
-        "from the benchmark results in ``SOURCES``. Keys are (device type, op, dtype, mode); values are our",
-        "backends, fastest first. Where a key is absent, dispatch uses its default order.",
+        "from the benchmark results in ``SOURCES``. Keys are (device key, op, dtype, mode), the device key",
+        "being ``cpu:<ISA>`` or the device type; values are our backends, fastest first. Where a key is",
+        "absent, dispatch uses its default order.",
         '"""',
         "",
         "SOURCES: tuple[str, ...] = (",

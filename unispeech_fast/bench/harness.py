@@ -209,7 +209,9 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # The vector ISA torch's CPU kernels use (AVX512, AVX2, ...): the measured auto order is keyed by it.
+    return (f"cpu ({platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads)")
 
 
 # ---------------------------------------------------------------------------------------------- op steps
