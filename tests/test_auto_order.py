@@ -62,3 +62,14 @@ def test_committed_table_is_generated_from_its_sources(capsys, monkeypatch):
     assert auto_order.main(list(committed.SOURCES)) == 0
     with open(os.path.join(ROOT, "unispeech_fast", "_auto_order.py"), encoding="utf-8") as fh:
         assert capsys.readouterr().out == fh.read(), "regenerate unispeech_fast/_auto_order.py"
+
+
+def test_write_replaces_the_table_only_when_complete(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "_auto_order.py"
+    target.write_text("old")
+    monkeypatch.setattr(auto_order, "TABLE_PATH", str(target))
+    monkeypatch.chdir(ROOT)
+    assert auto_order.main(["--write", *committed.SOURCES]) == 0
+    with open(os.path.join(ROOT, "unispeech_fast", "_auto_order.py"), encoding="utf-8") as fh:
+        assert target.read_text() == fh.read()
+    assert not (tmp_path / "_auto_order.py.tmp").exists()

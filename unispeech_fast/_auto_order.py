@@ -1,8 +1,9 @@
 """The measured order of ``backend("auto")``: generated, do not edit.
 
 Made by ``python -m unispeech_fast.bench.auto_order`` (see :mod:`unispeech_fast.bench.auto_order`)
-from the benchmark results in ``SOURCES``. Keys are (device type, op, dtype, mode); values are our
-backends, fastest first. Where a key is absent, dispatch uses its default order.
+from the benchmark results in ``SOURCES``. Keys are (device key, op, dtype, mode), the device key
+being ``cpu:<ISA>`` or the device type; values are our backends, fastest first. Where a key is
+absent, dispatch uses its default order.
 """
 
 SOURCES: tuple[str, ...] = (
@@ -10,11 +11,11 @@ SOURCES: tuple[str, ...] = (
 )
 
 ORDERS: dict[tuple[str, str, str, str], tuple[str, ...]] = {
-    ('cpu', 'feature_extractor', 'float32', 'fwd'): ('eager', 'cpp'),
-    ('cpu', 'feature_extractor', 'float32', 'fwd_bwd'): ('eager', 'cpp'),
-    ('cpu', 'gumbel_quantizer', 'float32', 'fwd'): ('cpp', 'eager'),
-    ('cpu', 'gumbel_quantizer', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
-    ('cpu', 'linear', 'float32', 'fwd'): ('cpp', 'eager'),
-    ('cpu', 'pos_conv', 'float32', 'fwd'): ('eager', 'cpp'),
-    ('cpu', 'pos_conv', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
+    ('cpu:AVX512', 'feature_extractor', 'float32', 'fwd'): ('eager', 'cpp'),
+    ('cpu:AVX512', 'feature_extractor', 'float32', 'fwd_bwd'): ('eager', 'cpp'),
+    ('cpu:AVX512', 'gumbel_quantizer', 'float32', 'fwd'): ('cpp', 'eager'),
+    ('cpu:AVX512', 'gumbel_quantizer', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
+    ('cpu:AVX512', 'linear', 'float32', 'fwd'): ('cpp', 'eager'),
+    ('cpu:AVX512', 'pos_conv', 'float32', 'fwd'): ('eager', 'cpp'),
+    ('cpu:AVX512', 'pos_conv', 'float32', 'fwd_bwd'): ('cpp', 'eager'),
 }

@@ -4,8 +4,11 @@
 (device key, op, dtype, mode), orders our backends by measured time, fastest first, and writes the
 table that :mod:`unispeech_fast.dispatch` consults (``unispeech_fast/_auto_order.py``)::
 
-    python -m unispeech_fast.bench.auto_order benchmarks/results/cpu_ops_2026-11-29/results.json \\
-        > unispeech_fast/_auto_order.py
+    python -m unispeech_fast.bench.auto_order --write benchmarks/results/cpu_ops_2026-11-29/results.json
+
+(``--write`` replaces ``unispeech_fast/_auto_order.py`` once the new text is complete: redirecting
+stdout onto it would empty the module that importing the package reads. Without ``--write`` the text
+goes to stdout.)
 
 Only rows of our own backends (``kind == "ours"``) with ``status == "ok"`` count. Modes are ``fwd``
 (used for calls without autograd) and ``fwd_bwd`` (used when an input requires grad). CPU rows are
@@ -98,11 +101,15 @@ def render(orders: dict[Key, tuple[str, ...]], sources: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_auto_order.py")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     paths = list(sys.argv[1:] if argv is None else argv)
+    write = "--write" in paths
+    paths = [p for p in paths if p != "--write"]
     if not paths or any(p.startswith("-") for p in paths):
-        print("usage: python -m unispeech_fast.bench.auto_order RESULTS.json [...] > unispeech_fast/_auto_order.py",
-              file=sys.stderr)
+        print("usage: python -m unispeech_fast.bench.auto_order [--write] RESULTS.json [...]", file=sys.stderr)
         return 2
     rows: list[dict] = []
     for path in paths:
@@ -117,7 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {path}: expected a list of rows", file=sys.stderr)
             return 1
         rows.extend(file_rows)
-    sys.stdout.write(render(derive(rows), [os.path.normpath(p) for p in paths]))
+    text = render(derive(rows), [os.path.normpath(p) for p in paths])
+    if not write:
+        sys.stdout.write(text)
+        return 0
+    tmp = TABLE_PATH + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, TABLE_PATH)
+    print(f"wrote {TABLE_PATH}")
     return 0
 
 
