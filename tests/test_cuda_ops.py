@@ -129,12 +129,14 @@ def test_auto_never_picks_cuda_on_cpu():
     torch.testing.assert_close(out, feature_extractor_ref(x, ws, bs, gs, betas, [5], "group"))
 
 
-def test_seqlens_from_mask(cuda_backend):
+def test_right_padded_lengths_give_the_cuda_seqlens():
+    from unispeech_fast.ops.attention import right_padded_lengths
+
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
-    assert cuda_backend.seqlens_from_mask(mask).tolist() == [3, 4, 0]
-    assert cuda_backend.seqlens_from_mask(mask).dtype == torch.int32
-    assert cuda_backend.seqlens_from_mask(torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)) is None
-    assert cuda_backend.seqlens_from_mask(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)) is None
+    assert right_padded_lengths(mask).tolist() == [3, 4, 0]
+    assert right_padded_lengths(mask).dtype == torch.int32
+    assert right_padded_lengths(torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)) is None
+    assert right_padded_lengths(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)) is None
 
 
 # ================================================================================================ GPU: attention

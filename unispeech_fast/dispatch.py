@@ -218,17 +218,11 @@ def backend(name: str = "auto") -> Iterator[str]:
         _compile_mirror["backend"] = previous
 
 
-def _device_of(inputs: dict[str, Any]) -> torch.device | None:
+def _first_tensor(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """The call's first tensor argument: its device and dtype are the call's."""
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
-            return value.device
-    return None
-
-
-def _dtype_of(inputs: dict[str, Any]) -> torch.dtype | None:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor):
-            return value.dtype
+            return value
     return None
 
 
@@ -273,7 +267,8 @@ def auto_order(
 def select(op: str, inputs: dict[str, Any]) -> OpImpl:
     """The implementation that will run ``op`` on ``inputs`` under the current backend setting."""
     name = current_backend()
-    device = _device_of(inputs)
+    first = _first_tensor(inputs)
+    device = None if first is None else first.device
     if name != "auto":
         reasons = _reasons_for(op, name, inputs, device)
         if reasons:
@@ -282,7 +277,7 @@ def select(op: str, inputs: dict[str, Any]) -> OpImpl:
             )
         return _REGISTRY[op][name]
     collected: list[str] = []
-    for candidate in auto_order(op, device, _dtype_of(inputs), _needs_grad(inputs))[0]:
+    for candidate in auto_order(op, device, None if first is None else first.dtype, _needs_grad(inputs))[0]:
         reasons = _reasons_for(op, candidate, inputs, device, auto=True)
         if not reasons:
             return _REGISTRY[op][candidate]

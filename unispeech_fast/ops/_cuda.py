@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _extension, dispatch
 from .attention import right_padded_lengths
 
-__all__ = ["attention_cuda", "feature_extractor_cuda", "seqlens_from_mask"]
+__all__ = ["attention_cuda", "feature_extractor_cuda"]
 
 _ATTENTION_HEAD_DIMS = (64, 128)
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,9 +40,6 @@ def _ops():
     if not has_cuda:
         raise dispatch.BackendNotSupportedError(f"CUDA extension not available: {cuda_reason}")
     return torch.ops.unispeech_fast
-
-
-seqlens_from_mask = right_padded_lengths  # int32 [batch] lengths of a right-padded mask, else None
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -83,7 +80,7 @@ def _attention_reasons(
         if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
             reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
                            f"{tuple(key_padding_mask.shape)}")
-        elif not reasons and not torch.compiler.is_compiling() and seqlens_from_mask(key_padding_mask) is None:
+        elif not reasons and not torch.compiler.is_compiling() and right_padded_lengths(key_padding_mask) is None:
             reasons.append("the CUDA attention needs a right-padded key_padding_mask (valid keys first)")
     return reasons
 
