@@ -80,9 +80,10 @@ class ConvLayer(nn.Module):
 
 
 #: Per device type, (layer-0 activation bytes above which inference is tiled, output frames per tile).
-#: CPU: tiles of 64 frames keep each layer's activations in cache; on the 2-core development machine
-#: (AMD EPYC, AVX-512) the base extractor ran 1.4x faster tiled at 10 s of audio and 1.6x at 30 s, and
-#: about even at 1-2 s (tiling adds a statistics pass for group norm), hence the 12 MiB (~2 s) threshold.
+#: CPU: tiles of 64 frames keep each layer's activations in cache (benchmarks/results/cpu_forward_*.json:
+#: the base feature encoder as the model runs it, 10 s of audio, against transformers'); at 1-2 s of audio
+#: tiling did not pay in trial runs (it adds a statistics pass for group norm), hence the 12 MiB (~2 s)
+#: threshold.
 #: Elsewhere (GPU) tiling is for memory only: 256 MiB (~40 s per batch row), 256-frame tiles.
 TILING_DEFAULTS: dict[str, tuple[int, int]] = {"cpu": (12 * 2**20, 64), "other": (256 * 2**20, 256)}
 
