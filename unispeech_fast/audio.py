@@ -34,9 +34,21 @@ in input order.
   batches only inputs of identical length, so no padding exists and every result equals the
   single-utterance one; it costs speed where lengths all differ (then each file runs alone).
 - ForXVector: transformers computes the pooled frames of a padded input without the TDNN dilation
-  (so it pools a few frames computed from padding); these functions set the head's
-  ``tdnn_lengths_use_dilation`` for the run so padded inputs pool exactly their own frames, as a
-  single-utterance run does.
+  (so it pools a few frames computed from padding); these functions count the dilation for their
+  own calls (:func:`unispeech_fast.models.heads.tdnn_lengths_use_dilation`, a context variable:
+  the config is not written) so padded inputs pool exactly their own frames, as a single-utterance
+  run does.
+
+Threads: an inference call writes nothing to the model or its config, so several threads may call
+these functions on one model at once and get the single-thread results. (With ``progress`` on, the
+call adds forward hooks to the model for its duration to move the bar; leave it off, the default,
+for concurrent calls.)
+
+Bad inputs: by default the first unusable input (missing, unreadable, truncated, too short,
+non-finite) raises :class:`AudioError` naming it, before the model runs where the check is cheap
+(the header is read and the end of the audio decoded for every file first). Pass
+``failures={}`` (a dict) to collect them instead: each bad input is recorded as name -> reason,
+its result is None, and every other input still runs.
 
 Long inputs: the conv feature encoder tiles long waveforms exactly by itself
 (:mod:`unispeech_fast.tiling`); the transformer runs on the whole input in one pass (attention is
@@ -77,6 +89,7 @@ __all__ = [
     "frame_probabilities",
     "diarize",
     "rttm_lines",
+    "rttm_file_id",
     "xvectors",
     "cosine_scores",
     "Progress",
@@ -123,6 +136,24 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
+_PROBE_FRAMES = 4096
+
+
+def _check_decodable(path: str, frames: int) -> None:
+    """Decode the file's last few thousand frames: a cheap check, before any model runs, that finds
+    truncated or corrupt streams whose header still claims the full length (a cut-off FLAC, say)."""
+    sf = _soundfile()
+    tail = min(frames, _PROBE_FRAMES)
+    try:
+        with sf.SoundFile(path) as f:
+            f.seek(frames - tail)
+            got = f.read(tail, dtype="float32", always_2d=True).shape[0]
+    except Exception as exc:
+        raise AudioError(f"{path}: cannot decode the end of the audio (truncated or corrupt file?): {exc}") from exc
+    if got != tail:
+        raise AudioError(f"{path}: the header promises {frames} frames but the audio ends early (truncated file?)")
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as mono float32 at ``sample_rate``: channels averaged, then resampled.
 
@@ -155,6 +186,12 @@ def _as_mono(wave: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         mid = float(np.iinfo(wave.dtype).max + 1) / 2
         wave = (wave.astype(np.float64) - mid) / mid
     if wave.ndim == 2:
+        if wave.shape[0] > wave.shape[1]:
+            raise ValueError(
+                f"{name}: a waveform of shape {tuple(wave.shape)} has more channels than samples; it looks like "
+                f"[samples, channels] (what soundfile.read returns for multichannel audio). Waveforms are "
+                f"[samples] or [channels, samples]: pass wave.T (or wave.mean(axis=1) for mono)"
+            )
         wave = wave.mean(axis=0)
     elif wave.ndim != 1:
         raise ValueError(f"{name}: a waveform must have shape [samples] or [channels, samples], got {wave.shape}")
@@ -162,40 +199,77 @@ def _as_mono(wave: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         raise AudioError(f"{name}: the waveform is empty")
     if not np.isfinite(wave).all():
         raise AudioError(f"{name}: the waveform contains NaN or infinite samples")
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        wave32 = np.ascontiguousarray(wave, dtype=np.float32)
+    if not np.isfinite(wave32).all():  # finite float64 values beyond float32's range
+        raise AudioError(f"{name}: the waveform has samples beyond float32's range (largest magnitude "
+                         f"{float(np.abs(wave).max()):.3g}); audio is expected in [-1, 1]")
+    return wave32
 
 
 # ============================================================================================ resampling
-@functools.lru_cache(maxsize=16)
-def _polyphase_filter(orig: int, new: int, zeros: int, rolloff: float, beta: float):
-    """The resampling filter as conv1d weights ``[up, 1, width]`` (float64) plus ``(up, down, pad)``.
+# Memory bounds of resampling. Common ratios (8, 22.05, 44.1, 48 kHz to 16 kHz) run as one strided
+# conv1d whose weight ``[up, 1, down + 2 * pad + 1]`` has at most _BANK_MAX_TAPS entries (8 MiB in
+# float64; at most _BANK_CACHE weights are cached). Other ratios (e.g. 2001 or 16001 Hz to 16 kHz:
+# 16000 phases, a 0.26 to 2 GiB conv weight) gather each output's 2 * pad + 1 input samples instead,
+# with taps from a cached per-phase bank when that is small, else computed per chunk of outputs; the
+# chunks hold at most _CHUNK_TAPS taps, so the working memory is bounded whatever the ratio and length.
+_BANK_MAX_TAPS = 1 << 20
+_BANK_CACHE = 8
+_CHUNK_TAPS = 1 << 21
 
-    With ``up/down = new/orig`` in lowest terms, output sample ``n`` sits at input position
-    ``n * down / up = q + p / up`` (``q`` integer, ``0 <= p < up``). It is the input convolved with a
-    Kaiser-windowed ideal low-pass ``h(t) = 2 f sinc(2 f t) w(t)``, ``t`` in input samples, cut off at
-    ``f = rolloff / 2 * min(1, up / down)`` cycles per input sample (just below the lower of the two
-    Nyquist frequencies: this is the anti-aliasing filter), ``w`` a Kaiser window over ``zeros`` zero
-    crossings of the sinc on each side. Outputs ``n = n0 + up * m`` share the phase ``p`` and the
-    offset ``q0 = floor(n0 * down / up)``, so one strided conv1d (stride ``down``) with ``up`` output
-    channels computes them all; channel ``n0`` holds ``h(p / up - j)`` at tap ``q0 + j + pad``.
-    """
+
+def _filter_geometry(orig: int, new: int, zeros: int, rolloff: float) -> tuple[int, int, float, float, int]:
+    """``(up, down, cutoff, half_width, pad)`` of the resampling filter (see :func:`_filter_taps`)."""
     g = math.gcd(orig, new)
     up, down = new // g, orig // g
     cutoff = 0.5 * rolloff * min(1.0, up / down)
     half_width = zeros / (2.0 * cutoff)
-    pad = int(math.ceil(half_width))
-    width = down + 2 * pad + 1
-    weight = torch.zeros(up, 1, width, dtype=torch.float64)
+    return up, down, cutoff, half_width, int(math.ceil(half_width))
+
+
+def _filter_taps(phases: torch.Tensor, up: int, cutoff: float, half_width: float, pad: int,
+                 beta: float) -> torch.Tensor:
+    """Taps ``[len(phases), 2 * pad + 1]`` (float64) of the outputs at fractional input offsets ``phases / up``.
+
+    With ``up/down = new/orig`` in lowest terms, output sample ``n`` sits at input position
+    ``n * down / up = q + p / up`` (``q`` integer, ``0 <= p < up``); it is
+    ``sum_j x[q + j] * h(p / up - j)`` for ``j`` in ``[-pad, pad]``, the input convolved with a
+    Kaiser-windowed ideal low-pass ``h(t) = 2 f sinc(2 f t) w(t)``, ``t`` in input samples, cut off at
+    ``f = rolloff / 2 * min(1, up / down)`` cycles per input sample (just below the lower of the two
+    Nyquist frequencies: this is the anti-aliasing filter), ``w`` a Kaiser window over ``zeros`` zero
+    crossings of the sinc on each side. Row ``i``, column ``pad + j`` holds ``h(phases[i] / up - j)``.
+    """
     j = torch.arange(-pad, pad + 1, dtype=torch.float64)
+    t = phases.to(torch.float64)[:, None] / up - j
     i0_beta = torch.special.i0(torch.tensor(beta, dtype=torch.float64))
+    inside = t.abs() <= half_width
+    window = torch.special.i0(beta * torch.sqrt((1.0 - (t / half_width) ** 2).clamp(min=0.0))) / i0_beta
+    return torch.where(inside, 2.0 * cutoff * torch.sinc(2.0 * cutoff * t) * window, torch.zeros_like(t))
+
+
+@functools.lru_cache(maxsize=_BANK_CACHE)
+def _filter_bank(orig: int, new: int, zeros: int, rolloff: float, beta: float) -> torch.Tensor:
+    """All ``up`` phases' taps ``[up, 2 * pad + 1]`` (float64), for ratios whose bank is small."""
+    up, _, cutoff, half_width, pad = _filter_geometry(orig, new, zeros, rolloff)
+    return _filter_taps(torch.arange(up), up, cutoff, half_width, pad, beta)
+
+
+@functools.lru_cache(maxsize=_BANK_CACHE)
+def _conv_weight(orig: int, new: int, zeros: int, rolloff: float, beta: float) -> torch.Tensor:
+    """The filter as strided-conv1d weights ``[up, 1, down + 2 * pad + 1]`` (float64).
+
+    Outputs ``n = n0 + up * m`` share the phase ``p = n0 * down mod up`` and the offset
+    ``q0 = floor(n0 * down / up)``, so one conv1d of stride ``down`` with ``up`` output channels
+    computes them all; channel ``n0`` holds ``h(p / up - j)`` at tap ``q0 + j + pad``.
+    """
+    up, down, _, _, pad = _filter_geometry(orig, new, zeros, rolloff)
+    bank = _filter_bank(orig, new, zeros, rolloff, beta)
+    weight = torch.zeros(up, 1, down + 2 * pad + 1, dtype=torch.float64)
     for n0 in range(up):
-        phase, q0 = (n0 * down) % up, (n0 * down) // up
-        t = phase / up - j
-        inside = t.abs() <= half_width
-        window = torch.special.i0(beta * torch.sqrt((1.0 - (t / half_width) ** 2).clamp(min=0.0))) / i0_beta
-        taps = torch.where(inside, 2.0 * cutoff * torch.sinc(2.0 * cutoff * t) * window, torch.zeros_like(t))
-        weight[n0, 0, q0:q0 + 2 * pad + 1] = taps
-    return weight, up, down, pad
+        q0 = (n0 * down) // up
+        weight[n0, 0, q0:q0 + 2 * pad + 1] = bank[(n0 * down) % up]
+    return weight
 
 
 def resample(
@@ -214,13 +288,19 @@ def resample(
     output sample ``n`` is the band-limited input at time ``n / new_rate``. Frequencies below
     ``rolloff`` times the lower Nyquist frequency pass with unit gain (ripple well under 1%); those
     above the output Nyquist frequency are suppressed (anti-aliasing), by about 80 dB past the
-    transition band. See :func:`_polyphase_filter` for the construction.
+    transition band. See :func:`_filter_taps` for the construction.
+
+    Memory is bounded for every pair of rates: only the taps of the phases in use are built (at
+    most ``2 * pad + 1`` per output phase, ``pad`` about ``zeros / rolloff * max(1, orig / new)``),
+    cached only when small, and the outputs are computed in chunks.
     """
     for name, rate in (("orig_rate", orig_rate), ("new_rate", new_rate)):
         if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
             raise ValueError(f"{name} must be a positive integer sample rate in Hz, got {rate!r}")
     if not 0.0 < rolloff <= 1.0:
         raise ValueError(f"rolloff must be in (0, 1], got {rolloff!r}")
+    if isinstance(zeros, bool) or not isinstance(zeros, int) or zeros < 1:
+        raise ValueError(f"zeros must be a positive int (zero crossings per side), got {zeros!r}")
     is_numpy = not isinstance(wave, torch.Tensor)
     x = torch.from_numpy(np.asarray(wave)) if is_numpy else wave
     if x.dim() not in (1, 2):
@@ -230,15 +310,35 @@ def resample(
     if int(orig_rate) == int(new_rate):
         out = x
     else:
-        weight, up, down, pad = _polyphase_filter(int(orig_rate), int(new_rate), zeros, float(rolloff), float(beta))
+        orig, new = int(orig_rate), int(new_rate)
+        up, down, cutoff, half_width, pad = _filter_geometry(orig, new, zeros, float(rolloff))
+        width = 2 * pad + 1
         rows = x.reshape(-1, x.shape[-1])
         n_in = rows.shape[-1]
         n_out = -(-n_in * up // down)
-        steps = -(-n_out // up)
-        needed = (steps - 1) * down + weight.shape[-1]
-        padded = torch.nn.functional.pad(rows[:, None, :], (pad, max(0, needed - n_in - pad)))
-        y = torch.nn.functional.conv1d(padded, weight.to(device=x.device, dtype=dtype), stride=down)
-        out = y[..., :steps].transpose(1, 2).reshape(rows.shape[0], -1)[:, :n_out]
+        if up * (down + width) <= _BANK_MAX_TAPS:
+            weight = _conv_weight(orig, new, zeros, float(rolloff), float(beta))
+            steps = -(-n_out // up)
+            needed = (steps - 1) * down + weight.shape[-1]
+            padded = torch.nn.functional.pad(rows[:, None, :], (pad, max(0, needed - n_in - pad)))
+            y = torch.nn.functional.conv1d(padded, weight.to(device=x.device, dtype=dtype), stride=down)
+            out = y[..., :steps].transpose(1, 2).reshape(rows.shape[0], -1)[:, :n_out]
+            return (out.reshape(*x.shape[:-1], n_out)).numpy() if is_numpy else out.reshape(*x.shape[:-1], n_out)
+        bank = None
+        if up * width <= _BANK_MAX_TAPS:
+            bank = _filter_bank(orig, new, zeros, float(rolloff), float(beta)).to(device=x.device, dtype=dtype)
+        # windows[:, i] = x[i - pad : i + pad + 1] (zeros outside), a view of the padded input
+        windows = torch.nn.functional.pad(rows, (pad, pad)).unfold(-1, width, 1)
+        out = torch.empty(rows.shape[0], n_out, dtype=dtype, device=x.device)
+        chunk = max(1, _CHUNK_TAPS // (width * rows.shape[0]))
+        for start in range(0, n_out, chunk):
+            n = torch.arange(start, min(n_out, start + chunk), dtype=torch.int64)
+            q, p = (n * down) // up, (n * down) % up
+            if bank is not None:
+                taps = bank[p.to(x.device)]
+            else:
+                taps = _filter_taps(p, up, cutoff, half_width, pad, float(beta)).to(device=x.device, dtype=dtype)
+            out[:, start:start + n.numel()] = (windows[:, q.to(x.device)] * taps).sum(dim=-1)
         out = out.reshape(*x.shape[:-1], n_out)
     return out.numpy() if is_numpy else out
 
@@ -261,17 +361,29 @@ class _Source:
         return self.wave if self.wave is not None else read_audio(self.path)
 
 
-def _sources(inputs: Sequence[AudioInput] | AudioInput, sample_rate: int) -> list[_Source]:
+def _sources(inputs: Sequence[AudioInput] | AudioInput, sample_rate: int,
+             failures: dict[str, str] | None = None) -> list[_Source | None]:
+    """One source per input. A file's header is read and the end of its audio decoded (cheap checks,
+    before any model runs). With ``failures``, an input that fails them is recorded there
+    (name -> reason) and its entry is None; without, the :class:`AudioError` is raised."""
     if isinstance(inputs, (str, os.PathLike, np.ndarray, torch.Tensor)):
         inputs = [inputs]
     inputs = list(inputs)
     if not inputs:
         raise ValueError("inputs must name at least one audio file or waveform")
-    out = []
+    out: list[_Source | None] = []
     for index, item in enumerate(inputs):
         if isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
-            frames, rate, _ = audio_info(path)
+            try:
+                frames, rate, _ = audio_info(path)
+                _check_decodable(path, frames)
+            except AudioError as exc:
+                if failures is None:
+                    raise
+                failures[path] = str(exc)
+                out.append(None)
+                continue
             out.append(_Source(path, -(-frames * SAMPLE_RATE // rate), path=path))
         elif isinstance(item, (np.ndarray, torch.Tensor)):
             name = f"waveform {index}"
@@ -375,10 +487,17 @@ class Progress:
 
 
 @contextlib.contextmanager
-def _stage_hooks(model, on_stage: Callable[[], None]):
-    """Call ``on_stage`` after the conv feature encoder and after every transformer layer."""
+def _stage_hooks(model, on_stage: Callable[[], None], enabled: bool):
+    """Call ``on_stage`` after the conv feature encoder and after every transformer layer.
+
+    This registers forward hooks on the model for the block, so it is used only when a progress bar
+    is shown (``enabled``); without one (the API default) an inference call leaves the model as it is.
+    """
     backbone = model.base_model
     modules = [backbone.feature_extractor, *backbone.encoder.layers]
+    if not enabled:
+        yield len(modules)
+        return
     handles = [m.register_forward_hook(lambda *_: on_stage()) for m in modules]
     try:
         yield len(modules)
@@ -490,43 +609,75 @@ def _run(
     exact: bool,
     normalize: bool | None,
     progress: bool | Progress,
+    failures: dict[str, str] | None,
     desc: str,
-) -> tuple[list[_Source], list[Any]]:
-    """Load, bucket, batch, run ``step(model, batch, mask, lengths)`` per batch, unsort."""
-    from .dispatch import log_once
+) -> tuple[list[_Source | None], list[Any]]:
+    """Load, bucket, batch, run ``step(model, batch, mask, lengths)`` per batch, unsort.
 
-    sources = _sources(inputs, sample_rate)
+    Nothing here writes to the model or its config (without a progress bar), so calls on one model
+    from several threads give the single-thread results. With ``failures`` (a dict), an input that
+    cannot be used is recorded there (name -> reason) and its result is None; the others still run.
+    """
+    from .dispatch import log_once
+    from .models.heads import tdnn_lengths_use_dilation
+
+    if isinstance(max_batch_seconds, bool) or not isinstance(max_batch_seconds, (int, float)) \
+            or not (max_batch_seconds > 0 and math.isfinite(max_batch_seconds)):
+        raise ValueError(f"max_batch_seconds must be a positive, finite number of seconds, got {max_batch_seconds!r}")
+    if failures is not None and not isinstance(failures, dict):
+        raise TypeError(f"failures must be a dict (to collect input name -> reason) or None, got "
+                        f"{type(failures).__name__}")
+    max_batch_samples = max(1, int(max_batch_seconds * SAMPLE_RATE))  # below one file: each file runs alone
+
+    def fail(source: _Source, message: str) -> None:
+        if failures is None:
+            raise AudioError(message)
+        failures[source.name] = message
+
+    sources = _sources(inputs, sample_rate, failures)
     minimum = _min_samples(model)
-    for s in sources:
-        if s.length < minimum:
-            raise AudioError(
-                f"{s.name}: {s.length} samples ({s.length / SAMPLE_RATE:.3f} s at 16 kHz) is too short; "
-                f"{type(model).__name__} needs at least {minimum} ({minimum / SAMPLE_RATE:.3f} s)"
-            )
+    for k, s in enumerate(sources):
+        if s is not None and s.length < minimum:
+            fail(s, f"{s.name}: {s.length} samples ({s.length / SAMPLE_RATE:.3f} s at 16 kHz) is too short; "
+                    f"{type(model).__name__} needs at least {minimum} ({minimum / SAMPLE_RATE:.3f} s)")
+            sources[k] = None
+    usable = [k for k, s in enumerate(sources) if s is not None]
     if normalize is None:
         normalize = bool(getattr(model, "preprocessor_config", {}).get("do_normalize", True))
-    if not max_batch_seconds > 0:
-        raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds!r}")
     group_norm = model.config.feat_extract_norm == "group"
-    batches = plan_batches([s.length for s in sources], int(max_batch_seconds * SAMPLE_RATE), max_padding, exact)
+    batches = [[usable[i] for i in b]
+               for b in plan_batches([sources[k].length for k in usable], max_batch_samples, max_padding, exact)]
     bar = progress if isinstance(progress, Progress) else Progress(
-        sum(s.length for s in sources), desc, len(sources), enabled=bool(progress))
+        sum(sources[k].length for k in usable), desc, len(usable), enabled=bool(progress))
     device, dtype = model.device, model.dtype
     results: list[Any] = [None] * len(sources)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if type(model).__name__.endswith("ForXVector"):
-            old = getattr(model.config, "tdnn_lengths_use_dilation", None)
-            model.config.tdnn_lengths_use_dilation = True
-            stack.callback(lambda: setattr(model.config, "tdnn_lengths_use_dilation", old)
-                           if old is not None else delattr(model.config, "tdnn_lengths_use_dilation"))
+            stack.enter_context(tdnn_lengths_use_dilation(True))  # this context only; the config is untouched
         stage_share = [0.0]
-        stages = stack.enter_context(_stage_hooks(model, lambda: bar.advance(stage_share[0])))
+        stages = stack.enter_context(_stage_hooks(model, lambda: bar.advance(stage_share[0]), bar.enabled))
         for batch in batches:
-            waves = [sources[i].load() for i in batch]
+            kept, waves = [], []
+            for i in batch:
+                try:
+                    w = sources[i].load()
+                    if normalize:
+                        w = normalize_waveform(w)
+                    if not bool(torch.isfinite(torch.from_numpy(w).to(dtype)).all()):
+                        raise AudioError(
+                            f"{sources[i].name}: samples beyond the range of the model's dtype {dtype} "
+                            f"(largest magnitude {float(np.abs(w).max()):.3g}); normalise the audio or use "
+                            "a wider dtype")
+                except AudioError as exc:
+                    fail(sources[i], str(exc))
+                    bar.advance(sources[i].length, files=1)
+                    continue
+                kept.append(i)
+                waves.append(w)
+            if not kept:
+                continue
             lengths = [int(w.shape[0]) for w in waves]
-            if normalize:
-                waves = [normalize_waveform(w) for w in waves]
             longest = max(lengths)
             x = torch.zeros(len(waves), longest, dtype=torch.float32)
             for row, w in enumerate(waves):
@@ -544,8 +695,8 @@ def _run(
             stage_share[0] = sum(lengths) / stages
             before = bar.done
             outputs = step(model, x.to(device=device, dtype=dtype), mask, lengths)
-            bar.advance(before + sum(lengths) - bar.done, files=len(batch))  # settle rounding
-            for i, out in zip(batch, outputs):
+            bar.advance(before + sum(lengths) - bar.done, files=len(kept))  # settle rounding
+            for i, out in zip(kept, outputs):
                 results[i] = out
     if not isinstance(progress, Progress):
         bar.close()
@@ -554,7 +705,7 @@ def _run(
 
 def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     defaults = dict(sample_rate=SAMPLE_RATE, max_batch_seconds=60.0, max_padding=0.15, exact=False,
-                    normalize=None, progress=False)
+                    normalize=None, progress=False, failures=None)
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -569,7 +720,7 @@ def embed(model, inputs, *, layer: int | None = None, pool: str = "mean", **opti
     ``pool="mean"`` averages each input's own frames (``[hidden]`` per input); ``pool="frames"``
     returns them all (``[frames, hidden]``). Any checkpoint class works (its backbone runs alone).
     ``options``: ``sample_rate`` (of waveform inputs), ``max_batch_seconds``, ``max_padding``,
-    ``exact``, ``normalize``, ``progress`` (see the module docstring).
+    ``exact``, ``normalize``, ``progress``, ``failures`` (see the module docstring).
     """
     if pool not in ("mean", "frames"):
         raise ValueError(f"pool must be 'mean' or 'frames', got {pool!r}")
@@ -714,15 +865,32 @@ def diarize(model, inputs, *, threshold: float = 0.5, **options) -> list[list[Se
     return [segments_from_probabilities(p, frame_seconds, labels, threshold) for p in probs]
 
 
+def rttm_file_id(name: str) -> str:
+    """The RTTM recording id written for ``name``: whitespace runs become ``_`` (RTTM fields are
+    space-separated); an empty name becomes ``audio``."""
+    return "_".join(str(name).split()) or "audio"
+
+
 def rttm_lines(file_id: str, segments: Iterable[Segment]) -> list[str]:
     """RTTM ``SPEAKER`` lines: ``SPEAKER <file> 1 <start> <dur> <NA> <NA> <label> <NA> <NA>``."""
-    file_id = "_".join(str(file_id).split()) or "audio"
+    file_id = rttm_file_id(file_id)
     return [f"SPEAKER {file_id} 1 {s.start:.3f} {s.duration:.3f} <NA> <NA> {s.label} <NA> <NA>" for s in segments]
 
 
 # ============================================================================================ x-vectors
 def xvectors(model, inputs, **options) -> np.ndarray:
-    """Speaker embeddings ``[inputs, xvector_output_dim]`` from a ``*ForXVector`` checkpoint."""
+    """Speaker embeddings ``[inputs, xvector_output_dim]`` from a ``*ForXVector`` checkpoint.
+
+    Every input must be usable (one row per input); ``options`` as for :func:`embed` except
+    ``failures``."""
+    if "failures" in options:
+        raise TypeError("xvectors returns one row per input, so it takes no failures dict; every input must "
+                        "be usable")
+    return np.stack(_xvector_rows(model, inputs, **options))
+
+
+def _xvector_rows(model, inputs, **options) -> list[np.ndarray | None]:
+    """The rows of :func:`xvectors` as a list (None for an input recorded in ``options["failures"]``)."""
     model = _resolve_model(model)
     _require_head(model, "ForXVector", "verify-speakers")
 
@@ -730,7 +898,7 @@ def xvectors(model, inputs, **options) -> np.ndarray:
         emb = m(x, attention_mask=mask).embeddings.float().cpu()
         return list(emb.numpy())
 
-    return np.stack(_run(model, inputs, step, desc="xvector", **_run_kwargs(options))[1])
+    return _run(model, inputs, step, desc="xvector", **_run_kwargs(options))[1]
 
 
 def cosine_scores(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:

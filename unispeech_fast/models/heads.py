@@ -3,7 +3,9 @@ ForAudioFrameClassification, ForXVector) and the two pretraining heads."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+import contextvars
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,23 @@ from ..outputs import (
     XVectorOutput,
 )
 from .base import Backbone, PreTrainedModel, check_input_values, weighted_layer_sum
+
+# Per-call (per thread / per context) override of ``config.tdnn_lengths_use_dilation`` for ForXVector:
+# :mod:`unispeech_fast.audio` sets it for its runs instead of writing the shared config.
+_tdnn_lengths_use_dilation: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "unispeech_fast_tdnn_lengths_use_dilation", default=None)
+
+
+@contextlib.contextmanager
+def tdnn_lengths_use_dilation(enabled: bool = True) -> Iterator[None]:
+    """ForXVector pools padded inputs over their own TDNN frames (the dilation counted) inside this
+    block, in this thread/context only; the model and its config are left as they are."""
+    token = _tdnn_lengths_use_dilation.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _tdnn_lengths_use_dilation.reset(token)
+
 
 __all__ = [
     "ForCTC",
@@ -261,8 +280,11 @@ class ForXVector(_Head):
 
     def _get_tdnn_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
         """Frames left after the TDNN stack. transformers ignores the dilation here (so padded samples
-        pool over a few frames past their end); ``config.tdnn_lengths_use_dilation=True`` fixes it."""
-        use_dilation = bool(getattr(self.config, "tdnn_lengths_use_dilation", False))
+        pool over a few frames past their end); ``config.tdnn_lengths_use_dilation=True`` fixes it, as does
+        :func:`tdnn_lengths_use_dilation` for the calls inside its block."""
+        use_dilation = _tdnn_lengths_use_dilation.get()
+        if use_dilation is None:
+            use_dilation = bool(getattr(self.config, "tdnn_lengths_use_dilation", False))
         for kernel, dilation in zip(self.config.tdnn_kernel, self.config.tdnn_dilation):
             input_lengths = input_lengths - (kernel - 1) * (dilation if use_dilation else 1)
         return input_lengths
