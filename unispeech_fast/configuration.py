@@ -111,6 +111,10 @@ class ConfigError(ValueError):
     """A config value or a ``config.json`` file is invalid."""
 
 
+# The parameter dtypes the models run in; a config's ``dtype`` (or ``torch_dtype``) must name one.
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
 class _BaseConfig:
     """Shared machinery: defaults, unknown-key passthrough, validation and JSON I/O."""
 
@@ -130,8 +134,10 @@ class _BaseConfig:
             kwargs.pop(key, None)
         values = {**copy.deepcopy(self._defaults), **copy.deepcopy(_GENERIC_DEFAULTS)}
         values.update(kwargs)
+        self._dtype_field = "dtype"  # which config.json field the dtype came from, for error messages
         if values.get("dtype") is None and torch_dtype is not None:
             values["dtype"] = torch_dtype
+            self._dtype_field = "torch_dtype"
         for key, value in values.items():
             setattr(self, key, value)
         for key in _TUPLE_FIELDS:
@@ -264,6 +270,14 @@ class _BaseConfig:
         adapter = getattr(self, "adapter_attn_dim", None)
         if adapter is not None and (not isinstance(adapter, int) or isinstance(adapter, bool) or adapter < 1):
             raise ConfigError(f"adapter_attn_dim must be a positive int or None, got {adapter!r}")
+        dtype = getattr(self, "dtype", None)
+        if dtype is not None:
+            is_dtype = isinstance(dtype, str) or type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype"
+            name = str(dtype).replace("torch.", "") if is_dtype else None
+            if name not in SUPPORTED_DTYPES:
+                field = getattr(self, "_dtype_field", "dtype")
+                raise ConfigError(f"{field} must name a dtype the models run in ({', '.join(SUPPORTED_DTYPES)}), "
+                                  f"got {dtype!r}")
         self._validate_extra()
 
     def _validate_extra(self) -> None:

@@ -348,17 +348,42 @@ def _compare(op: str, impl: OpImpl, out: Any, ref: Any, cfg: dict) -> None:
                 raise VerificationError(f"{op} on {impl.backend}: output {i} is None on one side only")
             continue
         if o.shape != r.shape:
-            raise VerificationError(f"{op} on {impl.backend}: output {i} shape {tuple(o.shape)} != {tuple(r.shape)}")
+            raise VerificationError(f"{op} on backend {impl.backend!r}: output {i} has shape {tuple(o.shape)}, "
+                                    f"the eager reference {tuple(r.shape)}")
+        if o.dtype != r.dtype:
+            raise VerificationError(f"{op} on backend {impl.backend!r}: output {i} has dtype {o.dtype}, "
+                                    f"the eager reference {r.dtype}")
+        if o.device != r.device:
+            raise VerificationError(f"{op} on backend {impl.backend!r}: output {i} is on {o.device}, "
+                                    f"the eager reference on {r.device}")
+        o64, r64 = o.detach().double(), r.detach().double()
+        # Non-finite values are compared as such: NaN where the reference has none (or none where it
+        # has one), and an infinity that differs from the reference's, are reported by count.
+        o_nan, r_nan = torch.isnan(o64), torch.isnan(r64)
+        o_inf, r_inf = torch.isinf(o64), torch.isinf(r64)
+        nan_bad = int((o_nan != r_nan).sum())
+        inf_bad = int(((o_inf | r_inf) & ~(o_nan | r_nan) & (o64 != r64)).sum())
+        if nan_bad or inf_bad:
+            parts = []
+            if nan_bad:
+                parts.append(f"{int((o_nan & ~r_nan).sum())} NaN where the reference is not NaN, "
+                             f"{int((r_nan & ~o_nan).sum())} not NaN where the reference is")
+            if inf_bad:
+                parts.append(f"{inf_bad} infinite value(s) that differ from the reference")
+            raise VerificationError(
+                f"{op} on backend {impl.backend!r}: output {i} has non-finite values the eager reference does not "
+                f"({'; '.join(parts)}; of {o.numel()} elements)"
+            )
         default_atol, default_rtol = VERIFY_TOLERANCES.get(r.dtype, (0.0, 0.0))
         atol = default_atol if cfg["atol"] is None else cfg["atol"]
         rtol = default_rtol if cfg["rtol"] is None else cfg["rtol"]
-        o64, r64 = o.detach().double(), r.detach().double()
-        err = (o64 - r64).abs()
-        bad = err > atol + rtol * r64.abs()
-        if bool(bad.any()) or bool(torch.isnan(o64).ne(torch.isnan(r64)).any()):
+        finite = torch.isfinite(o64) & torch.isfinite(r64)  # the rest matched exactly above
+        err = torch.where(finite, (o64 - r64).abs(), torch.zeros_like(o64))
+        bad = err > atol + rtol * torch.where(finite, r64.abs(), torch.zeros_like(r64))
+        if bool(bad.any()):
             raise VerificationError(
                 f"{op} on backend {impl.backend!r} disagrees with the eager reference: output {i}, "
-                f"max abs error {err.nan_to_num(float('inf')).max().item():.3e} "
+                f"max abs error {err.max().item():.3e} "
                 f"(atol={atol:g}, rtol={rtol:g}, {int(bad.sum())} of {bad.numel()} elements out of tolerance)"
             )
 

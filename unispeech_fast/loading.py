@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .configuration import ConfigError
+from .configuration import SUPPORTED_DTYPES, ConfigError
 
 __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "read_state_dict"]
 
@@ -171,22 +171,20 @@ def _match_keys(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple
 
 
 def _resolve_dtype(dtype: Any, config, state: dict[str, torch.Tensor]) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
+    """The parameter dtype: the ``dtype`` argument, else the config's (validated when the config was
+    read, so a bad one names config.json), else the stored tensors'. Only dtypes the models run in
+    (:data:`~unispeech_fast.configuration.SUPPORTED_DTYPES`) are accepted: not int8 or float8."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         stored = getattr(config, "dtype", None)
         if stored is not None:
-            dtype = stored
-        else:
-            floats = [t.dtype for t in state.values() if t.is_floating_point()]
-            return floats[0] if floats else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    resolved = getattr(torch, name, None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, 'auto' or None, got {dtype!r}")
-    return resolved
+            return getattr(torch, str(stored).replace("torch.", ""))
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        return floats[0] if floats and str(floats[0]).replace("torch.", "") in SUPPORTED_DTYPES else torch.float32
+    name = str(dtype).replace("torch.", "") if isinstance(dtype, (str, torch.dtype)) else None
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be 'auto', None or one of the dtypes the models run in "
+                         f"({', '.join(SUPPORTED_DTYPES)}), got {dtype!r}")
+    return getattr(torch, name)
 
 
 def load_pretrained(cls, path_or_id, dtype, device, strict, output_loading_info, config_overrides):

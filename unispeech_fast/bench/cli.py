@@ -1,12 +1,16 @@
 """``unispeech-fast bench``: run the benchmark suites, print a table, write JSON/CSV/PNG, compare runs.
 
 Wired into the main CLI with :func:`add_parser` (adds the ``bench`` subcommand) and :func:`run`.
-Exit codes: 0 success, 1 a regression against ``--compare`` (or nothing could be measured), 2 usage error.
+Exit codes: 0 success, 1 a regression against ``--compare`` (or nothing could be measured), 2 usage error
+(checked before anything runs, e.g. ``--out`` without matplotlib for the plots: install
+``unispeech_fast[bench]`` or pass ``--no-plots``). ``results.json`` and ``results.csv`` are written
+before the plots, so a plotting problem never loses the measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -102,8 +106,17 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: --compare: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if args.out is not None and not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("error: --out writes PNG plots, which need matplotlib, and it is not installed: "
+              'pip install "unispeech_fast[bench]" (or pass --no-plots to write only results.json and '
+              "results.csv)", file=sys.stderr)
+        return EXIT_USAGE
     if args.out is not None:
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            print(f"error: --out {args.out}: cannot create the directory: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else None)
     reps = args.reps if args.reps is not None else (2 if args.quick else None)
 
@@ -130,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if args.out is not None:
         json_path, csv_path = os.path.join(args.out, "results.json"), os.path.join(args.out, "results.csv")
-        report.write_json(records, json_path)
+        report.write_json(records, json_path)  # the measurements are on disk before any plotting
         report.write_csv(records, csv_path)
         written = [json_path, csv_path]
         if not args.no_plots:
