@@ -387,7 +387,14 @@ def _sources(inputs: Sequence[AudioInput] | AudioInput, sample_rate: int,
             out.append(_Source(path, -(-frames * SAMPLE_RATE // rate), path=path))
         elif isinstance(item, (np.ndarray, torch.Tensor)):
             name = f"waveform {index}"
-            wave = resample(_as_mono(item, name), sample_rate, SAMPLE_RATE)
+            try:
+                wave = resample(_as_mono(item, name), sample_rate, SAMPLE_RATE)
+            except AudioError as exc:  # empty or non-finite; a wrong type or layout still raises
+                if failures is None:
+                    raise
+                failures[name] = str(exc)
+                out.append(None)
+                continue
             out.append(_Source(name, int(wave.shape[0]), wave=wave))
         else:
             raise TypeError(f"inputs[{index}] must be a file path or a waveform array, got {type(item).__name__}")
@@ -862,7 +869,8 @@ def diarize(model, inputs, *, threshold: float = 0.5, **options) -> list[list[Se
     probs = frame_probabilities(model, inputs, **options)
     frame_seconds = model.config.inputs_to_logits_ratio / SAMPLE_RATE
     labels = _label_names(model.config)
-    return [segments_from_probabilities(p, frame_seconds, labels, threshold) for p in probs]
+    return [None if p is None else segments_from_probabilities(p, frame_seconds, labels, threshold)
+            for p in probs]
 
 
 def rttm_file_id(name: str) -> str:

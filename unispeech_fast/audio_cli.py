@@ -345,6 +345,9 @@ def run_embed(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem, EXIT_USAGE)
     out = args.output
+    for source in args.audio:
+        if _same_file(out, source):
+            return _error(f"--output {out} is one of the inputs ({source}); refusing to overwrite it", EXIT_USAGE)
     as_safetensors = out.endswith(".safetensors")
     if as_safetensors:
         failures_path = _default_failures_path(args, out)
@@ -458,13 +461,13 @@ def run_verify_speakers(args: argparse.Namespace) -> int:
 
     if len(args.audio) < 2:
         return _error("verify-speakers compares files: give at least two AUDIO files", EXIT_USAGE)
-    if args.embeddings is not None and not args.embeddings.endswith((".npy", ".safetensors")):
-        return _error(f"--embeddings {args.embeddings}: the name must end in .npy or .safetensors", EXIT_USAGE)
     failures_path = _default_failures_path(args, args.output or args.embeddings)
     problem = _check_inputs(args) or _check_outputs(
         args, [("--output", args.output), ("--embeddings", args.embeddings), ("--failures", failures_path)])
     if problem:
         return _error(problem, EXIT_USAGE)
+    if args.embeddings is not None and not args.embeddings.endswith((".npy", ".safetensors")):
+        return _error(f"--embeddings {args.embeddings}: the name must end in .npy or .safetensors", EXIT_USAGE)
 
     def task(model, options):
         rows = audio._xvector_rows(model, args.audio, **options)
