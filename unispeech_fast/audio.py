@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -316,29 +317,29 @@ def resample(
         rows = x.reshape(-1, x.shape[-1])
         n_in = rows.shape[-1]
         n_out = -(-n_in * up // down)
-        if up * (down + width) <= _BANK_MAX_TAPS:
+        if up * (down + width) <= _BANK_MAX_TAPS:  # a small polyphase conv weight: one strided conv1d
             weight = _conv_weight(orig, new, zeros, float(rolloff), float(beta))
             steps = -(-n_out // up)
             needed = (steps - 1) * down + weight.shape[-1]
             padded = torch.nn.functional.pad(rows[:, None, :], (pad, max(0, needed - n_in - pad)))
             y = torch.nn.functional.conv1d(padded, weight.to(device=x.device, dtype=dtype), stride=down)
             out = y[..., :steps].transpose(1, 2).reshape(rows.shape[0], -1)[:, :n_out]
-            return (out.reshape(*x.shape[:-1], n_out)).numpy() if is_numpy else out.reshape(*x.shape[:-1], n_out)
-        bank = None
-        if up * width <= _BANK_MAX_TAPS:
-            bank = _filter_bank(orig, new, zeros, float(rolloff), float(beta)).to(device=x.device, dtype=dtype)
-        # windows[:, i] = x[i - pad : i + pad + 1] (zeros outside), a view of the padded input
-        windows = torch.nn.functional.pad(rows, (pad, pad)).unfold(-1, width, 1)
-        out = torch.empty(rows.shape[0], n_out, dtype=dtype, device=x.device)
-        chunk = max(1, _CHUNK_TAPS // (width * rows.shape[0]))
-        for start in range(0, n_out, chunk):
-            n = torch.arange(start, min(n_out, start + chunk), dtype=torch.int64)
-            q, p = (n * down) // up, (n * down) % up
-            if bank is not None:
-                taps = bank[p.to(x.device)]
-            else:
-                taps = _filter_taps(p, up, cutoff, half_width, pad, float(beta)).to(device=x.device, dtype=dtype)
-            out[:, start:start + n.numel()] = (windows[:, q.to(x.device)] * taps).sum(dim=-1)
+        else:  # gather each output's 2 * pad + 1 inputs, chunk by chunk
+            bank = None
+            if up * width <= _BANK_MAX_TAPS:
+                bank = _filter_bank(orig, new, zeros, float(rolloff), float(beta)).to(device=x.device, dtype=dtype)
+            # windows[:, i] = x[i - pad : i + pad + 1] (zeros outside), a view of the padded input
+            windows = torch.nn.functional.pad(rows, (pad, pad)).unfold(-1, width, 1)
+            out = torch.empty(rows.shape[0], n_out, dtype=dtype, device=x.device)
+            chunk = max(1, _CHUNK_TAPS // (width * rows.shape[0]))
+            for start in range(0, n_out, chunk):
+                n = torch.arange(start, min(n_out, start + chunk), dtype=torch.int64)
+                q, p = (n * down) // up, (n * down) % up
+                if bank is not None:
+                    taps = bank[p.to(x.device)]
+                else:
+                    taps = _filter_taps(p, up, cutoff, half_width, pad, float(beta)).to(device=x.device, dtype=dtype)
+                out[:, start:start + n.numel()] = (windows[:, q.to(x.device)] * taps).sum(dim=-1)
         out = out.reshape(*x.shape[:-1], n_out)
     return out.numpy() if is_numpy else out
 
@@ -628,7 +629,7 @@ def _run(
     from .dispatch import log_once
     from .models.heads import tdnn_lengths_use_dilation
 
-    if isinstance(max_batch_seconds, bool) or not isinstance(max_batch_seconds, (int, float)) \
+    if isinstance(max_batch_seconds, bool) or not isinstance(max_batch_seconds, numbers.Real) \
             or not (max_batch_seconds > 0 and math.isfinite(max_batch_seconds)):
         raise ValueError(f"max_batch_seconds must be a positive, finite number of seconds, got {max_batch_seconds!r}")
     if failures is not None and not isinstance(failures, dict):
