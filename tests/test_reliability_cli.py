@@ -282,6 +282,18 @@ def test_verify_mode_mismatch_in_the_cli_is_an_error_line(ckpts, files, tmp_path
     assert code == cli.EXIT_FAILURE and err.startswith("error: verify mode: linear on backend 'cpp'")
 
 
+def test_verify_mode_mismatch_in_demo_is_an_error_line(capsys, monkeypatch):
+    from unispeech_fast import UniSpeechSatModel
+
+    def mismatch(self, *args, **kwargs):
+        raise dispatch.VerificationError("attention on backend 'triton' disagrees with the eager reference")
+
+    monkeypatch.setattr(UniSpeechSatModel, "forward", mismatch)
+    code = cli.main(["demo", "--model", "tiny", "--seconds", "0.1", "--runs", "1"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILURE and "error: verify mode: attention on backend 'triton'" in err
+
+
 # ============================================================================================ item 11
 @pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "abc"])
 def test_max_batch_seconds_usage_errors(value, ckpts, files, capsys):

@@ -151,7 +151,8 @@ def _sync(device) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from . import BackendNotSupportedError, UniSpeechSatConfig, UniSpeechSatModel, backend, current_backend
+    from . import (BackendNotSupportedError, UniSpeechSatConfig, UniSpeechSatModel, VerificationError, backend,
+                   current_backend)
     from .dispatch import format_backend_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -196,6 +197,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 timings.append(time.perf_counter() - start)
     except BackendNotSupportedError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except VerificationError as exc:  # UNISPEECH_FAST_VERIFY=1 found a backend disagreeing with eager
+        print(f"error: verify mode: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     hidden = out.last_hidden_state
     print(f"output            last_hidden_state {list(hidden.shape)}, extract_features "
