@@ -102,6 +102,17 @@ def test_an_output_that_is_an_input_is_refused(command, ckpt, flag, _, ckpts, fi
     assert open(files["good1"], "rb").read() == before
 
 
+@pytest.mark.parametrize("command, ckpt, flag, _", FILE_OUTPUTS)
+def test_an_output_that_is_a_checkpoint_file_is_refused(command, ckpt, flag, _, ckpts, files, capsys, monkeypatch):
+    _no_model_run(monkeypatch)
+    config_file = os.path.join(ckpts[ckpt], "config.json")
+    before = open(config_file, "rb").read()
+    code, _, err = _cli([command, files["good1"], files["good2"], "--model", ckpts[ckpt], flag, config_file,
+                         "--overwrite"], capsys)
+    assert code == cli.EXIT_USAGE and "is one of the inputs" in err
+    assert open(config_file, "rb").read() == before
+
+
 @pytest.mark.parametrize("command, ckpt, flag, suffix", FILE_OUTPUTS)
 def test_an_existing_output_is_replaced_only_with_overwrite(command, ckpt, flag, suffix, ckpts, files, tmp_path,
                                                              capsys):

@@ -28,10 +28,10 @@ Failure contract:
   ``--failures FILE``, by default ``failures.json`` inside the ``embed`` output directory or
   ``<output>.failures.json`` beside a file output (none when the results go to stdout and no
   ``--failures`` is given). It is written only when some input failed.
-- Outputs are checked before the model runs: an output path that is one of the AUDIO inputs is
-  refused; so is an existing file (also an existing ``<stem>.npy`` in the ``embed`` directory, or
-  the failures file) unless ``--overwrite`` is given; the directory must exist (``embed`` creates
-  its output directory) and be writable.
+- Outputs are checked before the model runs: an output path that is one of the inputs (AUDIO,
+  ``--vocab``, a file of the ``--model`` checkpoint) is refused; so is an existing file (also an
+  existing ``<stem>.npy`` in the ``embed`` directory, or the failures file) unless ``--overwrite``
+  is given; the directory must exist (``embed`` creates its output directory) and be writable.
 """
 
 from __future__ import annotations
@@ -223,16 +223,27 @@ def _check_writable_dir(directory: str, flag: str, path: str, create: bool = Fal
     return None
 
 
+def _is_an_input(path: str, flag: str, args: argparse.Namespace) -> str | None:
+    """An output path naming an input (AUDIO, ``--vocab``, a file of the ``--model`` checkpoint) is refused."""
+    protected = list(args.audio) + [p for p in (getattr(args, "vocab", None),) if p]
+    model_dir = getattr(args, "model", None)
+    if model_dir and os.path.isdir(model_dir):  # the checkpoint's own files (config.json, weights, vocab.json)
+        protected += [os.path.join(model_dir, name) for name in os.listdir(model_dir)]
+    for source in protected:
+        if _same_file(path, source):
+            return f"{flag} {path} is one of the inputs ({source}); refusing to overwrite it"
+    return None
+
+
 def _check_output_file(path: str | None, flag: str, args: argparse.Namespace, check_dir: bool = True) -> str | None:
     """An output file the run may write: not an input, not a directory, not an existing file unless
     ``--overwrite`` (then it must be writable), in an existing writable directory (``check_dir``;
     ``embed`` checks its output directory, which it may create, itself)."""
     if path is None:
         return None
-    protected = list(args.audio) + [p for p in (getattr(args, "vocab", None),) if p]
-    for source in protected:
-        if _same_file(path, source):
-            return f"{flag} {path} is one of the inputs ({source}); refusing to overwrite it"
+    problem = _is_an_input(path, flag, args)
+    if problem:
+        return problem
     if os.path.isdir(path):
         return f"{flag} {path} is a directory; give a file name"
     if os.path.lexists(path):
@@ -345,9 +356,9 @@ def run_embed(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem, EXIT_USAGE)
     out = args.output
-    for source in args.audio:
-        if _same_file(out, source):
-            return _error(f"--output {out} is one of the inputs ({source}); refusing to overwrite it", EXIT_USAGE)
+    problem = _is_an_input(out, "--output", args)
+    if problem:
+        return _error(problem, EXIT_USAGE)
     as_safetensors = out.endswith(".safetensors")
     if as_safetensors:
         failures_path = _default_failures_path(args, out)
