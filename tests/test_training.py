@@ -102,7 +102,7 @@ def test_trainer_trains_each_head_and_its_checkpoint_loads(family, head, tmp_pat
     loaded = type(model).from_pretrained(tmp_path / "checkpoint-3")
     assert type(loaded) is type(model) and loaded.config.num_labels == model.config.num_labels
     for key, value in after.items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
     # and our save_pretrained of the trained model loads too (in transformers as well)
     model.save_pretrained(tmp_path / "final")
     theirs = getattr(transformers, family + head).from_pretrained(tmp_path / "final")
@@ -132,7 +132,7 @@ def test_trainer_gradient_checkpointing_equals_plain_run(tmp_path):
         runs[gc] = (_losses(trainer), model.state_dict())
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-6)
     for key, value in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_trainer_bf16_autocasts_on_cpu(tmp_path):
@@ -159,7 +159,7 @@ def test_trainer_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     trainer2.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert trainer2.state.global_step == 4
     for key, value in full.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
 # ------------------------------------------------------------------------------ what Trainer asks of a model
