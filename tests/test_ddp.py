@@ -9,7 +9,10 @@ case; the one-process references run here in the test process.
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,3 +198,22 @@ def test_layerdrop_without_find_unused_parameters_is_refused_by_ddp(ranks):
     for rank in range(WORLD):
         got = ranks[rank]["layerdrop-without-find-unused"]
         assert isinstance(got, str) and "find_unused_parameters=True" in got, got
+
+
+def test_trainer_under_torchrun_two_ranks(tmp_path):
+    """The README's command: Trainer + DDP (gloo) + gradient checkpointing under torchrun, 2 processes."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "trainer_ddp_smoke.py"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), "--output-dir", str(out), "--gradient-checkpointing"]
+    # cwd outside the repository: its top-level kernels/ folder must not shadow the PyPI package
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'epoch': '0.25'" in proc.stdout  # 16 samples, 2 ranks x 2 per step: 4 steps per epoch, so DDP ran
+    states = [torch.load(out / f"final-rank{r}.pt") for r in range(WORLD)]
+    model = uf.UniSpeechSatForCTC.from_pretrained(out / "checkpoint-2")  # rank 0 wrote it, config.json included
+    assert model.config.architectures == ["UniSpeechSatForCTC"]
+    loaded = model.state_dict()
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
