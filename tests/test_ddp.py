@@ -167,6 +167,14 @@ def test_ddp_two_ranks_equal_one_process(ranks, family, head):
     name = f"equal-{family}{head}"
     ddp_error, fp32_error = _fp32_distances(ranks, name)
     assert 0 < fp32_error and ddp_error <= 2 * fp32_error + 1e-7
+    # seed_layerdrop(1234) drops layer 0 in all 3 steps: its weights never get a gradient, so under
+    # DDP they must stay exactly as initialised (a gradient of zeros would let weight decay move them).
+    torch.manual_seed(0)
+    initial = getattr(uf, family + head)(_config(family, CASES[name][2])).state_dict()
+    layer0 = [k for k in initial if ".encoder.layers.0." in k]
+    assert layer0 and all(torch.equal(ranks[0][name][1][k], initial[k]) for k in layer0)
+    assert not torch.equal(ranks[0][name][1][layer0[0].replace("layers.0.", "layers.1.")],
+                           initial[layer0[0].replace("layers.0.", "layers.1.")])
     for key, value in ranks[0][name][1].items():
         torch.testing.assert_close(ranks[1][name][1][key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
 
