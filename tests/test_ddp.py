@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import unispeech_fast as uf
 from conftest import tiny_config_kwargs
+from test_training import TRAINER_CASES as HEADS  # the six fine-tuning heads
 from test_training import _labels
 
 from unispeech_fast.training import SpeechDataCollator, sample_seed
@@ -32,14 +33,6 @@ STEPS = 3
 PAD_TO = 1400  # a fixed padded length: group-norm models see the same padding in every split
 NO_DROPOUT = dict(hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
                   final_dropout=0.0)
-HEADS = [
-    ("UniSpeechSat", "ForCTC"),
-    ("UniSpeechSat", "ForSequenceClassification"),
-    ("UniSpeechSat", "ForAudioFrameClassification"),
-    ("UniSpeechSat", "ForXVector"),
-    ("UniSpeech", "ForCTC"),
-    ("UniSpeech", "ForSequenceClassification"),
-]
 # name -> (family, head, config overrides, find_unused_parameters, LayerDrop seed or None)
 CASES = {}
 for _family, _head in HEADS:
