@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .masking import compute_mask_indices_per_sample
 
@@ -55,7 +57,8 @@ class SpeechDataCollator:
       ``attention_mask`` (1 = sample) is added;
     - ``labels``: scalars (class / speaker ids) are stacked; 1-D sequences (CTC ids) are padded with
       -100; 2-D ``[frames, num_labels]`` frame labels are padded with zero rows to the batch's frame
-      count;
+      count. Mind that ``ForAudioFrameClassification``'s loss (transformers' rule) counts every frame,
+      padded ones included, and a zero row's argmax is class 0: batch equal lengths for that head;
     - ``mask_seed`` (an int, :func:`sample_seed`): when every example has one and the config's
       SpecAugment is on (``apply_spec_augment`` and ``mask_time_prob > 0``), the batch gets
       ``mask_time_indices`` drawn per sample from its seed; the model then uses them instead of
@@ -145,13 +148,7 @@ class SpeechDataCollator:
         raise ValueError(f"labels must be scalars, 1-D sequences or 2-D frame labels, got rank {dim}")
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class SaveConfigCallback(_callback_base()):
+class SaveConfigCallback(TrainerCallback):
     """Writes ``config.json`` into each checkpoint Trainer saves, so ``from_pretrained(checkpoint)``
     loads it (Trainer writes only the weights for models that are not transformers' own classes)."""
 
@@ -160,8 +157,6 @@ class SaveConfigCallback(_callback_base()):
             return control
         if model is None:
             raise ValueError("SaveConfigCallback needs Trainer to pass the model to on_save")
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"Trainer reported a save but {directory} does not exist")
