@@ -58,7 +58,7 @@ def _model(family: str, head: str, **overrides):
     return getattr(uf, family + head)(config)
 
 
-def _trainer(model, head, tmp_path, max_steps=3, callbacks=(), **args):
+def _trainer(model, head, tmp_path, max_steps=3, callbacks=(), equal_lengths=False, **args):
     kw = dict(output_dir=str(tmp_path), use_cpu=True, max_steps=max_steps, per_device_train_batch_size=2,
               learning_rate=1e-3, report_to=[], logging_steps=1, disable_tqdm=True, save_strategy="no",
               remove_unused_columns=False, seed=0, dataloader_num_workers=0)
@@ -66,7 +66,7 @@ def _trainer(model, head, tmp_path, max_steps=3, callbacks=(), **args):
     return transformers.Trainer(
         model=model,
         args=transformers.TrainingArguments(**kw),
-        train_dataset=TinySpeechDataset(head, model.config),
+        train_dataset=TinySpeechDataset(head, model.config, equal_lengths=equal_lengths),
         data_collator=SpeechDataCollator(model),
         callbacks=list(callbacks),
     )
@@ -133,6 +133,21 @@ def test_trainer_gradient_checkpointing_equals_plain_run(tmp_path):
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-6)
     for key, value in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_trainer_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """The loss is a batch mean (accepts_loss_kwargs=False): Trainer scales it by the accumulation steps,
+    so 2 x 1 accumulated equals 1 x 2 (masks come from the sample seeds, so they agree too)."""
+    runs = []
+    for batch, accumulate in ((2, 1), (1, 2)):
+        model = _model("UniSpeechSat", "ForCTC", **NO_DROPOUT)
+        trainer = _trainer(model, "ForCTC", tmp_path / str(batch), max_steps=2, equal_lengths=True,
+                           per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                           optim="sgd", learning_rate=0.05)
+        trainer.train()
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_trainer_bf16_autocasts_on_cpu(tmp_path):
