@@ -44,6 +44,11 @@ for _family, _head in HEADS:
     # find_unused_parameters=False: the default config (dropout, in-model SpecAugment) without LayerDrop.
     CASES[f"unused-{_family}{_head}"] = (_family, _head, dict(layerdrop=0.0), False, None)
 CASES["layerdrop-without-find-unused"] = ("UniSpeechSat", "ForCTC", dict(layerdrop=0.9), False, 1234)
+# Without SpecAugment, UniSpeechSat's masked_spec_embed (always present, as in transformers) is unused:
+# find_unused_parameters=False then needs it frozen (DDP skips parameters that do not require grad).
+CASES["sat-no-spec-augment-frozen-embed"] = ("UniSpeechSat", "ForCTC", dict(layerdrop=0.0, mask_time_prob=0.0),
+                                             False, None)
+CASES["sat-no-spec-augment"] = ("UniSpeechSat", "ForCTC", dict(layerdrop=0.0, mask_time_prob=0.0), False, None)
 # Control: the same as equal-UniSpeechSatForCTC but SpecAugment drawn inside the model from NumPy's
 # global RNG (seeded alike on every rank): each rank draws for its own half, so DDP != one process.
 CASES["in-model-masks"] = ("UniSpeechSat", "ForCTC", dict(NO_DROPOUT, layerdrop=0.5), True, 1234)
@@ -77,6 +82,8 @@ def _run(name, rank, world, dtype=torch.float32):
     model = getattr(uf, family + head)(config).train().to(dtype)
     if layerdrop_seed is not None:
         model.seed_layerdrop(layerdrop_seed)  # the same seed on every rank
+    if name == "sat-no-spec-augment-frozen-embed":
+        model.base_model.masked_spec_embed.requires_grad_(False)
     wrapped = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
@@ -218,3 +225,15 @@ def test_trainer_under_torchrun_two_ranks(tmp_path):
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_unused_masked_spec_embed_is_refused_unless_frozen(ranks):
+    """UniSpeechSat with mask_time_prob=0: masked_spec_embed gets no gradient, so DDP without
+    find_unused_parameters stops at step 2; frozen, the same config trains and the ranks agree."""
+    for rank in range(WORLD):
+        got = ranks[rank]["sat-no-spec-augment"]
+        assert isinstance(got, str) and "find_unused_parameters=True" in got, got
+        assert not isinstance(ranks[rank]["sat-no-spec-augment-frozen-embed"], str)
+    state = ranks[0]["sat-no-spec-augment-frozen-embed"][1]
+    for key, value in state.items():
+        torch.testing.assert_close(ranks[1]["sat-no-spec-augment-frozen-embed"][1][key], value, rtol=0, atol=0)
