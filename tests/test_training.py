@@ -106,8 +106,8 @@ def test_trainer_trains_each_head_and_its_checkpoint_loads(family, head, tmp_pat
     # and our save_pretrained of the trained model loads too (in transformers as well)
     model.save_pretrained(tmp_path / "final")
     theirs = getattr(transformers, family + head).from_pretrained(tmp_path / "final")
-    torch.testing.assert_close(theirs.state_dict()[f"{model.base_model_prefix}.encoder.layers.0.attention.q_proj.weight"],
-                               after[f"{model.base_model_prefix}.encoder.layers.0.attention.q_proj.weight"], rtol=0, atol=0)
+    key = f"{model.base_model_prefix}.encoder.layers.0.attention.q_proj.weight"
+    torch.testing.assert_close(theirs.state_dict()[key], after[key], rtol=0, atol=0)
 
 
 def test_trainer_batch_without_loss_fails_instead_of_training_on_logits(tmp_path):

@@ -394,7 +394,8 @@ class Encoder(nn.Module):
                 all_hidden.append(hidden_states)
             # LayerDrop draws torch.rand([]) per layer exactly as transformers does (same RNG stream),
             # unless seed_layerdrop gave the encoder its own generator.
-            if self.training and layerdrop > 0.0 and bool(torch.rand([], generator=self.layerdrop_generator) < layerdrop):
+            drop = self.training and layerdrop > 0.0
+            if drop and bool(torch.rand([], generator=self.layerdrop_generator) < layerdrop):
                 continue  # a skipped layer records its unchanged input as its output (transformers 4.x)
             layer_head_mask = None if head_mask is None else head_mask[i]
             if self.gradient_checkpointing and self.training:
