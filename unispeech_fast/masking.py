@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["compute_mask_indices"]
+__all__ = ["compute_mask_indices", "compute_mask_indices_per_sample"]
 
 
 def compute_mask_indices(
@@ -66,4 +66,46 @@ def compute_mask_indices(
     spans = spans + offsets.reshape(batch_size, -1)
     spans = np.minimum(spans, sequence_length - 1)
     np.put_along_axis(mask, spans, 1, -1)
+    return mask
+
+
+def compute_mask_indices_per_sample(
+    lengths: list[int],
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    seeds: list[int],
+    min_masks: int = 0,
+) -> np.ndarray:
+    """Random spans to mask, bool ``[len(lengths), num_frames]``, each row drawn only from its own seed.
+
+    Row i depends on nothing but ``(lengths[i], seeds[i])`` and the masking config: not on the other
+    rows, the batch size or the padded length. That is what makes a batch split across DDP ranks get
+    the masks it gets in one process (give each sample a seed derived from its global index, see
+    README "Training"). Per row, with ``rng = numpy.random.default_rng(seed)`` and n = the valid
+    length: ``int(mask_prob * n / mask_length + rng.random())`` spans, at least ``min_masks``, at most
+    ``n - mask_length + 1``, starts drawn without replacement from ``[0, n - mask_length]``
+    (transformers' rule, except that its epsilon is shared by the batch and its caps use the padded
+    length). Frames at or past ``lengths[i]`` are never masked.
+    """
+    if mask_length < 1:
+        raise ValueError(f"mask_length must be at least 1, got {mask_length}")
+    if len(seeds) != len(lengths):
+        raise ValueError(f"seeds must give one seed per row: got {len(seeds)} seeds for {len(lengths)} rows")
+    mask = np.zeros((len(lengths), num_frames), dtype=bool)
+    for i, (n, seed) in enumerate(zip(lengths, seeds)):
+        n = int(n)
+        if not 0 <= n <= num_frames:
+            raise ValueError(f"lengths[{i}] = {n} must be in [0, num_frames={num_frames}]")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seeds[{i}] must be a non-negative int, got {seed!r}")
+        rng = np.random.default_rng(int(seed))
+        epsilon = rng.random()
+        starts_available = n - mask_length + 1
+        if starts_available <= 0:
+            continue
+        count = max(int(mask_prob * n / mask_length + epsilon), min_masks)
+        count = min(count, starts_available)
+        for start in rng.choice(starts_available, count, replace=False):
+            mask[i, start:start + mask_length] = True
     return mask

@@ -359,6 +359,9 @@ class Encoder(nn.Module):
         layer_cls = EncoderLayerStableLayerNorm if self.stable else EncoderLayer
         self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        # None: LayerDrop draws from the global torch RNG (transformers' stream). A generator (set by
+        # PreTrainedModel.seed_layerdrop) gives draws that do not depend on batch size or dropout.
+        self.layerdrop_generator: torch.Generator | None = None
 
     def forward(
         self,
@@ -389,8 +392,10 @@ class Encoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            # LayerDrop draws torch.rand([]) per layer exactly as transformers does (same RNG stream).
-            if self.training and layerdrop > 0.0 and bool(torch.rand([]) < layerdrop):
+            # LayerDrop draws torch.rand([]) per layer exactly as transformers does (same RNG stream),
+            # unless seed_layerdrop gave the encoder its own generator.
+            drop = self.training and layerdrop > 0.0
+            if drop and bool(torch.rand([], generator=self.layerdrop_generator) < layerdrop):
                 continue  # a skipped layer records its unchanged input as its output (transformers 4.x)
             layer_head_mask = None if head_mask is None else head_mask[i]
             if self.gradient_checkpointing and self.training:

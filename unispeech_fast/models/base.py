@@ -28,6 +28,16 @@ class PreTrainedModel(nn.Module):
     config_class: ClassVar[type[_BaseConfig]]
     base_model_prefix: ClassVar[str]
     main_input_name: ClassVar[str] = "input_values"
+    # What transformers' Trainer, Accelerate and PEFT read from a model (see README "Training").
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_load_missing: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str] | None] = None
+    _no_split_modules: ClassVar[list[str]] = ["EncoderLayer", "EncoderLayerStableLayerNorm"]
+    is_parallelizable: ClassVar[bool] = False
+    # The loss is a mean over the batch; it takes no ``num_items_in_batch``, so Trainer divides it by
+    # the gradient-accumulation steps itself.
+    accepts_loss_kwargs: ClassVar[bool] = False
     # Parameters that transformers initialises fresh when absent from a checkpoint of the same family
     # (the backbone's ``masked_spec_embed`` depends on the masking config for UniSpeech).
     _optional_backbone_keys: ClassVar[tuple[str, ...]] = ("masked_spec_embed",)
@@ -63,8 +73,45 @@ class PreTrainedModel(nn.Module):
     def base_model(self) -> "Backbone":
         return getattr(self, self.base_model_prefix, self)  # type: ignore[return-value]
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` if ``only_trainable``).
+
+        ``exclude_embeddings`` is accepted for transformers' signature (Trainer passes it); these models
+        have no token embeddings (no ``nn.Embedding``), so it changes nothing.
+        """
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Encoders only: nothing here generates (Trainer and pipelines ask)."""
+        return False
+
+    def floating_point_ops(self, inputs: dict[str, Any], exclude_embeddings: bool = True) -> int:
+        """Estimated FLOPs of one forward + backward on ``inputs`` (a batch dict with ``input_values``).
+
+        6 x (multiply-accumulates of the conv feature encoder) + 6 x frames x (parameters outside the
+        feature encoder), frames counted on the padded batch; attention's T^2 term is left out, as
+        transformers' own 6 x tokens x parameters estimate does. ``exclude_embeddings`` is accepted for
+        transformers' signature and changes nothing (no embeddings).
+        """
+        values = inputs.get(self.main_input_name) if isinstance(inputs, dict) else None
+        if not isinstance(values, torch.Tensor) or values.dim() != 2:
+            raise ValueError(
+                f"inputs must be a dict holding {self.main_input_name!r} of shape [batch, samples], got "
+                f"{type(values).__name__ if not isinstance(values, torch.Tensor) else tuple(values.shape)}"
+            )
+        batch, length = values.shape
+        conv_macs = 0
+        in_channels = 1
+        for out_channels, kernel, stride in zip(self.config.conv_dim, self.config.conv_kernel, self.config.conv_stride):
+            length = (length - kernel) // stride + 1
+            conv_macs += in_channels * out_channels * kernel * max(length, 0)
+            in_channels = out_channels
+        frames = max(length, 0)
+        encoder_params = self.num_parameters() - sum(
+            p.numel() for p in self.base_model.feature_extractor.parameters()
+        )
+        return int(6 * batch * (conv_macs + frames * encoder_params))
 
     # -------------------------------------------------------------------------------- lengths and masks
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
@@ -81,7 +128,27 @@ class PreTrainedModel(nn.Module):
         return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
     # -------------------------------------------------------------------------------- training helpers
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int | None = None,
+        offload: bool = False,
+    ) -> None:
+        """Recompute each encoder layer (and the conv feature encoder) in backward instead of storing
+        its activations; only in training. Non-reentrant ``torch.utils.checkpoint`` is the one mode
+        (it composes with DDP and with frozen inputs), so ``gradient_checkpointing_kwargs`` may only
+        hold ``use_reentrant=False``; ``every_n_layers`` may only be 1 (or None) and ``offload`` False.
+        The signature is transformers' (Trainer calls it with these arguments)."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False) is not False or kwargs:
+            raise ValueError(
+                "gradient_checkpointing_kwargs supports only {'use_reentrant': False} (non-reentrant "
+                f"checkpointing is the one mode implemented), got {gradient_checkpointing_kwargs!r}"
+            )
+        if every_n_layers not in (None, 1) or isinstance(every_n_layers, bool):
+            raise ValueError(f"every_n_layers must be 1 or None (every layer is checkpointed), got {every_n_layers!r}")
+        if offload is not False:
+            raise ValueError(f"offload must be False (activation offloading is not implemented), got {offload!r}")
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
@@ -94,6 +161,39 @@ class PreTrainedModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int | None = None,
+        offload: bool = False,
+    ) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (Trainer's
+        ``gradient_checkpointing=True`` / ``activation_checkpointing=True`` calls this one)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+    def seed_layerdrop(self, seed: int | None) -> None:
+        """Draw LayerDrop decisions from a generator of their own, seeded with ``seed``.
+
+        By default LayerDrop draws ``torch.rand([])`` per layer from the global torch RNG, exactly as
+        transformers does; under DDP that stream moves with each rank's dropout draws (whose count
+        depends on the local batch), so ranks would drop different layers. With the same ``seed`` on
+        every rank, every forward draws the same ``num_hidden_layers`` numbers on every rank and in a
+        one-process run, whatever the batch. ``None`` goes back to the global RNG. The generator's
+        state is not part of ``state_dict`` (keys stay transformers').
+        """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        for module in self.modules():
+            if hasattr(module, "layerdrop_generator"):
+                module.layerdrop_generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def freeze_feature_encoder(self) -> None:
         """Stop gradients to (and updates of) the conv feature encoder."""
