@@ -242,3 +242,31 @@ def test_backend_setting_is_per_context_and_threads_do_not_inherit_it():
             seen["copied"] = pool.submit(ctx.run, uf.current_backend).result()
     assert seen == {"thread": default, "pool": default, "copied": "eager"}
     assert uf.current_backend() == default
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_keeps_the_default_paths_dense_kernels():
+    """Under ``torch.compile`` the dense layers run the same registered oneDNN op as the default path
+    (not the compiler's own F.linear), with the same outputs."""
+    import collections
+
+    reasons = dispatch.available_backends("cpu")["linear"]["cpp"]
+    assert not reasons, f"the cpp linear cannot run here: {reasons}"
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", **NO_RANDOMNESS))
+    model = uf.UniSpeechSatForCTC(config).eval()
+    x, mask = padded_batch(LENGTHS)
+    targets: collections.Counter = collections.Counter()
+
+    def recording_backend(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), uf.backend("auto"):
+        ref = model(x, attention_mask=mask).logits
+        out = torch.compile(model, backend=recording_backend, fullgraph=True)(x, attention_mask=mask).logits
+    torch._dynamo.reset()
+    # feature projection + per layer q, k, v, out and the two feed-forward layers (the CTC head is F.linear
+    # on the default path too)
+    assert targets["unispeech_fast.onednn_linear.default"] == 1 + 6 * config.num_hidden_layers, dict(targets)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
