@@ -61,11 +61,10 @@ _TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
 
 def _hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward/backward (pre-)hooks that would do something when it is called."""
-    for table in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                  module._backward_pre_hooks):
-        if any(getattr(fn, "__module__", None) != _TRANSFORMERS_CAPTURE for fn in table.values()):
-            return True
-    return False
+    tables = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if not any(tables):
+        return False
+    return any(getattr(fn, "__module__", None) != _TRANSFORMERS_CAPTURE for table in tables for fn in table.values())
 
 
 def _is_weight_normed(module: nn.Module) -> bool:
@@ -127,17 +126,22 @@ class _Follower:
         if self.model.config.to_dict() != self.config_dict:
             self._build()  # a config edit may change structure or constants baked into our modules
             return self.ours
-        called: list[str] = []
-        self._sync(self.ours, self.model, "", called)
-        self._check_hooks(called)
+        self._sync(self.ours, self.model, "")
         return self.ours
 
-    def _sync(self, ours: nn.Module, theirs: nn.Module, path: str, called: list[str]) -> None:
+    def _sync(self, ours: nn.Module, theirs: nn.Module, path: str) -> None:
+        """Follow ``theirs`` (the transformers module at ``path``, whose place our ``ours`` takes)."""
         if type(theirs) is not self.types[path]:
             raise PatchedModelChangedError(
                 f"the patched model's submodule {path!r} was replaced ({self.types[path].__name__} -> "
                 f"{type(theirs).__name__}); patch() follows replaced Linear/Conv1d/LayerNorm/GroupNorm/Dropout "
                 f"layers only. Call unispeech_fast.unpatch(model) to run transformers' forward")
+        if path and not isinstance(theirs, _CONTAINERS):  # the model's own hooks run (its __call__ runs)
+            _refuse_hooks(path, theirs)
+        for child, sub in theirs._modules.items():  # modules of theirs that ours has no counterpart of
+            if sub is not None and child not in ours._modules:
+                for sub_path, module in sub.named_modules(prefix=f"{path}.{child}" if path else child):
+                    _refuse_hooks(sub_path, module)
         ours.training = theirs.training
         for flag in ("gradient_checkpointing", "_requires_grad"):
             if flag in vars(ours) and flag in vars(theirs):
@@ -160,29 +164,23 @@ class _Follower:
             target = theirs._modules.get(child)
             if target is None:
                 raise PatchedModelChangedError(f"the patched model's submodule {sub_path!r} was removed")
-            if sub_path in self.shared:
+            if sub_path in self.shared:  # called as a module (its hooks run) unless its weights are read
                 read = self.shared[sub_path]
-                if read is None:
-                    called.append(sub_path)
-                else:
+                if read is not None:
                     _check_weight_read(sub_path, target, *read)
                 if sub is not target:
                     ours._modules[child] = target
             else:
-                self._sync(sub, target, sub_path, called)
+                self._sync(sub, target, sub_path)
 
-    def _check_hooks(self, called: list[str]) -> None:
-        prefixes = tuple(p + "." for p in called)
-        allowed = set(called)
-        for path, module in self.model.named_modules():
-            if not path or not _hooks(module) or isinstance(module, _CONTAINERS):
-                continue
-            if path in allowed or path.startswith(prefixes):
-                continue  # a layer unispeech_fast calls as a module (or inside one): its hooks run
-            raise PatchedModelChangedError(
-                f"the patched model's submodule {path!r} ({type(module).__name__}) has hooks, but unispeech_fast "
-                f"runs its own module there, so they would never fire; hook a Linear/LayerNorm/Dropout layer "
-                f"(or the whole model) instead, or call unispeech_fast.unpatch(model) to run transformers' forward")
+
+def _refuse_hooks(path: str, module: nn.Module) -> None:
+    """Hooks on a transformers module that unispeech_fast never calls would never fire: refuse them."""
+    if _hooks(module):
+        raise PatchedModelChangedError(
+            f"the patched model's submodule {path!r} ({type(module).__name__}) has hooks, but unispeech_fast "
+            f"runs its own module there, so they would never fire; hook a Linear/LayerNorm/Dropout layer "
+            f"(or the whole model) instead, or call unispeech_fast.unpatch(model) to run transformers' forward")
 
 
 def _check_weight_read(path: str, layer: nn.Module, base: type, weight_normed: bool) -> None:
