@@ -205,3 +205,19 @@ def test_changes_patch_cannot_follow_are_refused(what):
     uf.unpatch(patched)
     if what != "wrapped_tdnn_kernel":  # transformers' TDNN reads the kernel's weight too
         _out(patched)  # transformers' own forward still runs
+
+
+def test_gradient_checkpointing_and_feature_encoder_freezing_are_mirrored():
+    patched, ref = _pair()
+    ours = vars(patched)["_unispeech_fast_model"]
+    patched.gradient_checkpointing_enable()
+    patched.freeze_feature_encoder()
+    patched.train()
+    x, mask = padded_batch([1200, 900])
+    patched(x, attention_mask=mask).logits.square().mean().backward()
+    assert ours.unispeech_sat.encoder.gradient_checkpointing
+    assert not ours.unispeech_sat.feature_extractor._requires_grad
+    assert all(p.grad is None for p in patched.unispeech_sat.feature_extractor.parameters())
+    patched.gradient_checkpointing_disable()
+    _out(patched)
+    assert not ours.unispeech_sat.encoder.gradient_checkpointing
