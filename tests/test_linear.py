@@ -82,3 +82,17 @@ def test_models_call_wrapped_or_hooked_projections_as_modules():
         plain = model(x).last_hidden_state
     assert seen == ["q_proj", "out_proj", "output_dense"]
     torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_cpp_linear_is_a_registered_op_that_torch_compile_keeps():
+    """The cpp backend is the custom op ``unispeech_fast::onednn_linear`` (fake shapes checked by opcheck),
+    so a compiled model keeps it; see tests/test_reliability.py for the whole model."""
+    from unispeech_fast.ops.linear import _onednn_linear
+
+    for x, w, b in [(torch.randn(2, 5, 7), torch.randn(3, 7), torch.randn(3)),
+                    (torch.randn(9, 1000), torch.randn(4, 1000), None)]:
+        torch.library.opcheck(_onednn_linear, (x, w, b))
+        with torch.no_grad():
+            compiled = torch.compile(linear_cpp, backend="aot_eager", fullgraph=True)(x, w, b)
+        torch.testing.assert_close(compiled, linear_cpp(x, w, b), atol=0, rtol=0)

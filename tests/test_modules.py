@@ -1,4 +1,4 @@
-"""Module-level behaviour that the parity tests do not isolate: the fused q/k/v projection."""
+"""Module-level behaviour that the parity tests do not isolate: the q/k/v projections."""
 
 from __future__ import annotations
 
@@ -20,23 +20,25 @@ def _attention_with_separate_projections(attn: Attention, x: torch.Tensor) -> to
     return attn.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-def test_fused_qkv_matches_separate_projections_and_sees_weight_updates():
+def test_qkv_projections_match_separate_projections_and_see_every_weight_update():
     attn = Attention(UniSpeechSatConfig(hidden_size=32, num_attention_heads=4)).eval()
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
         torch.testing.assert_close(attn(x)[0], _attention_with_separate_projections(attn, x))
-        cached = attn._qkv_cache[1]
-        attn(x)
-        assert attn._qkv_cache[1] is cached  # unchanged weights: reused, not re-concatenated
-        attn.k_proj.weight.mul_(-2.0)  # in-place update: must invalidate the cache
+        attn.k_proj.weight.mul_(-2.0)  # in-place update
         attn.v_proj.bias.add_(1.0)
+        torch.testing.assert_close(attn(x)[0], _attention_with_separate_projections(attn, x))
+    attn.q_proj.weight.data.add_(0.5)  # .data write: no version bump, must still be seen
+    with torch.no_grad():
         torch.testing.assert_close(attn(x)[0], _attention_with_separate_projections(attn, x))
     attn.load_state_dict({k: torch.randn_like(v) for k, v in attn.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(attn(x)[0], _attention_with_separate_projections(attn, x))
+    assert not [k for k, v in vars(attn).items() if isinstance(v, (torch.Tensor, tuple))], \
+        "Attention must keep no derived tensors between calls"
 
 
-def test_fused_qkv_gradients_reach_each_projection():
+def test_qkv_gradients_reach_each_projection():
     attn = Attention(UniSpeechSatConfig(hidden_size=32, num_attention_heads=4)).eval()  # no dropout
     x = torch.randn(2, 5, 32)
     attn(x)[0].square().sum().backward()
@@ -45,4 +47,3 @@ def test_fused_qkv_gradients_reach_each_projection():
     _attention_with_separate_projections(attn, x).square().sum().backward()
     for name, p in attn.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, msg=name)
-    assert attn._qkv_cache is None  # nothing cached on the autograd path

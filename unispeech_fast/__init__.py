@@ -17,7 +17,7 @@ from .dispatch import (
     verify,
 )
 from .loading import CheckpointError
-from .patching import is_patched, patch, unpatch
+from .patching import PatchedModelChangedError, is_patched, patch, unpatch
 from .models import (
     MODEL_CLASSES,
     UniSpeechForCTC,
@@ -54,6 +54,7 @@ __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "PatchedModelChangedError",
     "BackendNotSupportedError",
     "VerificationError",
     "CheckpointError",

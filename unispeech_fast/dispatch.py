@@ -208,6 +208,10 @@ def backend(name: str = "auto") -> Iterator[str]:
 
     ``"auto"`` picks the first backend that supports each call; any other name forces that backend
     and raises :class:`BackendNotSupportedError` where it cannot run.
+
+    The setting is a context variable: it holds in this thread (or asyncio task) only. Threads and
+    thread pools started inside the block run the default (``$UNISPEECH_FAST_BACKEND``, else auto)
+    unless they enter ``backend()`` themselves or run in ``contextvars.copy_context()``.
     """
     token = _backend_var.set(_check_name(name))
     previous, _compile_mirror["backend"] = _compile_mirror["backend"], name

@@ -49,8 +49,6 @@ _ONEDNN = torch.backends.mkldnn.is_available() and _onednn_op() is not None  # r
 
 def _cpp_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
     reasons = []
-    if torch.compiler.is_compiling():
-        reasons.append("under torch.compile the dense layers are left to the compiler")
     if x.device.type != "cpu" or weight.device.type != "cpu":
         reasons.append(f"the oneDNN linear serves CPU tensors, got {x.device.type}")
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
@@ -64,8 +62,24 @@ def _cpp_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return reasons
 
 
+@torch.library.custom_op("unispeech_fast::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The cpp backend as one registered op, so torch.compile keeps it (inductor would otherwise try
+    to lower ``mkldnn._linear_pointwise`` itself, which it does only for its own prepacked weights)."""
+    return _linear_chunked(x, weight, bias)
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """oneDNN matmul, the reduction split into chunks of at most :data:`K_CHUNK` (inference only)."""
+    return _onednn_linear(x, weight, bias)
+
+
+def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     op = _onednn_op()
     k = x.shape[-1]
     lead = x.shape[:-1]

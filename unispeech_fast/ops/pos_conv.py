@@ -9,14 +9,11 @@ Backends: ``eager`` (:func:`pos_conv_ref`) and ``triton`` (``kernels/pos_conv.py
 implicit-GEMM kernel for conv + bias + exact GELU + residual; backward as GELU'-scaling, a second
 implicit GEMM for the input gradient and a split reduction for the weight gradient), registered as
 the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd``. The weight norm itself stays in
-torch: folded once per weight change without grad, and differentiated by torch's weight-norm
-backward under autograd.
+torch: folded on every call (no cache that could go stale), and differentiated by torch's
+weight-norm backward under autograd.
 """
 
 from __future__ import annotations
-
-import collections
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +55,11 @@ dispatch.register("pos_conv", "eager")(pos_conv_ref)
 
 # ---------------------------------------------------------------------------------------------- triton
 # Weight folding. ``W = torch._weight_norm(v, g, 2)`` is packed per group into the GEMM layout the
-# kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``). Under
-# autograd this happens on every call with torch ops, so torch's own weight-norm backward (and the
-# permute's) carries the packed weight's gradient to ``weight_g`` and ``weight_v``. Without grad the
-# packed weight is cached until g or v changes: the key holds each tensor's data pointer, version
-# counter (bumped by in-place updates such as ``with torch.no_grad(): v.add_(1)``), shape, strides,
-# dtype and device, plus a weak reference that must still be alive (so freed memory reused by a new
-# tensor cannot hit a stale entry). Writes through ``.data`` bypass the version counter and are not seen.
-_FOLD_CACHE_SIZE = 8
-_FOLD_CACHE: "collections.OrderedDict[tuple, tuple[weakref.ref, weakref.ref, torch.Tensor]]" = collections.OrderedDict()
-
+# kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``), with torch ops
+# on every call: under autograd torch's own weight-norm backward (and the permute's) carries the packed
+# weight's gradient to ``weight_g`` and ``weight_v``, and without grad nothing is kept between calls, so
+# the packed weight can never disagree with g and v however they were changed (``.data`` writes, which
+# bypass the version counter, included). Folding costs one pass over v, small next to the conv itself.
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (batch; groups x channel blocks)
@@ -78,31 +70,6 @@ def _fold_weight(weight_g: torch.Tensor, weight_v: torch.Tensor, groups: int) ->
     weight = torch._weight_norm(weight_v, weight_g, 2)
     hidden, channels, kernel = weight.shape
     return weight.view(groups, channels, channels, kernel).permute(0, 3, 2, 1).reshape(groups, kernel * channels, channels)
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
-
-
-def _packed_weight(weight_g: torch.Tensor, weight_v: torch.Tensor, groups: int) -> torch.Tensor:
-    """The packed folded weight: recomputed under autograd or compile, cached otherwise."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad)):
-        return _fold_weight(weight_g, weight_v, groups).contiguous()
-    try:
-        key = (_tensor_key(weight_g), _tensor_key(weight_v), groups)
-    except RuntimeError:  # inference-mode tensors have no version counter: nothing to key a cache on
-        with torch.no_grad():
-            return _fold_weight(weight_g, weight_v, groups).contiguous()
-    hit = _FOLD_CACHE.get(key)
-    if hit is not None and hit[0]() is not None and hit[1]() is not None:
-        _FOLD_CACHE.move_to_end(key)
-        return hit[2]
-    with torch.no_grad():
-        packed = _fold_weight(weight_g, weight_v, groups).contiguous()
-    _FOLD_CACHE[key] = (weakref.ref(weight_g), weakref.ref(weight_v), packed)
-    while len(_FOLD_CACHE) > _FOLD_CACHE_SIZE:
-        _FOLD_CACHE.popitem(last=False)
-    return packed
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -320,8 +287,8 @@ def _pos_conv_triton(
     groups: int,
     activation: str = "gelu",
 ) -> torch.Tensor:
-    """Triton backend: weight norm folded (and cached without grad), then one fused kernel."""
-    packed = _packed_weight(weight_g, weight_v, groups)
+    """Triton backend: weight norm folded (on every call), then one fused kernel."""
+    packed = _fold_weight(weight_g, weight_v, groups).contiguous()
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or packed.requires_grad or (bias is not None and bias.requires_grad)
     )
