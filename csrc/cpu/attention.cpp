@@ -18,15 +18,18 @@
 // key blocks of kBlockN keys. The two products per tile (S = scale Q K^T and acc += P V) are BLAS
 // GEMMs on the strided [B, T, H, D] views (one thread each inside parallel_for); the softmax pass over
 // S is explicit AVX-512 where the CPU has it, else compiled for AVX2+FMA or baseline x86-64 and
-// picked at run time. Working set per task: S (64 x 256 fp32, 64 KiB), the K and V blocks
-// (2 x 256 x D) and the accumulator (64 x D): within L2 for D <= 128.
+// picked at run time. Working set per task: S (128 x 384 fp32, 192 KiB), the K and V blocks
+// (2 x 384 x D) and the accumulator (128 x D): about 420 KiB at D = 64, within a 1 MiB L2.
 //
-// Precision: fp32 inputs compute in fp32; bf16 (and fp16) inputs are widened to fp32 once (exact),
-// so the products, the softmax statistics and the accumulator are fp32, and the output is rounded to
-// the input dtype once at the end; fp64 computes in fp64 (a reference-accuracy path).
+// Precision: fp32 inputs compute in fp32; fp64 in fp64 (a reference-accuracy path). bf16 inputs use
+// MKL's bf16 GEMM (bf16 products, fp32 accumulation) for both products, with the scores, softmax
+// statistics and accumulator in fp32 and the probabilities rounded to bf16 for the P V product (as
+// ATen's CPU flash attention does); the output is rounded to bf16 once. fp16 inputs, and bf16 where
+// libtorch exports no bf16 GEMM, are widened to fp32 once (exact) and computed in fp32.
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -38,8 +41,39 @@
 namespace unispeech_fast {
 namespace {
 
-constexpr int64_t kBlockM = 64;   // queries per task
-constexpr int64_t kBlockN = 256;  // keys per tile
+// Measured (interleaved with ATen's SDPA at B=1, 12 heads, head_dim 64, T=500 and 1500, fp32) among
+// 32..256 x 256..1024 on the 2-core AVX-512 development machine: 128 x 256..512 was best, 64 rows ~10% slower.
+constexpr int64_t kBlockM = 128;  // queries per task
+constexpr int64_t kBlockN = 384;  // keys per tile
+
+// ---------------------------------------------------------------------------------------------- GEMMs
+// MKL's bf16 x bf16 -> fp32 GEMM (column-major, Fortran calling convention), exported by libtorch on
+// x86-64 wheels; AVX512_BF16 dot products where the CPU has them. Weak: null where libtorch lacks it,
+// and then bf16 inputs take the widening path (see attention_fwd_cpu).
+extern "C" void gemm_bf16bf16f32(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                                 const float* alpha, const uint16_t* a, const int* lda, const uint16_t* b,
+                                 const int* ldb, const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+bool has_bf16_gemm() { return gemm_bf16bf16f32 != nullptr; }
+
+// Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C (op(B) = B^T when tb), per input type.
+inline void tile_gemm(bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm_rm<float>(false, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+inline void tile_gemm(bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                      const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  gemm_rm<double>(false, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+inline void tile_gemm(bool tb, int64_t M, int64_t N, int64_t K, float alpha, const c10::BFloat16* A, int64_t lda,
+                      const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  // Row-major C = A op(B) is column-major C^T = op(B)^T A^T: swap the operands (as gemm_rm does).
+  const char ca = tb ? 'T' : 'N', cb = 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int l_a = static_cast<int>(ldb), l_b = static_cast<int>(lda), l_c = static_cast<int>(ldc);
+  gemm_bf16bf16f32(&ca, &cb, &m, &n, &k, &alpha, reinterpret_cast<const uint16_t*>(B), &l_a,
+                   reinterpret_cast<const uint16_t*>(A), &l_b, &beta, C, &l_c);
+}
 
 // ---------------------------------------------------------------------------------------------- softmax pass
 // One row of one tile: s[0, n) holds scores. Replaces them with p = e^{s - m'} and returns
@@ -138,40 +172,51 @@ struct Strided {
   int64_t b, t, h;  // element strides of a [B, T, H, D] tensor with unit stride along D
 };
 
-template <typename T>
-void attention_kernel(const T* q, Strided sq, const T* k, Strided sk, const T* v, Strided sv, T* out, Strided so,
-                      int64_t B, int64_t N, int64_t H, int64_t D, const int32_t* lens, const T* head_mask, T scale) {
-  const int64_t n_qblocks = (N + kBlockM - 1) / kBlockM;
+// Tin: the element type of q, k, v and out (float, double, or bf16 with MKL's bf16 GEMM); T: the
+// compute type of the scores, softmax statistics and accumulator (float for float/bf16, double).
+template <typename Tin, typename T>
+void attention_kernel(const Tin* q, Strided sq, const Tin* k, Strided sk, const Tin* v, Strided sv, Tin* out,
+                      Strided so, int64_t B, int64_t N, int64_t H, int64_t D, const int32_t* lens, const T* head_mask,
+                      T scale) {
+  constexpr bool kSame = std::is_same_v<Tin, T>;
+  const int64_t BM = kBlockM, BN = kBlockN;
+  const int64_t n_qblocks = (N + BM - 1) / BM;
   at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBlockM * kBlockN), acc(kBlockM * D), m(kBlockM), l(kBlockM);
+    std::vector<T> S(BM * BN), acc(BM * D), m(BM), l(BM);
+    std::vector<Tin> P(kSame ? 0 : BM * BN);  // bf16: the probabilities rounded for the P V product
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks, bh = task / n_qblocks, h = bh % H, b = bh / H;
-      const int64_t t0 = qb * kBlockM, rows = std::min(kBlockM, N - t0);
+      const int64_t t0 = qb * BM, rows = std::min(BM, N - t0);
       const int64_t L = lens == nullptr ? N : lens[b];
       const T hm = head_mask == nullptr ? T(1) : head_mask[h];
-      const T* qp = q + b * sq.b + t0 * sq.t + h * sq.h;
-      const T* kp = k + b * sk.b + h * sk.h;
-      const T* vp = v + b * sv.b + h * sv.h;
-      T* op = out + b * so.b + t0 * so.t + h * so.h;
+      const Tin* qp = q + b * sq.b + t0 * sq.t + h * sq.h;
+      const Tin* kp = k + b * sk.b + h * sk.h;
+      const Tin* vp = v + b * sv.b + h * sv.h;
+      Tin* op = out + b * so.b + t0 * so.t + h * so.h;
       if (L == 0) {  // every key padded: uniform attention over all N keys
         std::fill(acc.begin(), acc.begin() + D, T(0));
         for (int64_t j = 0; j < N; ++j)
-          for (int64_t d = 0; d < D; ++d) acc[d] += vp[j * sv.t + d];
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<T>(vp[j * sv.t + d]);
         const T w = hm / static_cast<T>(N);
         for (int64_t i = 0; i < rows; ++i)
-          for (int64_t d = 0; d < D; ++d) op[i * so.t + d] = acc[d] * w;
+          for (int64_t d = 0; d < D; ++d) op[i * so.t + d] = static_cast<Tin>(acc[d] * w);
         continue;
       }
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
-      for (int64_t j0 = 0; j0 < L; j0 += kBlockN) {
-        const int64_t cols = std::min(kBlockN, L - j0);
+      for (int64_t j0 = 0; j0 < L; j0 += BN) {
+        const int64_t cols = std::min(BN, L - j0);
         // S[rows, cols] = scale * Q[rows, D] K[j0:j0+cols, D]^T
-        gemm_rm<T>(false, true, rows, cols, D, scale, qp, sq.t, kp + j0 * sk.t, sk.t, T(0), S.data(), kBlockN);
+        tile_gemm(true, rows, cols, D, scale, qp, sq.t, kp + j0 * sk.t, sk.t, T(0), S.data(), BN);
         for (int64_t i = 0; i < rows; ++i) {
           T alpha, sum;
-          softmax_row(S.data() + i * kBlockN, cols, &m[i], &alpha, &sum);
+          T* srow = S.data() + i * BN;
+          softmax_row(srow, cols, &m[i], &alpha, &sum);
           l[i] = l[i] * alpha + sum;
+          if constexpr (!kSame) {
+            Tin* prow = P.data() + i * BN;
+            for (int64_t j = 0; j < cols; ++j) prow[j] = static_cast<Tin>(srow[j]);
+          }
           T* a = acc.data() + i * D;
           if (j0 == 0) {
             std::fill(a, a + D, T(0));
@@ -180,13 +225,15 @@ void attention_kernel(const T* q, Strided sq, const T* k, Strided sk, const T* v
           }
         }
         // acc[rows, D] += P[rows, cols] V[j0:j0+cols, D]
-        gemm_rm<T>(false, false, rows, D, cols, T(1), S.data(), kBlockN, vp + j0 * sv.t, sv.t, T(1), acc.data(), D);
+        const Tin* pp;
+        if constexpr (kSame) pp = S.data(); else pp = P.data();
+        tile_gemm(false, rows, D, cols, T(1), pp, BN, vp + j0 * sv.t, sv.t, T(1), acc.data(), D);
       }
       for (int64_t i = 0; i < rows; ++i) {
         const T w = hm / l[i];
         const T* a = acc.data() + i * D;
-        T* o = op + i * so.t;
-        for (int64_t d = 0; d < D; ++d) o[d] = a[d] * w;
+        Tin* o = op + i * so.t;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Tin>(a[d] * w);
       }
     }
   });
@@ -244,18 +291,29 @@ at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     hmask = head_mask->to(compute).contiguous();
   }
 
-  // bf16/fp16: widen once to fp32 (exact); the product tiles and the softmax then run in fp32.
+  const int32_t* lens_ptr = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
+  if (q.scalar_type() == at::kBFloat16 && has_bf16_gemm()) {
+    // bf16 products with fp32 accumulation (MKL); scores, softmax statistics and the accumulator in
+    // fp32; the probabilities rounded to bf16 for the P V product; the output rounded once.
+    at::Tensor out = at::empty({B, N, H, D}, q.options());
+    if (out.numel() == 0) return out;
+    attention_kernel<c10::BFloat16, float>(
+        q.data_ptr<c10::BFloat16>(), strides_of(q), k.data_ptr<c10::BFloat16>(), strides_of(k),
+        v.data_ptr<c10::BFloat16>(), strides_of(v), out.data_ptr<c10::BFloat16>(), strides_of(out), B, N, H, D,
+        lens_ptr, hmask.defined() ? hmask.data_ptr<float>() : nullptr, static_cast<float>(scale));
+    return out;
+  }
+  // fp16 (and bf16 without MKL's bf16 GEMM): widen once to fp32 (exact); everything then runs in fp32.
   const bool narrow = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
   const at::Tensor qc = narrow ? q.to(compute) : q, kc = narrow ? k.to(compute) : k, vc = narrow ? v.to(compute) : v;
   at::Tensor out = at::empty({B, N, H, D}, q.options().dtype(compute));
   if (out.numel() == 0) return narrow ? out.to(q.scalar_type()) : out;
-  const int32_t* lens_ptr = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
   if (wide) {
-    attention_kernel<double>(qc.data_ptr<double>(), strides_of(qc), kc.data_ptr<double>(), strides_of(kc),
+    attention_kernel<double, double>(qc.data_ptr<double>(), strides_of(qc), kc.data_ptr<double>(), strides_of(kc),
                              vc.data_ptr<double>(), strides_of(vc), out.data_ptr<double>(), strides_of(out), B, N, H,
                              D, lens_ptr, hmask.defined() ? hmask.data_ptr<double>() : nullptr, scale);
   } else {
-    attention_kernel<float>(qc.data_ptr<float>(), strides_of(qc), kc.data_ptr<float>(), strides_of(kc),
+    attention_kernel<float, float>(qc.data_ptr<float>(), strides_of(qc), kc.data_ptr<float>(), strides_of(kc),
                             vc.data_ptr<float>(), strides_of(vc), out.data_ptr<float>(), strides_of(out), B, N, H, D,
                             lens_ptr, hmask.defined() ? hmask.data_ptr<float>() : nullptr, static_cast<float>(scale));
   }

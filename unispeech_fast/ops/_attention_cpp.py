@@ -2,8 +2,8 @@
 
 Layers: the kernel ``torch.ops.unispeech_fast.attention_fwd`` (schema in ``csrc/schemas.cpp``, fake in
 :mod:`._extension_ops`) -> its autograd formula (:func:`register_autograd`; there is no C++ backward:
-the backward recomputes the eager reference :func:`~unispeech_fast.ops.attention.attention_ref` under
-autograd, activation-checkpoint style, in fp32 for half inputs) -> the dispatch backend
+the backward recomputes the forward with PyTorch's SDPA under autograd, activation-checkpoint style,
+in fp32 for half inputs, with the reference's masking) -> the dispatch backend
 :func:`attention_cpp` (argument handling, ``not_supported_reasons``).
 
 The forward runs float32, bfloat16, float16 and float64 CPU tensors; half inputs are widened to fp32
@@ -16,6 +16,7 @@ served by the reference (logged once), which returns the probabilities.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from .attention import attention_ref, right_padded_lengths
@@ -34,20 +35,35 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """VJP of ``attention_fwd`` by recomputing the reference (explicit softmax) under autograd: the
-    kernel keeps no softmax statistics. Costs the reference's ``[B, heads, T, T]`` probabilities in
-    the backward, as training with the eager reference does."""
+    """VJP of ``attention_fwd`` by recomputing the forward under autograd with PyTorch's SDPA (its CPU
+    flash attention and backward; half inputs in fp32) and differentiating that: the kernel keeps no
+    softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is the
+    reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
+    every key uniformly, with no gradient to its q and k (as the reference's masked_fill gives)."""
     q, k, v, seqlens, head_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(bool(n))
                   for t, n in zip((q, k, v, head_mask), (needs[0], needs[1], needs[2], needs[4]))]
+        qh, kh, vh = (t.to(compute).transpose(1, 2) for t in leaves[:3])
         mask = None
         if seqlens is not None:
-            mask = torch.arange(q.shape[1], device=q.device)[None, :] < seqlens[:, None]
-        out, _ = attention_ref(leaves[0], leaves[1], leaves[2], mask, leaves[3], scale=ctx.scale, upcast=True)
+            # A batch row with no valid key: the reference replaces all its scores (equal scores, no
+            # gradient to q or k). Here: no mask and q = 0 there, so the scores are 0, the attention is
+            # uniform and q, k get no gradient from that row. (An all-finfo.min row would not do: SDPA's
+            # backward rebuilds P from a logsumexp in which min + log(T) rounds to min.)
+            empty = seqlens == 0
+            padded = (torch.arange(q.shape[1], device=q.device)[None, :] >= seqlens[:, None]) & ~empty[:, None]
+            mask = torch.zeros(padded.shape, device=q.device, dtype=compute)
+            mask = mask.masked_fill(padded, torch.finfo(compute).min)[:, None, None, :]
+            qh = torch.where(empty[:, None, None, None], torch.zeros_like(qh), qh)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=ctx.scale)
+        if leaves[3] is not None:
+            out = out * leaves[3].to(compute).view(1, -1, 1, 1)
+        out = out.transpose(1, 2)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.to(compute)) if wanted else ())
     dq, dk, dv, dhm = (next(grads) if (t is not None and t.requires_grad) else None for t in leaves)
     return dq, dk, dv, None, dhm, None
 
