@@ -9,6 +9,7 @@ tests/test_attention.py, shared with the Triton tests).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -152,13 +153,30 @@ def test_reasons():
         attention(q, k, v, key_padding_mask=left_padded)
 
 
-def test_need_weights_is_served_by_the_reference(caplog):
+def test_auto_takes_cpp_for_inference_only(monkeypatch):
+    """Auto skips the C++ attention where gradients are needed (its backward recomputes, so it always
+    costs more than eager); a forced backend("cpp") still trains through it."""
+    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {})  # the default order: cpp before eager
+    q, k, v = make_qkv(2, 9, 2, 8, torch.float32)
+    grad_inputs = {"q": q.clone().requires_grad_(), "k": k, "v": v}
+    assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "cpp"
+    assert dispatch.select("attention", grad_inputs).backend == "eager"
+    assert any("always costs more than eager" in r for r in _attention_cpp._cpp_reasons(**grad_inputs))
+    with torch.no_grad():
+        assert dispatch.select("attention", grad_inputs).backend == "cpp"
+    with dispatch.backend("cpp"):
+        assert dispatch.select("attention", grad_inputs).backend == "cpp"
+
+
+def test_need_weights_is_served_by_the_reference(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged_once", set())
     q, k, v = make_qkv(2, 9, 2, 8, torch.float32)
     mask = right_padded_mask([9, 4], 9)
     with dispatch.backend("cpp"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
         out, w = attention(q, k, v, key_padding_mask=mask, need_weights=True)
     ref_out, ref_w = attention_ref(q, k, v, key_padding_mask=mask, need_weights=True)
     assert torch.equal(out, ref_out) and torch.equal(w, ref_w)
+    assert "need_weights=True run the eager reference" in caplog.text
 
 
 def test_kernel_errors_name_the_argument():
@@ -227,7 +245,7 @@ NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropo
     ("UniSpeechSat", "Model", "layer"),
     ("UniSpeechSat", "ForXVector", "group"),
 ])
-def test_whole_model_under_cpp_equals_eager(family, head, norm):
+def test_whole_model_under_cpp_equals_eager(family, head, norm, monkeypatch):
     """``backend("cpp")`` runs every op of a model's inference (fp32) on the C++ kernels, attention
     included, with a padded batch and a per-layer head mask, and matches eager."""
     config = getattr(uf, family + "Config")(**tiny_config_kwargs(
@@ -242,16 +260,12 @@ def test_whole_model_under_cpp_equals_eager(family, head, norm):
         calls.append(1)
         return impl.fn(**kw)
 
-    dispatch._REGISTRY["attention"]["cpp"] = dispatch.OpImpl(impl.op, impl.backend, counting,
-                                                            impl.not_supported_reasons, impl.is_stochastic)
-    try:
-        with torch.no_grad():
-            with uf.backend("eager"):
-                ref = model(x, attention_mask=mask, head_mask=head_mask)
-            with uf.backend("cpp"):
-                out = model(x, attention_mask=mask, head_mask=head_mask)
-    finally:
-        dispatch._REGISTRY["attention"]["cpp"] = impl
+    monkeypatch.setitem(dispatch._REGISTRY["attention"], "cpp", dataclasses.replace(impl, fn=counting))
+    with torch.no_grad():
+        with uf.backend("eager"):
+            ref = model(x, attention_mask=mask, head_mask=head_mask)
+        with uf.backend("cpp"):
+            out = model(x, attention_mask=mask, head_mask=head_mask)
     assert len(calls) == config.num_hidden_layers
     for key, value in ref.items():
         if isinstance(value, torch.Tensor):

@@ -10,7 +10,8 @@ The forward runs float32, bfloat16, float16 and float64 CPU tensors; half inputs
 inside the kernel, so products, softmax statistics and accumulation are fp32 and the output is rounded
 once. Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
 attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
-served by the reference (logged once), which returns the probabilities.
+served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
+inference only: with gradients its recomputing backward always costs more than the eager backend's.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .attention import attention_ref, right_padded_lengths
+from .attention import _last_dim_contiguous, attention_ref, right_padded_lengths
 
 __all__ = ["attention_cpp", "register_autograd"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
+_AUTO_SKIPS_TRAINING = (
+    "auto does not take the C++ attention for calls that need gradients: its backward recomputes the forward "
+    "and then runs SDPA's forward and backward, so it always costs more than eager; force it with backend('cpp')"
+)
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -103,6 +108,8 @@ def _cpp_reasons(
         reasons.append(f"the C++ attention supports head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
     if dropout_p > 0.0:
         reasons.append(f"the C++ attention has no dropout (training with attention dropout), got dropout_p={dropout_p}")
+    if dispatch.current_backend() == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        reasons.append(_AUTO_SKIPS_TRAINING)
     if head_mask is not None and (head_mask.dim() != 1 or head_mask.shape[0] != q.shape[2]
                                   or not head_mask.is_floating_point() or head_mask.device.type != "cpu"):
         reasons.append(f"head_mask must be a floating-point CPU tensor of shape [heads] = ({q.shape[2]},), got "
@@ -118,10 +125,6 @@ def _cpp_reasons(
             # models' guarantee (right padding) is relied on.
             reasons.append("the C++ attention needs a right-padded key_padding_mask (valid keys first) in every row")
     return reasons
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def attention_cpp(
