@@ -40,8 +40,11 @@ TORCH_LIBRARY(unispeech_fast, m) {
   m.def("gumbel_quantizer_bwd(Tensor grad_quantized, Tensor grad_perplexity, Tensor logits, Tensor codevectors, "
         "Tensor indices, Tensor soft, int num_groups, float temperature, bool sample) -> (Tensor, Tensor)");
 
-  // Attention forward (CUDA). q, k, v [B, T, heads, head_dim] with a contiguous last dim (views of a
-  // fused QKV projection are fine); seqlens int32 [B]: keys at positions >= seqlens[b] are masked;
-  // head_mask [heads] multiplies each head's probabilities. Returns out [B, T, heads, head_dim].
+  // Attention forward (CPU: csrc/cpu/attention.cpp, CUDA: csrc/cuda/attention.cu). q, k, v
+  // [B, T, heads, head_dim] with a contiguous last dim (views of a fused QKV projection are fine);
+  // seqlens int32 [B]: keys at positions >= seqlens[b] are masked (a row with seqlens[b] = 0 attends
+  // to all T keys uniformly, as the eager reference does); head_mask [heads] multiplies each head's
+  // probabilities. Returns out [B, T, heads, head_dim]. No backward kernel: the autograd formula
+  // recomputes the eager reference (unispeech_fast/ops/_attention_cpp.py).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens, Tensor? head_mask, float scale) -> Tensor");
 }

@@ -43,13 +43,13 @@ def _run(fn, q, k, v, dout, **kw):
     return [out.detach()] + list(qkv.grad.unbind(2))
 
 
-def check_against_reference(q, k, v, **kw):
-    """Triton output and gradients vs the fp64 reference: error <= 2x eager's error in q's dtype + floor."""
+def check_against_reference(q, k, v, backend="triton", **kw):
+    """``backend``'s output and gradients vs the fp64 reference: error <= 2x eager's error in q's dtype + floor."""
     dtype = q.dtype
     dout = torch.randn(q.shape, device=q.device, dtype=torch.float64)
     ref = _run(attention_ref, q.double(), k.double(), v.double(), dout, **kw)
     eager = _run(_attention_eager, q, k, v, dout, **kw)
-    with dispatch.backend("triton"):
+    with dispatch.backend(backend):
         got = _run(attention, q, k, v, dout, **kw)
     for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, eager, ref):
         assert g.dtype == dtype and g.shape == r.shape

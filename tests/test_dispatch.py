@@ -33,9 +33,10 @@ def test_backend_table_gives_every_op_and_every_reason(monkeypatch):
         assert not line.rstrip().endswith(" triton"), "auto never picks the interpreter on CPU: " + line
 
 
-def test_auto_picks_eager_on_cpu():
+def test_auto_picks_eager_on_cpu_where_no_kernel_can_run():
     q, k, v = _qkv()
-    assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "eager"
+    # Dropout: the C++ attention refuses it and auto never takes the Triton interpreter.
+    assert dispatch.select("attention", {"q": q, "k": k, "v": v, "dropout_p": 0.1}).backend == "eager"
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
@@ -67,10 +68,10 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("UNISPEECH_FAST_BACKEND", "cpp")
     assert uf.current_backend() == "cpp"
     q, k, v = _qkv()
-    with pytest.raises(uf.BackendNotSupportedError):
-        attention(q, k, v)
+    with pytest.raises(uf.BackendNotSupportedError, match="backend 'cpp' cannot run"):
+        attention(q, k, v, dropout_p=0.1)  # the C++ attention has no dropout
     with uf.backend("eager"):  # the context manager wins over the environment
-        attention(q, k, v)
+        attention(q, k, v, dropout_p=0.1)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from .pos_conv import pos_conv, pos_conv_ref
 
 # Register the compiled extension's backends (cpp for CPU tensors, cuda for CUDA tensors). Neither
 # import loads the extension: that happens on first use, through unispeech_fast._extension.status().
-from . import _cuda, _extension_ops  # noqa: E402,F401  (isort: skip)
+from . import _attention_cpp, _cuda, _extension_ops  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
     "attention",

@@ -6,11 +6,13 @@ Three things live here:
   ``torch.compile(fullgraph=True)``;
 * autograd formulas for ``pos_conv_fwd`` (via ``pos_conv_bwd``), ``gumbel_quantizer_fwd`` (via
   ``gumbel_quantizer_bwd``) and ``conv_norm_gelu_fwd`` (by recomputing the eager layer under autograd,
-  activation-checkpoint style: the compiled forward has no hand-written backward). They call
+  activation-checkpoint style: the compiled forward has no hand-written backward), and for
+  ``attention_fwd`` (:mod:`._attention_cpp`, which recomputes the eager reference). They call
   ``torch.ops.unispeech_fast.*``, which dispatch on the device, so they serve CPU and CUDA tensors alike;
 * the dispatch backends ``cpp`` (CPU tensors) for ``feature_extractor``, ``pos_conv`` and
   ``gumbel_quantizer``, and ``cuda`` for ``pos_conv`` and ``gumbel_quantizer`` (same wrappers).
-  ``feature_extractor`` and ``attention`` register their ``cuda`` backends in :mod:`._cuda`.
+  ``feature_extractor`` and ``attention`` register their ``cuda`` backends in :mod:`._cuda`;
+  ``attention`` registers its ``cpp`` backend in :mod:`._attention_cpp`.
 
 Importing this module never loads the extension: fakes and autograd formulas are registered on the
 first call that needs the ops (through :func:`unispeech_fast._extension.status`), and where the
@@ -182,6 +184,9 @@ def _register_autograd() -> None:
     torch.library.register_autograd(f"{_NS}::pos_conv_fwd", _pos_conv_backward, setup_context=_pos_conv_setup)
     torch.library.register_autograd(f"{_NS}::gumbel_quantizer_fwd", _gumbel_backward, setup_context=_gumbel_setup)
     torch.library.register_autograd(f"{_NS}::conv_norm_gelu_fwd", _cng_backward, setup_context=_cng_setup)
+    from . import _attention_cpp  # attention_fwd's backward recomputes the reference (see that module)
+
+    _attention_cpp.register_autograd()
 
 
 # ---------------------------------------------------------------------------------------------- pos_conv

@@ -1,0 +1,161 @@
+"""The ``cpp`` backend of ``attention``: the C++ CPU flash attention (``csrc/cpu/attention.cpp``).
+
+Layers: the kernel ``torch.ops.unispeech_fast.attention_fwd`` (schema in ``csrc/schemas.cpp``, fake in
+:mod:`._extension_ops`) -> its autograd formula (:func:`register_autograd`; there is no C++ backward:
+the backward recomputes the forward with PyTorch's SDPA under autograd, activation-checkpoint style,
+in fp32 for half inputs, with the reference's masking) -> the dispatch backend
+:func:`attention_cpp` (argument handling, ``not_supported_reasons``).
+
+The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run on MKL's
+bf16 GEMM with fp32 accumulation, the scores, softmax statistics and accumulator are fp32, and the
+probabilities are rounded to bf16 for the product with V; float16 is widened to fp32; the output is
+rounded to the input dtype once (see the kernel's header comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
+attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
+served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
+inference only: with gradients its recomputing backward always costs more than the eager backend's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .attention import _last_dim_contiguous, attention_ref, right_padded_lengths
+
+__all__ = ["attention_cpp", "register_autograd"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
+_AUTO_SKIPS_TRAINING = (
+    "auto does not take the C++ attention for calls that need gradients: its backward recomputes the forward "
+    "and then runs SDPA's forward and backward, so it always costs more than eager; force it with backend('cpp')"
+)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, k, v, seqlens, head_mask, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, seqlens, head_mask)
+
+
+def _backward(ctx, grad_out):
+    """VJP of ``attention_fwd`` by recomputing the forward under autograd with PyTorch's SDPA (its CPU
+    flash attention and backward; half inputs in fp32) and differentiating that: the kernel keeps no
+    softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is the
+    reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
+    every key uniformly, with no gradient to its q and k (as the reference's masked_fill gives)."""
+    q, k, v, seqlens, head_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(bool(n))
+                  for t, n in zip((q, k, v, head_mask), (needs[0], needs[1], needs[2], needs[4]))]
+        qh, kh, vh = (t.to(compute).transpose(1, 2) for t in leaves[:3])
+        mask = None
+        if seqlens is not None:
+            # A batch row with no valid key: the reference replaces all its scores (equal scores, no
+            # gradient to q or k). Here: no mask and q = 0 there, so the scores are 0, the attention is
+            # uniform and q, k get no gradient from that row. (An all-finfo.min row would not do: SDPA's
+            # backward rebuilds P from a logsumexp in which min + log(T) rounds to min.)
+            empty = seqlens == 0
+            padded = (torch.arange(q.shape[1], device=q.device)[None, :] >= seqlens[:, None]) & ~empty[:, None]
+            mask = torch.zeros(padded.shape, device=q.device, dtype=compute)
+            mask = mask.masked_fill(padded, torch.finfo(compute).min)[:, None, None, :]
+            qh = torch.where(empty[:, None, None, None], torch.zeros_like(qh), qh)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=ctx.scale)
+        if leaves[3] is not None:
+            out = out * leaves[3].to(compute).view(1, -1, 1, 1)
+        out = out.transpose(1, 2)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.to(compute)) if wanted else ())
+    dq, dk, dv, dhm = (next(grads) if (t is not None and t.requires_grad) else None for t in leaves)
+    return dq, dk, dv, None, dhm, None
+
+
+def register_autograd() -> None:
+    """Register the recomputing backward of ``unispeech_fast::attention_fwd`` (called once the extension
+    is loaded, by :func:`unispeech_fast.ops._extension_ops.ensure_registered`)."""
+    torch.library.register_autograd("unispeech_fast::attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def _cpp_reasons(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> list[str]:
+    """Why the C++ attention cannot run this call (empty when it can)."""
+    if need_weights:
+        return []  # served by the reference (the kernel never materialises the probabilities)
+    reasons = []
+    tensors = {"q": q, "k": k, "v": v}
+    if any(t.device.type != "cpu" for t in tensors.values()):
+        reasons.append("the C++ attention serves CPU tensors, got " + ", ".join(t.device.type for t in tensors.values()))
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        reasons.append(f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
+                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)")
+        return reasons
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"the C++ attention runs float32, bfloat16, float16 or float64 for q, k and v alike, got "
+                       f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        reasons.append(f"the C++ attention supports head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if dropout_p > 0.0:
+        reasons.append(f"the C++ attention has no dropout (training with attention dropout), got dropout_p={dropout_p}")
+    if dispatch.current_backend() == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        reasons.append(_AUTO_SKIPS_TRAINING)
+    if head_mask is not None and (head_mask.dim() != 1 or head_mask.shape[0] != q.shape[2]
+                                  or not head_mask.is_floating_point() or head_mask.device.type != "cpu"):
+        reasons.append(f"head_mask must be a floating-point CPU tensor of shape [heads] = ({q.shape[2]},), got "
+                       f"{head_mask.dtype} {tuple(head_mask.shape)} on {head_mask.device.type}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != q.shape[:2]:
+            reasons.append(f"key_padding_mask must be bool [batch, frames] = {tuple(q.shape[:2])}, got "
+                           f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        elif key_padding_mask.device.type != "cpu":
+            reasons.append(f"key_padding_mask must be a CPU tensor, got {key_padding_mask.device.type}")
+        elif not torch.compiler.is_compiling() and right_padded_lengths(key_padding_mask) is None:
+            # Data-dependent (one pass over the mask); skipped while torch.compile traces, where the
+            # models' guarantee (right padding) is relied on.
+            reasons.append("the C++ attention needs a right-padded key_padding_mask (valid keys first) in every row")
+    return reasons
+
+
+def attention_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flash attention on ``torch.ops.unispeech_fast.attention_fwd`` (CPU); see :func:`attention_ref`.
+
+    q, k, v ``[batch, frames, heads, head_dim]`` (strided views of one fused projection are used in
+    place); returns ``(out [batch, frames, heads, head_dim] contiguous, None)``. ``need_weights=True``
+    is served by the reference (logged once).
+    """
+    if need_weights:
+        dispatch.log_once("attention-cpp-need-weights", "attention: the cpp backend does not materialise the "
+                          "attention probabilities; calls with need_weights=True run the eager reference")
+        return attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
+    from ._extension_ops import _ops
+
+    ops = _ops()
+    # Dispatch checked the mask is right-padded (_cpp_reasons), so its row sums are the lengths.
+    seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return ops.attention_fwd(q, k, v, seqlens, head_mask, scale), None
+
+
+dispatch.register("attention", "cpp", not_supported_reasons=_cpp_reasons)(attention_cpp)
