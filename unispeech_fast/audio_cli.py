@@ -32,6 +32,12 @@ Failure contract:
   ``--vocab``, a file of the ``--model`` checkpoint) is refused; so is an existing file (also an
   existing ``<stem>.npy`` in the ``embed`` directory, or the failures file) unless ``--overwrite``
   is given; the directory must exist (``embed`` creates its output directory) and be writable.
+
+Corpus jobs (``embed``, ``transcribe``, ``diarize`` with ``--manifest FILE|DIR --output DIR``,
+:func:`run_corpus`): one result file per input under the output directory, a per-rank done list
+in ``DIR/.corpus`` so a rerun skips what is done, the corpus split across torchrun ranks by
+duration (:func:`split_by_duration`), and one ``DIR/failures.json`` gathered by rank 0. See
+README.md, "Corpus jobs".
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "main"]
+__all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "run_corpus",
+           "read_manifest", "split_by_duration", "ManifestError", "main"]
 
 from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
@@ -684,6 +691,7 @@ class _Group:
     def __init__(self) -> None:
         self.world = _env_int("WORLD_SIZE", 1, 1)
         self.rank = _env_int("RANK", 0, 0)
+        self.local_rank = _env_int("LOCAL_RANK", 0, 0)
         if self.rank >= self.world:
             raise ManifestError(f"$RANK {self.rank} is not below $WORLD_SIZE {self.world}")
         self.created = False
@@ -826,6 +834,11 @@ def run_corpus(args: argparse.Namespace, command: str) -> int:
     except ManifestError as exc:
         return _error(str(exc), EXIT_USAGE)
     try:
+        if args.device == "cuda":
+            import torch
+
+            if torch.cuda.is_available():  # one GPU per process on a node: cuda means cuda:LOCAL_RANK
+                torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
         return _run_corpus(args, command, group)
     finally:
         group.close()
