@@ -252,14 +252,22 @@ def test_two_ranks_under_torchrun_equal_one_process(corpus, ckpts, tmp_path, cap
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = [sys.executable, "-P", "-m", "torch.distributed.run"]  # what the `torchrun` script runs
-    args = ["embed", "--manifest", corpus["tsv"], "--model", ckpts["ctc"], *EXACT]
+    # a second bad input (listed, missing) that the split gives to the other rank than broken.flac
+    tsv = tmp_path / "two.tsv"
+    tsv.write_text(open(corpus["tsv"]).read() + "spk1/missing.wav\t5000\n")
+    _, entries = audio_cli.read_manifest(str(tsv))
+    shares = audio_cli.split_by_duration([d for _, d in entries], 2)
+    bad = [os.path.join(corpus["root"], r) for r in ("spk2/broken.flac", "spk1/missing.wav")]
+    ranks = [next(r for r, share in enumerate(shares) if any(entries[i][0] == p for i in share)) for p in bad]
+    assert sorted(ranks) == [0, 1]
+    args = ["embed", "--manifest", tsv, "--model", ckpts["ctc"], *EXACT]
     assert _run(*args, "-o", tmp_path / "one") == cli.EXIT_FAILURE
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([*torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                          "-m", "unispeech_fast.audio_cli", *args, "-o", str(tmp_path / "two")],
+                          "-m", "unispeech_fast.audio_cli", *map(str, args), "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=120, env=env)
     assert two.returncode != 0, two.stderr  # a worker's exit 1 (the broken file): torchrun reports failure
-    assert "1 of 10 input(s) failed" in two.stderr, two.stderr
+    assert "2 of 11 input(s) failed" in two.stderr, two.stderr
     done = sorted(os.listdir(tmp_path / "two" / ".corpus"))
     assert done == ["done.rank0-of-2.txt", "done.rank1-of-2.txt", "job.json"]
     lists = [open(tmp_path / "two" / ".corpus" / d).read().split() for d in done[:2]]
@@ -267,8 +275,20 @@ def test_two_ranks_under_torchrun_equal_one_process(corpus, ckpts, tmp_path, cap
     assert _results(tmp_path / "two", ".npy") == _results(tmp_path / "one", ".npy")
     assert len(_results(tmp_path / "one", ".npy")) == 9
     assert (tmp_path / "two" / "failures.json").read_text() == (tmp_path / "one" / "failures.json").read_text()
+    record = json.loads((tmp_path / "two" / "failures.json").read_text())  # one list, both ranks' failures
+    assert [f["input"] for f in record["failed"]] == bad  # in manifest order
+    assert (record["succeeded"], record["total"]) == (9, 11)
     # a 1-process rerun of the 2-rank job finds everything done (the done lists of any world size count)
     assert _run(*args, "-o", tmp_path / "two") == cli.EXIT_FAILURE
-    assert "1 of 10" in capsys.readouterr().err
+    assert "2 of 11" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "two" / ".corpus" / "done.rank0-of-1.txt") or \
         open(tmp_path / "two" / ".corpus" / "done.rank0-of-1.txt").read() == ""
+
+
+def test_file_mode_under_torchrun_is_refused(corpus, ckpts, tmp_path, monkeypatch, capsys):
+    """AUDIO files under torchrun would be run and written by every rank: only corpus jobs split."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    wav = os.path.join(corpus["root"], corpus["rels"][0])
+    assert _run("transcribe", wav, "--model", ckpts["ctc"], "-o", tmp_path / "t.txt") == cli.EXIT_USAGE
+    assert "give the inputs as --manifest" in capsys.readouterr().err
+    assert not (tmp_path / "t.txt").exists()

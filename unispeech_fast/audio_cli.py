@@ -178,6 +178,10 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: CUDA is not available here (see `python -m unispeech_fast info`)", EXIT_USAGE)
+    if getattr(args, "manifest", None) is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        # every rank would run every file and write the same outputs: only corpus jobs are split
+        return _error(f"$WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): give the inputs as --manifest FILE|DIR "
+                      "with --output DIR so the ranks split them (embed, transcribe, diarize)", EXIT_USAGE)
     if args.backend is None:
         try:
             args.backend = current_backend()
