@@ -32,6 +32,12 @@ Failure contract:
   ``--vocab``, a file of the ``--model`` checkpoint) is refused; so is an existing file (also an
   existing ``<stem>.npy`` in the ``embed`` directory, or the failures file) unless ``--overwrite``
   is given; the directory must exist (``embed`` creates its output directory) and be writable.
+
+Corpus jobs (``embed``, ``transcribe``, ``diarize`` with ``--manifest FILE|DIR --output DIR``,
+:func:`run_corpus`): one result file per input under the output directory, a per-rank done list
+in ``DIR/.corpus`` so a rerun skips what is done, the corpus split across torchrun ranks by
+duration (:func:`split_by_duration`), and one ``DIR/failures.json`` gathered by rank 0. See
+README.md, "Corpus jobs".
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "main"]
+__all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "run_corpus",
+           "read_manifest", "split_by_duration", "ManifestError", "main"]
 
 from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
@@ -59,12 +66,19 @@ def _fraction(name: str, high_open: bool):
     return parse
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, corpus: bool = False) -> None:
     from .cli import _positive  # imported here: cli imports this module to add these commands
     from .dispatch import BACKENDS
 
-    p.add_argument("audio", nargs="+", metavar="AUDIO",
+    p.add_argument("audio", nargs="*" if corpus else "+", metavar="AUDIO",
                    help="audio files (WAV, FLAC, OGG, ...); mixed down to mono and resampled to 16 kHz")
+    if corpus:
+        p.add_argument("--manifest", metavar="FILE|DIR", default=None,
+                       help="a corpus instead of AUDIO: a fairseq .tsv manifest (first line the root directory, "
+                            "then relpath<TAB>num_samples), a .jsonl manifest ({\"path\": ..., \"duration\": "
+                            "seconds} per line), or a directory (every audio file below it). Results go to one "
+                            "file per input under the --output directory; a rerun skips what is done; under "
+                            "torchrun the corpus is split across ranks by duration (see README, Corpus jobs)")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json + weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -97,7 +111,7 @@ def add_parsers(subparsers) -> None:
         "embed", help="backbone embeddings of audio files (.npy or .safetensors)",
         description="Run the checkpoint's backbone on each file and write its last_hidden_state "
                     "(or hidden_states[--layer]), mean-pooled over the file's frames or every frame.")
-    _common(p)
+    _common(p, corpus=True)
     p.add_argument("--output", "-o", required=True, metavar="PATH",
                    help="a directory (one <stem>.npy per file) or a .safetensors file (one tensor per file)")
     p.add_argument("--pool", choices=("mean", "frames"), default="mean",
@@ -110,7 +124,7 @@ def add_parsers(subparsers) -> None:
         "transcribe", help="greedy CTC transcripts (a *ForCTC checkpoint with vocab.json)",
         description="Greedy CTC decoding: argmax per frame, repeats collapsed, the blank "
                     "(config.pad_token_id) dropped, '|' read as a space.")
-    _common(p)
+    _common(p, corpus=True)
     p.add_argument("--vocab", metavar="FILE", default=None, help="vocab.json (default: the checkpoint's)")
     p.add_argument("--output", "-o", metavar="FILE", default=None,
                    help="write '<file>\\t<text>' lines here instead of stdout")
@@ -120,7 +134,7 @@ def add_parsers(subparsers) -> None:
         "diarize", help="speaker-activity segments as RTTM (a *ForAudioFrameClassification checkpoint)",
         description="Per-frame sigmoid of each label > --threshold gives the label's segments, written "
                     "as RTTM SPEAKER lines.")
-    _common(p)
+    _common(p, corpus=True)
     p.add_argument("--threshold", type=_fraction("--threshold", high_open=False), default=0.5,
                    help="activity threshold on the sigmoid (default: 0.5)")
     p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the RTTM here instead of stdout")
@@ -152,8 +166,9 @@ class _ReportedFailures(dict):
         super().__setitem__(key, reason)
 
 
-def _run_task(args: argparse.Namespace, task: Callable[..., int]) -> int:
-    """Common setup (device, threads, backend, model) and the mapping of errors to exit codes."""
+def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict | None = None) -> int:
+    """Common setup (device, threads, backend, model) and the mapping of errors to exit codes.
+    ``failures`` (default: a new :class:`_ReportedFailures`) is passed to ``task`` in its options."""
     import torch
 
     from . import audio
@@ -163,6 +178,10 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int]) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: CUDA is not available here (see `python -m unispeech_fast info`)", EXIT_USAGE)
+    if getattr(args, "manifest", None) is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        # every rank would run every file and write the same outputs: only corpus jobs are split
+        return _error(f"$WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): give the inputs as --manifest FILE|DIR "
+                      "with --output DIR so the ranks split them (embed, transcribe, diarize)", EXIT_USAGE)
     if args.backend is None:
         try:
             args.backend = current_backend()
@@ -179,7 +198,8 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int]) -> int:
     except (CheckpointError, ConfigError, OSError) as exc:
         return _error(f"cannot load --model {args.model}: {exc}", EXIT_FAILURE)
     options = dict(max_batch_seconds=args.max_batch_seconds, max_padding=args.max_padding, exact=args.exact,
-                   normalize=args.normalize, progress=not args.quiet, failures=_ReportedFailures())
+                   normalize=args.normalize, progress=not args.quiet,
+                   failures=_ReportedFailures() if failures is None else failures)
     try:
         with backend(args.backend):
             return task(model, options)
@@ -350,6 +370,9 @@ def _save_safetensors(tensors: dict, path: str) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if getattr(args, "manifest", None) is not None or not args.audio:
+        return run_corpus(args, "embed")
+
     from . import audio
 
     problem = _check_inputs(args)
@@ -411,6 +434,9 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from . import audio
 
+    if getattr(args, "manifest", None) is not None or not args.audio:
+        return run_corpus(args, "transcribe")
+
     failures_path = _default_failures_path(args, args.output)
     problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
     if problem:
@@ -436,6 +462,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
 
 def run_diarize(args: argparse.Namespace) -> int:
     from . import audio
+
+    if getattr(args, "manifest", None) is not None or not args.audio:
+        return run_corpus(args, "diarize")
 
     failures_path = _default_failures_path(args, args.output)
     problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
@@ -521,6 +550,411 @@ def _save_npy(path: str, array) -> None:
 
     with open(path, "wb") as f:
         np.save(f, array)
+
+
+# ============================================================================================ corpus jobs
+_STATE_DIR = ".corpus"  # inside the --output directory: job.json and the per-rank done lists
+_RESULT_SUFFIX = {"embed": ".npy", "transcribe": ".txt", "diarize": ".rttm"}
+
+
+class ManifestError(ValueError):
+    """A manifest (or corpus directory) that cannot be read; the message names the file and line."""
+
+
+def _audio_extensions() -> set[str]:
+    from . import audio
+
+    exts = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf", ".rf64"}
+    try:
+        exts |= {"." + k.lower() for k in audio._soundfile().available_formats()}
+    except Exception:  # soundfile missing: the run reports it per file
+        pass
+    return exts
+
+
+def read_manifest(source: str) -> tuple[str, list[tuple[str, float]]]:
+    """``(base, [(path, seconds), ...])`` of a corpus in its listed order.
+
+    - ``*.tsv`` (fairseq): the first line is the root directory, each further line
+      ``relpath<TAB>num_samples`` (extra tab-separated columns are ignored); num_samples is read as
+      samples at 16 kHz. The paths are joined to the root, which is also ``base``.
+    - ``*.jsonl``: one object per line with ``path`` (relative to the manifest's directory, or
+      absolute) and ``duration`` (seconds); ``base`` is the manifest's directory.
+    - a directory: every file below it with an audio extension, sorted; the duration from the
+      file's header (0 where the header cannot be read: the run reports that file).
+
+    Durations only balance the ranks; paths must lie below ``base`` (their relative path names the
+    result). Blank lines are skipped; anything else malformed raises :class:`ManifestError`.
+    """
+    from . import audio
+
+    entries: list[tuple[str, float]] = []
+    if os.path.isdir(source):
+        base = source
+        exts = _audio_extensions()
+        for root, dirs, names in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if d != _STATE_DIR)
+            for name in sorted(names):
+                if os.path.splitext(name)[1].lower() in exts:
+                    path = os.path.join(root, name)
+                    try:
+                        frames, rate, _ = audio.audio_info(path)
+                        seconds = frames / rate
+                    except audio.AudioError:
+                        seconds = 0.0
+                    entries.append((path, seconds))
+        if not entries:
+            raise ManifestError(f"--manifest {source}: no audio files below this directory")
+        return base, entries
+    if not os.path.isfile(source):
+        raise ManifestError(f"--manifest {source}: no such file or directory")
+    kind = os.path.splitext(source)[1].lower()
+    if kind not in (".tsv", ".jsonl"):
+        raise ManifestError(f"--manifest {source}: expected a .tsv or .jsonl manifest, or a directory")
+    try:
+        with open(source, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"--manifest {source}: cannot read it: {exc}") from None
+
+    def bad(number: int, what: str) -> ManifestError:
+        return ManifestError(f"--manifest {source} line {number}: {what}")
+
+    if kind == ".tsv":
+        if not lines or not lines[0].strip():
+            raise ManifestError(f"--manifest {source}: the first line must be the root directory")
+        base = lines[0].strip()
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or not fields[0]:
+                raise bad(number, f"expected relpath<TAB>num_samples, got {line!r}")
+            try:
+                samples = int(fields[1])
+            except ValueError:
+                raise bad(number, f"num_samples must be an integer, got {fields[1]!r}") from None
+            if samples < 0:
+                raise bad(number, f"num_samples must be >= 0, got {samples}")
+            entries.append((os.path.join(base, fields[0]), samples / audio.SAMPLE_RATE))
+    else:
+        import json
+        import math
+
+        base = os.path.dirname(source) or "."
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise bad(number, f"not JSON: {exc}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
+                raise bad(number, "expected an object with a non-empty string \"path\"")
+            duration = record.get("duration")
+            if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
+                    or not math.isfinite(duration) or duration < 0:
+                raise bad(number, f"\"duration\" must be a finite number of seconds >= 0, got {duration!r}")
+            entries.append((os.path.join(base, record["path"]), float(duration)))
+    if not entries:
+        raise ManifestError(f"--manifest {source}: it lists no audio files")
+    return base, entries
+
+
+def split_by_duration(seconds: Sequence[float], world_size: int) -> list[list[int]]:
+    """Indices per rank, balanced by total duration: longest first (ties in listed order), each onto
+    the least-loaded rank (ties to the lowest rank); each rank's indices in listed order. The split
+    depends only on the durations and ``world_size``."""
+    import heapq
+
+    heap = [(0.0, r) for r in range(world_size)]
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(seconds)), key=lambda i: (-seconds[i], i)):
+        load, rank = heapq.heappop(heap)
+        shares[rank].append(i)
+        heapq.heappush(heap, (load + seconds[i], rank))
+    return [sorted(s) for s in shares]
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ManifestError(f"${name} must be an integer (as torchrun sets it), got {text!r}") from None
+    if value < low:
+        raise ManifestError(f"${name} must be >= {low}, got {value}")
+    return value
+
+
+class _Group:
+    """RANK/WORLD_SIZE from the environment (torchrun); a gloo process group when WORLD_SIZE > 1."""
+
+    def __init__(self) -> None:
+        self.world = _env_int("WORLD_SIZE", 1, 1)
+        self.rank = _env_int("RANK", 0, 0)
+        self.local_rank = _env_int("LOCAL_RANK", 0, 0)
+        if self.rank >= self.world:
+            raise ManifestError(f"$RANK {self.rank} is not below $WORLD_SIZE {self.world}")
+        self.created = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")  # env:// rendezvous: MASTER_ADDR/MASTER_PORT from torchrun
+                self.created = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _job_record(args: argparse.Namespace, command: str) -> dict:
+    """What fixes the results: a rerun resumes only a job with the same record."""
+    return {"command": command, "model": os.path.realpath(args.model), "dtype": args.dtype, "device": args.device,
+            "normalize": args.normalize, "exact": args.exact, "max_batch_seconds": args.max_batch_seconds,
+            "max_padding": args.max_padding, "layer": getattr(args, "layer", None), "pool": getattr(args, "pool", None),
+            "threshold": getattr(args, "threshold", None),
+            "vocab": os.path.realpath(args.vocab) if getattr(args, "vocab", None) else None}
+
+
+def _done_keys(state: str) -> set[str]:
+    keys: set[str] = set()
+    if os.path.isdir(state):
+        for name in os.listdir(state):
+            if name.startswith("done.rank") and name.endswith(".txt"):
+                with open(os.path.join(state, name), encoding="utf-8") as f:
+                    keys.update(line.rstrip("\n") for line in f if line.endswith("\n"))
+    return keys
+
+
+def _atomic_write(path: str, write: Callable[[object], None], binary: bool) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _corpus_setup(args: argparse.Namespace, command: str, group: _Group):
+    """Checks of a corpus run (every rank makes them alike): ``(entries, keys, out, state)`` or an
+    error ``(message, code)``."""
+    import json
+
+    if args.manifest is None:
+        return "give AUDIO files or --manifest FILE|DIR", EXIT_USAGE
+    if args.audio:
+        return "give AUDIO files or --manifest, not both", EXIT_USAGE
+    out = getattr(args, "output", None)
+    if out is None:
+        return f"{command} --manifest needs --output DIR (a directory: one result file per input)", EXIT_USAGE
+    if out.endswith(".safetensors") or (os.path.exists(out) and not os.path.isdir(out)):
+        return f"--output {out}: with --manifest the output is a directory (one result file per input)", EXIT_USAGE
+    if args.failures is not None:
+        return "--failures: with --manifest the failures list is <output>/failures.json", EXIT_USAGE
+    try:
+        base, entries = read_manifest(args.manifest)
+    except ManifestError as exc:
+        return str(exc), EXIT_USAGE
+    keys: list[str] = []
+    seen: dict[str, str] = {}
+    by_result: dict[str, str] = {}
+    real_out = os.path.realpath(out)
+    for path, _ in entries:
+        rel = os.path.relpath(path, base)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+            return (f"--manifest {args.manifest}: {path} is not below {base}; the path relative to it names "
+                    "the result file"), EXIT_USAGE
+        real = os.path.realpath(path)
+        if real in seen:
+            return f"--manifest {args.manifest}: the same audio file is listed twice ({seen[real]} and {path})", \
+                EXIT_USAGE
+        seen[real] = path
+        if real == real_out or real.startswith(real_out + os.sep):
+            return f"--output {out}: the input {path} lies inside it; choose another directory", EXIT_USAGE
+        key = os.path.splitext(rel)[0].replace(os.sep, "/")
+        if key in by_result:
+            return (f"{by_result[key]} and {path} would both be written as {key}{_RESULT_SUFFIX[command]}; "
+                    "rename one or run them separately"), EXIT_USAGE
+        by_result[key] = path
+        keys.append(key)
+    if _is_an_input(out, "--output", args):
+        return _is_an_input(out, "--output", args), EXIT_USAGE
+    problem = _check_writable_dir(os.path.abspath(out), "--output", out, create=True)
+    if problem:
+        return problem, EXIT_USAGE
+    state = os.path.join(out, _STATE_DIR)
+    job = _job_record(args, command)
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        job_file = os.path.join(state, "job.json")
+        if not os.path.isfile(job_file):
+            return (f"--output {out} is a non-empty directory that holds no corpus job; pass --overwrite to "
+                    "write into it or choose another directory"), EXIT_USAGE
+        try:
+            with open(job_file, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as exc:
+            return f"--output {out}: cannot read {job_file}: {exc}; pass --overwrite to start over", EXIT_USAGE
+        if old != job:
+            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+            return (f"--output {out} holds the results of a different job (it differs in {', '.join(diff)}); "
+                    "pass --overwrite to start over or choose another directory"), EXIT_USAGE
+    group.barrier()  # every rank has checked the directory before rank 0 writes into it
+    if group.rank == 0:
+        os.makedirs(state, exist_ok=True)
+        if args.overwrite:
+            for name in os.listdir(state):
+                if name.startswith("done.rank"):
+                    os.remove(os.path.join(state, name))
+        _atomic_write(os.path.join(state, "job.json"), lambda f: json.dump(job, f, indent=2), binary=False)
+    group.barrier()
+    return entries, keys, out, state
+
+
+def run_corpus(args: argparse.Namespace, command: str) -> int:
+    """``embed|transcribe|diarize --manifest FILE|DIR --output DIR``, on one process or as one rank
+    of a torchrun job (see the module docstring and README, Corpus jobs)."""
+    try:
+        group = _Group()
+    except ManifestError as exc:
+        return _error(str(exc), EXIT_USAGE)
+    try:
+        if args.device == "cuda":
+            import torch
+
+            if torch.cuda.is_available():  # one GPU per process on a node: cuda means cuda:LOCAL_RANK
+                torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
+        return _run_corpus(args, command, group)
+    finally:
+        group.close()
+
+
+def _run_corpus(args: argparse.Namespace, command: str, group: _Group) -> int:
+    import json
+
+    import numpy as np
+
+    from . import audio
+
+    setup = _corpus_setup(args, command, group)
+    if isinstance(setup[0], str):
+        return _error(setup[0], setup[1])
+    entries, keys, out, state = setup
+    suffix = _RESULT_SUFFIX[command]
+    share = split_by_duration([sec for _, sec in entries], group.world)[group.rank]
+    done = set() if args.overwrite else _done_keys(state)
+    todo = [i for i in share if not (keys[i] in done and os.path.isfile(os.path.join(out, keys[i] + suffix)))]
+    done_list = os.path.join(state, f"done.rank{group.rank}-of-{group.world}.txt")
+
+    def task(model, options):
+        vocab = None
+        if command == "transcribe":
+            audio._require_head(model, "ForCTC", "transcribe")
+            vocab_path = args.vocab or os.path.join(model.checkpoint_dir, "vocab.json")
+            try:
+                vocab = audio.load_vocab(vocab_path)
+            except (OSError, ValueError) as exc:
+                return _error(f"{exc}" + ("" if args.vocab else " (pass --vocab FILE)"), EXIT_USAGE)
+        elif command == "embed":
+            n_layers = model.config.num_hidden_layers
+            if args.layer is not None and not -(n_layers + 1) <= args.layer <= n_layers:
+                return _error(f"--layer {args.layer}: this checkpoint has hidden_states 0..{n_layers} "
+                              f"(or negative from the end)", EXIT_USAGE)
+        failures = options["failures"]
+        # the model sees this rank's files batch by batch, as one run would batch them; each result is
+        # written (atomically) and its key appended to this rank's done list as soon as it exists
+        lengths = []
+        for i in todo:
+            try:
+                frames, rate, _ = audio.audio_info(entries[i][0])
+                lengths.append(-(-frames * audio.SAMPLE_RATE // rate))
+            except audio.AudioError:
+                lengths.append(0)  # reported by the run below
+        batches = audio.plan_batches(lengths, max(1, int(args.max_batch_seconds * audio.SAMPLE_RATE)),
+                                     args.max_padding, args.exact) if todo else []
+        bar = audio.Progress(sum(lengths), f"{command} rank {group.rank}", len(todo),
+                             enabled=options["progress"] and group.rank == 0)
+        run_options = dict(options, progress=bar)
+        try:
+            with open(done_list, "a", encoding="utf-8") as listing:
+                for batch in batches:
+                    paths = [entries[todo[b]][0] for b in batch]
+                    if command == "embed":
+                        results = audio.embed(model, paths, layer=args.layer, pool=args.pool, **run_options)
+                    elif command == "transcribe":
+                        results = audio.transcribe(model, paths, vocab=vocab, **run_options)
+                    else:
+                        results = audio.diarize(model, paths, threshold=args.threshold, **run_options)
+                    for b, result in zip(batch, results):
+                        if result is None:
+                            continue
+                        key = keys[todo[b]]
+                        target = os.path.join(out, key + suffix)
+                        if command == "embed":
+                            _atomic_write(target, lambda f: np.save(f, result), binary=True)
+                        elif command == "transcribe":
+                            _atomic_write(target, lambda f: f.write(result + "\n"), binary=False)
+                        else:
+                            text = "".join(line + "\n" for line in audio.rttm_lines(key, result))
+                            _atomic_write(target, lambda f: f.write(text), binary=False)
+                        listing.write(key + "\n")
+                        listing.flush()
+        except OSError as exc:
+            return _error(f"cannot write --output {out}: {exc}", EXIT_FAILURE)
+        finally:
+            bar.close()
+        return EXIT_OK
+
+    mine = _ReportedFailures()
+    code = _run_task(args, task, failures=mine)
+    # every rank reaches this point (a rank that raised is ended by torchrun, which stops the others):
+    # the failures of all ranks are gathered, in the corpus's order, into one list written by rank 0
+    gathered = group.all_gather((code, dict(mine)))
+    codes = [c for c, _ in gathered]
+    if any(c != EXIT_OK for c in codes):
+        return max(codes)
+    failed: dict[str, str] = {}
+    for _, f in gathered:
+        failed.update(f)
+    order = {path: k for k, (path, _) in enumerate(entries)}
+    failed = dict(sorted(failed.items(), key=lambda kv: order.get(kv[0], len(order))))
+    failures_path = os.path.join(out, "failures.json")
+    if group.rank != 0:
+        return EXIT_OK if not failed else EXIT_FAILURE
+    total = len(entries)
+    if not failed:
+        if os.path.isfile(failures_path):
+            os.remove(failures_path)  # a list from an earlier (resumed) run would describe this one wrongly
+        return EXIT_OK
+    record = {"failed": [{"input": k, "reason": v} for k, v in failed.items()],
+              "succeeded": total - len(failed), "total": total}
+    code = _write_or_fail(lambda: _atomic_write(
+        failures_path, lambda f: (json.dump(record, f, indent=2), f.write("\n")), binary=False),
+        f"the failures list {failures_path}")
+    if code is not None:
+        return code
+    return _error(f"{len(failed)} of {total} input(s) failed (listed in {failures_path}); the results of the other "
+                  f"{total - len(failed)} are in {out} (a rerun retries the failed ones and skips the rest)",
+                  EXIT_FAILURE)
 
 
 # ============================================================================================ standalone
