@@ -16,6 +16,7 @@ from .dispatch import (
     current_backend,
     verify,
 )
+from .inference import InferenceOnlyError, optimize_for_inference
 from .loading import CheckpointError
 from .patching import is_patched, patch, unpatch
 from .models import (
@@ -54,6 +55,8 @@ __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "optimize_for_inference",
+    "InferenceOnlyError",
     "BackendNotSupportedError",
     "VerificationError",
     "CheckpointError",
