@@ -205,3 +205,14 @@ def test_whole_model_error_against_fp64_within_2x_of_eager_fp32(family, head):
         ours_err = (got[key].double() - ref[key]).abs().max().item()
         print(f"{family}{head} {key}: eager fp32 {eager_err:.2e}, optimized fp32 {ours_err:.2e}")
         assert ours_err <= 2 * eager_err, (key, ours_err, eager_err)
+
+
+def test_runs_under_inference_mode_and_no_grad():
+    model = _model("UniSpeechSat", "ForXVector")
+    optimized = uf.optimize_for_inference(model, torch.bfloat16)
+    x = torch.randn(2, 3000)
+    expected = optimized(x).logits
+    with torch.inference_mode():
+        torch.testing.assert_close(optimized(x).logits, expected, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x).logits, expected, atol=0, rtol=0)

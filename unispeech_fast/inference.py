@@ -24,6 +24,21 @@ attention (through dispatch, :func:`unispeech_fast.ops.attention`), LayerNorm an
 positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and outputs are float32 whatever
 ``dtype`` is.
 
+Tried and left out (measured 2026-11-30 on the 2-core AMD EPYC development machine, AVX512_BF16 and
+VNNI, while it was loaded by other jobs, so the timings are indicative only):
+
+* int8 (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers: int8 weights,
+  dynamic per-tensor int8 activations): normwise error of ``last_hidden_state`` against the float32
+  model 3.9e-2 on UniSpeechSat-base, 4 s of audio, against 4.8e-3 for ``dtype=torch.bfloat16``, and no
+  faster (median 12.5 s vs 12.0 s for bf16 under that load). The issue admits int8 only at <= 2x
+  bf16's error, so it is not offered.
+* oneDNN convolution with a fused GELU post-op (``torch.ops.mkldnn._convolution_pointwise``) for the
+  feature encoder's 512-channel layers: same result as ``F.conv1d`` + GELU; on 10 s of audio the medians
+  were 4.92 s vs 4.94 s (aten) under that load, no measurable win, so the feature encoder stays as on
+  the default path.
+* LayerNorm fused with the residual add: torch ships no fused add + LayerNorm CPU op; in float32 the
+  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass.
+
 Accuracy policy for this path: single ops may differ from eager by more than the per-op 2x rule (a
 oneDNN matmul accumulates the whole reduction without the chunking of :mod:`unispeech_fast.ops.linear`),
 but the whole model's float32 error against an fp64 run of the same model stays within 2x of the default
