@@ -175,9 +175,10 @@ class InferenceEncoderLayer(nn.Module):
         self.intermediate = PackedLinear(ffn.intermediate_dense.weight, ffn.intermediate_dense.bias, dtype, fused)
         self.intermediate_act = None if fused is not None else get_activation(hidden_act)
         self.output_dense = PackedLinear(ffn.output_dense.weight, ffn.output_dense.bias, dtype)
-        self.layer_norm = layer.layer_norm
-        self.final_layer_norm = layer.final_layer_norm
-        self.adapter_layer = getattr(layer, "adapter_layer", None)
+        # Deep copies: the snapshot shares no tensor with the original model.
+        self.layer_norm = copy.deepcopy(layer.layer_norm)
+        self.final_layer_norm = copy.deepcopy(layer.final_layer_norm)
+        self.adapter_layer = copy.deepcopy(getattr(layer, "adapter_layer", None))
 
     def _attention(self, x, key_padding_mask, head_mask, output_attentions):
         batch, frames, _ = x.shape
@@ -224,7 +225,7 @@ class InferenceFeatureProjection(nn.Module):
 
     def __init__(self, module: FeatureProjection) -> None:
         super().__init__()
-        self.layer_norm = module.layer_norm
+        self.layer_norm = copy.deepcopy(module.layer_norm)
         self.projection = PackedLinear(module.projection.weight, module.projection.bias, torch.float32)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,20 +385,23 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear ops "
                            "(torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight), which this torch build lacks")
 
-    frozen = copy.deepcopy(model)
-    frozen.eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    # The replaced modules are built straight from the original's weights (each packs or copies what it
+    # keeps) and handed to deepcopy through its memo, so their dense weights are never deep-copied first:
+    # the peak memory of the call is the original plus the snapshot.
     hidden_act = model.config.hidden_act
+    memo: dict[int, Any] = {}
     with torch.no_grad():
-        for parent in list(frozen.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, (EncoderLayer, EncoderLayerStableLayerNorm)):
-                    setattr(parent, name, InferenceEncoderLayer(child, hidden_act, dtype))
-                elif isinstance(child, FeatureProjection):
-                    setattr(parent, name, InferenceFeatureProjection(child))
-                elif isinstance(child, PositionalConvEmbedding):
-                    setattr(parent, name, InferencePositionalConv(child))
+        for module in model.modules():
+            if isinstance(module, (EncoderLayer, EncoderLayerStableLayerNorm)):
+                memo[id(module)] = InferenceEncoderLayer(module, hidden_act, dtype)
+            elif isinstance(module, FeatureProjection):
+                memo[id(module)] = InferenceFeatureProjection(module)
+            elif isinstance(module, PositionalConvEmbedding):
+                memo[id(module)] = InferencePositionalConv(module)
+        frozen = copy.deepcopy(model, memo)
+    frozen.eval()
+    for p in nn.Module.parameters(frozen):
+        p.requires_grad_(False)
     frozen.__class__ = _snapshot_class(type(model))
     frozen._optimized_dtype = dtype
     logger.info("optimize_for_inference: %s snapshot, compute dtype %s", type(model).__name__, dtype)
