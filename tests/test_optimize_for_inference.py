@@ -216,3 +216,16 @@ def test_runs_under_inference_mode_and_no_grad():
         torch.testing.assert_close(optimized(x).logits, expected, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(optimized(x).logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("hidden_act", ["relu", "gelu_new"])
+def test_other_activations_fused_or_applied(hidden_act):
+    model = _model("UniSpeech", "ForCTC", hidden_act=hidden_act)
+    x, mask = padded_batch([3000, 2222])
+    with torch.no_grad():
+        expected = model(x, attention_mask=mask).logits
+    optimized = uf.optimize_for_inference(model)
+    layer = optimized.unispeech.encoder.layers[0]
+    assert (layer.intermediate.activation, layer.intermediate_act is None) == (
+        ("relu", True) if hidden_act == "relu" else (None, False))
+    torch.testing.assert_close(optimized(x, attention_mask=mask).logits, expected, atol=2e-5, rtol=1e-5)
