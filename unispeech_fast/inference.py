@@ -13,16 +13,15 @@ What is prepared once (CPU, oneDNN as shipped inside torch):
   q/k/v as one ``[3H, H]`` GEMM, the feed-forward's first layer with the GELU (or ReLU) fused as a
   post-op and, in float32, the attention output and the feed-forward's second layer with the residual
   add fused as a binary post-op; the feature projection likewise. No per-call reorder, slice or copy;
-* the positional conv's weight norm, folded once (``W = g v / ||v||``) and run by the extension's C++
-  kernel (``unispeech_fast::pos_conv_fwd``) when it is built, else by ``F.conv1d`` on the folded weight.
+* the positional conv's weight norm, folded once (``W = g v / ||v||``), the conv run by ``F.conv1d``.
 
 Left as in the default path: the feature encoder (its tiled, cache-sized pass, :mod:`unispeech_fast.tiling`),
 attention (through dispatch, :func:`unispeech_fast.ops.attention`), LayerNorm and the task heads.
 
 ``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
 (oneDNN; AVX512_BF16 where the CPU has it), as is attention; LayerNorm, the residual stream, the
-positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and outputs are float32 whatever
-``dtype`` is.
+positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and
+outputs are float32 whatever ``dtype`` is.
 
 Tried and left out (measured 2026-11-30 on the 2-core AMD EPYC development machine, AVX512_BF16 and
 VNNI, while it was loaded by other jobs, so the timings are indicative only):
@@ -236,8 +235,8 @@ class InferenceFeatureProjection(nn.Module):
 class InferencePositionalConv(nn.Module):
     """The positional conv with its weight norm folded once: ``x + act(conv(x, W) + b)``, float32 ``[B, T, H]``.
 
-    ``kernel`` names what runs it, chosen once: ``"cpp"`` (the extension's ``pos_conv_fwd``, GELU only)
-    or ``"aten"`` (``F.conv1d`` on the folded weight).
+    The folded weight runs through ``F.conv1d`` (oneDNN inside ATen): for this op's CPU float32 forward
+    the measured auto order (``unispeech_fast/_auto_order.py``) ranks eager ahead of the C++ kernel.
     """
 
     def __init__(self, module: PositionalConvEmbedding) -> None:
@@ -246,30 +245,18 @@ class InferencePositionalConv(nn.Module):
             self.weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach().contiguous().clone()
             self.bias = None if module.conv.bias is None else module.conv.bias.detach().clone()
         self.groups = module.groups
-        self.activation = module.activation
+        self.activation = get_activation(module.activation)
         self.kernel_size = self.weight.shape[-1]
-        self.kernel = "cpp" if self.activation == "gelu" and _extension_pos_conv() is not None else "aten"
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, groups={self.groups}, activation={self.activation}, kernel={self.kernel}"
+        return f"kernel_size={self.kernel_size}, groups={self.groups}"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "cpp":
-            out, _ = _extension_pos_conv()(hidden_states.contiguous(), self.weight, self.bias, self.groups, False)
-            return out
         h = F.conv1d(hidden_states.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size // 2,
                      groups=self.groups)
         if self.kernel_size % 2 == 0:
             h = h[:, :, :-1]
-        return hidden_states + get_activation(self.activation)(h).transpose(1, 2)
-
-
-def _extension_pos_conv():
-    from . import _extension
-
-    if not _extension.status().loaded:
-        return None
-    return torch.ops.unispeech_fast.pos_conv_fwd
+        return hidden_states + self.activation(h).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------ the snapshot
@@ -382,8 +369,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         raise ValueError(f"optimize_for_inference builds CPU kernels from float32 weights; model has parameters "
                          f"on/of {bad}: call it on model.float().cpu()")
     if not _onednn_linear_available():
-        raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear ops "
-                           "(torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight), which this torch build lacks")
+        raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear ops (torch.ops.mkldnn."
+                           "_linear_pointwise / _reorder_linear_weight), which this torch build lacks")
 
     # The replaced modules are built straight from the original's weights (each packs or copies what it
     # keeps) and handed to deepcopy through its memo, so their dense weights are never deep-copied first:
