@@ -170,7 +170,7 @@ def test_training_a_snapshot_raises():
         optimized.to(torch.float64)
     with pytest.raises(uf.InferenceOnlyError, match="move or cast"):
         optimized.double()
-    assert optimized.to("cpu") is optimized
+    assert optimized.to("cpu") is optimized and optimized.cpu() is optimized
 
 
 def test_bad_arguments_name_what_was_expected():

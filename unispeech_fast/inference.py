@@ -314,6 +314,9 @@ class _InferenceOnly:
             return self
         raise self._refuse("move or cast (.to(device or dtype) is unavailable)")
 
+    def cpu(self):
+        return self  # already on the CPU
+
     def forward(self, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled():
             for name, value in list(enumerate(args)) + list(kwargs.items()):
