@@ -268,9 +268,9 @@ class _InferenceOnly:
     @staticmethod
     def _refuse(what: str) -> InferenceOnlyError:
         return InferenceOnlyError(
-            f"{what}: this model was returned by unispeech_fast.optimize_for_inference, an inference-only "
-            f"snapshot with prepacked weights; {what.split(' ')[0]} the original model instead and call "
-            f"optimize_for_inference again")
+            f"{what}: this model is an inference-only snapshot returned by unispeech_fast.optimize_for_inference "
+            f"(prepacked weights, no autograd); do this on the original model, then call optimize_for_inference "
+            f"again")
 
     @property
     def optimized_dtype(self) -> torch.dtype:
@@ -287,32 +287,32 @@ class _InferenceOnly:
 
     def train(self, mode: bool = True):
         if mode:
-            raise self._refuse("train() cannot be used")
+            raise self._refuse("cannot train(): no training mode")
         return super().train(False)
 
     def parameters(self, recurse: bool = True):
-        raise self._refuse("train (parameters() is unavailable for optimizers)")
+        raise self._refuse("cannot train: parameters() is unavailable (no optimizer can update a snapshot)")
 
     def named_parameters(self, *args, **kwargs):
-        raise self._refuse("train (named_parameters() is unavailable for optimizers)")
+        raise self._refuse("cannot train: named_parameters() is unavailable")
 
     def requires_grad_(self, requires_grad: bool = True):
-        raise self._refuse("train (requires_grad_ is unavailable)")
+        raise self._refuse("cannot train: requires_grad_ is unavailable")
 
     def load_state_dict(self, *args, **kwargs):
-        raise self._refuse("load weights into (load_state_dict is unavailable)")
+        raise self._refuse("cannot load weights: load_state_dict is unavailable")
 
     def save_pretrained(self, *args, **kwargs):
-        raise self._refuse("save (save_pretrained is unavailable)")
+        raise self._refuse("cannot save: save_pretrained is unavailable (save the original model)")
 
     def _apply(self, fn, recurse=True):
-        raise self._refuse("move or cast (.to/.cuda/.half/.float are unavailable)")
+        raise self._refuse("cannot move or cast: .cuda/.half/.float/.double are unavailable")
 
     def to(self, *args, **kwargs):
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if (device is None or torch.device(device).type == "cpu") and dtype in (None, torch.float32):
             return self
-        raise self._refuse("move or cast (.to(device or dtype) is unavailable)")
+        raise self._refuse("cannot move or cast: .to(another device or dtype) is unavailable")
 
     def cpu(self):
         return self  # already on the CPU
@@ -322,7 +322,7 @@ class _InferenceOnly:
             for name, value in list(enumerate(args)) + list(kwargs.items()):
                 if isinstance(value, torch.Tensor) and value.requires_grad:
                     arg = f"argument {name}" if isinstance(name, int) else name
-                    raise self._refuse(f"differentiate (input {arg} requires grad) through")
+                    raise self._refuse(f"cannot differentiate: input {arg} requires grad")
         with torch.no_grad():
             return super().forward(*args, **kwargs)
 
