@@ -16,6 +16,7 @@ from .dispatch import (
     current_backend,
     verify,
 )
+from .inference import InferenceOnlyError, optimize_for_inference
 from .loading import CheckpointError
 from .patching import PatchedModelChangedError, is_patched, patch, unpatch
 from .models import (
@@ -55,6 +56,8 @@ __all__ = [
     "unpatch",
     "is_patched",
     "PatchedModelChangedError",
+    "optimize_for_inference",
+    "InferenceOnlyError",
     "BackendNotSupportedError",
     "VerificationError",
     "CheckpointError",

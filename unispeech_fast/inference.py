@@ -1,0 +1,398 @@
+"""``optimize_for_inference``: a frozen, inference-only snapshot of a model with prepacked CPU weights.
+
+Like ``torch.jit.freeze`` or OpenVINO's compile step, :func:`optimize_for_inference` takes a snapshot on
+purpose: it deep-copies the model, folds and packs what can be prepared once, and returns the copy. The
+packed weights live only in that copy; the original model is not modified, and later changes to it
+(``.data`` writes, ``load_state_dict``, optimizer steps) do not reach the snapshot. The default forward
+path of the models keeps no derived weights at all.
+
+What is prepared once (CPU, oneDNN as shipped inside torch):
+
+* every encoder layer's dense layers as oneDNN matmuls (``torch.ops.mkldnn._linear_pointwise``) on
+  weights reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``):
+  q/k/v as one ``[3H, H]`` GEMM, the feed-forward's first layer with the GELU (or ReLU) fused as a
+  post-op and, in float32, the attention output and the feed-forward's second layer with the residual
+  add fused as a binary post-op; the feature projection likewise. No per-call reorder, slice or copy;
+* the positional conv's weight norm, folded once (``W = g v / ||v||``), the conv run by ``F.conv1d``.
+
+Left as in the default path: the feature encoder (its tiled, cache-sized pass, :mod:`unispeech_fast.tiling`),
+attention (through dispatch, :func:`unispeech_fast.ops.attention`), LayerNorm and the task heads.
+
+``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
+(oneDNN; AVX512_BF16 where the CPU has it), as is attention; LayerNorm, the residual stream, the
+positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and
+outputs are float32 whatever ``dtype`` is.
+
+Tried and left out (measured 2026-11-30 on the 2-core AMD EPYC development machine, AVX512_BF16 and
+VNNI, while it was loaded by other jobs, so the timings are indicative only):
+
+* int8 (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers: int8 weights,
+  dynamic per-tensor int8 activations): normwise error of ``last_hidden_state`` against the float32
+  model 3.9e-2 on UniSpeechSat-base, 4 s of audio, against 4.8e-3 for ``dtype=torch.bfloat16``, and no
+  faster (median 12.5 s vs 12.0 s for bf16 under that load). The issue admits int8 only at <= 2x
+  bf16's error, so it is not offered.
+* oneDNN convolution with a fused GELU post-op (``torch.ops.mkldnn._convolution_pointwise``) for the
+  feature encoder's 512-channel layers: same result as ``F.conv1d`` + GELU; on 10 s of audio the medians
+  were 4.92 s vs 4.94 s (aten) under that load, no measurable win, so the feature encoder stays as on
+  the default path.
+* LayerNorm fused with the residual add: torch ships no fused add + LayerNorm CPU op; in float32 the
+  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass.
+
+Accuracy policy for this path: single ops may differ from eager by more than the per-op 2x rule (a
+oneDNN matmul accumulates the whole reduction without the chunking of :mod:`unispeech_fast.ops.linear`),
+but the whole model's float32 error against an fp64 run of the same model stays within 2x of the default
+path's own float32 error (``tests/test_optimize_for_inference.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .activations import get_activation
+from .modules import (
+    Attention,
+    EncoderLayer,
+    EncoderLayerStableLayerNorm,
+    FeatureProjection,
+    PositionalConvEmbedding,
+)
+
+__all__ = ["optimize_for_inference", "InferenceOnlyError", "PackedLinear"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.bfloat16)
+# Activations oneDNN fuses as an eltwise post-op, by transformers' name: (attr, algorithm).
+_FUSED_ACTIVATIONS = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
+
+
+class InferenceOnlyError(RuntimeError):
+    """Raised for anything that would train, move, cast or reload an ``optimize_for_inference`` snapshot."""
+
+
+def _onednn_linear_available() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise.default
+        torch.ops.mkldnn._reorder_linear_weight.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class PackedLinear(nn.Module):
+    """``y = act(x W^T + b) [+ other]`` on a weight reordered once into oneDNN's layout.
+
+    ``x`` ``[..., K]`` is cast to the compute dtype; the result ``[..., N]`` is in the compute dtype.
+    The packed weight and the bias are plain attributes (not parameters or buffers): they are the
+    snapshot, and nothing recomputes them.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 activation: str | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        with torch.no_grad():
+            dense_weight = weight.detach().to(dtype).contiguous()
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(dense_weight)
+            self.bias = None if bias is None else bias.detach().to(dtype).clone().contiguous()
+        self.activation = activation
+        self._attr, self._algorithm = ("none", "") if activation is None else _FUSED_ACTIVATIONS[activation]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
+                f"activation={self.activation}")
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., {self.in_features}], got {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., K]`` -> ``act(x W^T + b)`` ``[..., N]`` in the compute dtype."""
+        out = torch.ops.mkldnn._linear_pointwise.default(
+            self._flat(x), self.packed_weight, self.bias, self._attr, [], self._algorithm)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``other + (x W^T + b)`` with the add fused as a oneDNN binary post-op (no activation).
+
+        ``other`` ``[..., N]`` must be in the compute dtype (oneDNN's binary post-op needs one dtype).
+        """
+        if self.activation is not None:
+            raise RuntimeError("PackedLinear.add is defined for a layer without activation")
+        if other.dtype != self.dtype:
+            raise TypeError(f"other must be {self.dtype} (the compute dtype), got {other.dtype}")
+        flat_other = other.reshape(-1, self.out_features).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise.binary(
+            self._flat(x), flat_other, self.packed_weight, self.bias, "add")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _fused_activation_name(name: str) -> str | None:
+    return name if name in _FUSED_ACTIVATIONS else None
+
+
+class InferenceEncoderLayer(nn.Module):
+    """One transformer layer (post-LN or pre-LN "stable") with packed q/k/v, output and feed-forward GEMMs.
+
+    Same arguments and returns as :class:`unispeech_fast.modules.EncoderLayer`: ``hidden_states``
+    float32 ``[B, T, H]``, ``key_padding_mask`` bool ``[B, T]`` or None, ``head_mask`` ``[heads]`` or
+    None; returns ``(hidden_states float32 [B, T, H], attention probabilities or None)``.
+    """
+
+    def __init__(self, layer: EncoderLayer | EncoderLayerStableLayerNorm, hidden_act: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        attention: Attention = layer.attention
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        for name, m in zip(("q_proj", "k_proj", "v_proj", "out_proj"), projections + (attention.out_proj,)):
+            if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks:
+                raise TypeError(f"optimize_for_inference packs plain nn.Linear projections; attention.{name} is "
+                                f"{type(m).__name__}{' with hooks' if type(m) is nn.Linear else ''} "
+                                f"(merge adapters such as LoRA into the weights first)")
+        self.stable = isinstance(layer, EncoderLayerStableLayerNorm)
+        self.dtype = dtype
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        self.qkv = PackedLinear(torch.cat([m.weight for m in projections]),
+                                torch.cat([m.bias for m in projections]), dtype)
+        self.out_proj = PackedLinear(attention.out_proj.weight, attention.out_proj.bias, dtype)
+        ffn = layer.feed_forward
+        fused = _fused_activation_name(hidden_act)
+        self.intermediate = PackedLinear(ffn.intermediate_dense.weight, ffn.intermediate_dense.bias, dtype, fused)
+        self.intermediate_act = None if fused is not None else get_activation(hidden_act)
+        self.output_dense = PackedLinear(ffn.output_dense.weight, ffn.output_dense.bias, dtype)
+        # Deep copies: the snapshot shares no tensor with the original model.
+        self.layer_norm = copy.deepcopy(layer.layer_norm)
+        self.final_layer_norm = copy.deepcopy(layer.final_layer_norm)
+        self.adapter_layer = copy.deepcopy(getattr(layer, "adapter_layer", None))
+
+    def _attention(self, x, key_padding_mask, head_mask, output_attentions):
+        batch, frames, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, frames, 3, self.num_heads, self.head_dim).unbind(2)
+        if output_attentions and self.dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()  # the returned probabilities come from an fp32 softmax
+        out, weights = ops.attention(q, k, v, key_padding_mask=key_padding_mask, head_mask=head_mask,
+                                     dropout_p=0.0, scale=self.scaling, need_weights=output_attentions)
+        if weights is not None:
+            weights = weights.float()
+        return out.reshape(batch, frames, self.num_heads * self.head_dim), weights
+
+    def _residual(self, linear: PackedLinear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + linear(x)`` in float32 (the residual stream stays float32)."""
+        if self.dtype == torch.float32:
+            return linear.add(x, residual)
+        return residual + linear(x).float()
+
+    def _feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.intermediate(x)
+        return h if self.intermediate_act is None else self.intermediate_act(h)
+
+    def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
+        if self.stable:
+            attn, weights = self._attention(self.layer_norm(hidden_states), key_padding_mask, head_mask,
+                                            output_attentions)
+            hidden_states = self._residual(self.out_proj, attn, hidden_states)
+            ff = self._feed_forward_in(self.final_layer_norm(hidden_states))
+            hidden_states = self._residual(self.output_dense, ff, hidden_states)
+            if self.adapter_layer is not None:
+                hidden_states = hidden_states + self.adapter_layer(hidden_states)
+            return hidden_states, weights
+        attn, weights = self._attention(hidden_states, key_padding_mask, head_mask, output_attentions)
+        hidden_states = self.layer_norm(self._residual(self.out_proj, attn, hidden_states))
+        ff = self._feed_forward_in(hidden_states)
+        return self.final_layer_norm(self._residual(self.output_dense, ff, hidden_states)), weights
+
+
+class InferenceFeatureProjection(nn.Module):
+    """LayerNorm then the packed projection, both float32 whatever the compute dtype (the projection is
+    under 1% of the model's FLOPs, and in bfloat16 its rounding reached every layer: on UniSpeechSat-base,
+    4 s of audio, the normwise error of ``last_hidden_state`` went from 5.5e-3 to 4.8e-3 with it in
+    float32). Returns ``(hidden [B, T, H], normed [B, T, C])``, both float32."""
+
+    def __init__(self, module: FeatureProjection) -> None:
+        super().__init__()
+        self.layer_norm = copy.deepcopy(module.layer_norm)
+        self.projection = PackedLinear(module.projection.weight, module.projection.bias, torch.float32)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.layer_norm(features)
+        return self.projection(normed), normed
+
+
+class InferencePositionalConv(nn.Module):
+    """The positional conv with its weight norm folded once: ``x + act(conv(x, W) + b)``, float32 ``[B, T, H]``.
+
+    The folded weight runs through ``F.conv1d`` (oneDNN inside ATen): for this op's CPU float32 forward
+    the measured auto order (``unispeech_fast/_auto_order.py``) ranks eager ahead of the C++ kernel.
+    """
+
+    def __init__(self, module: PositionalConvEmbedding) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach().contiguous().clone()
+            self.bias = None if module.conv.bias is None else module.conv.bias.detach().clone()
+        self.groups = module.groups
+        self.activation = get_activation(module.activation)
+        self.kernel_size = self.weight.shape[-1]
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, groups={self.groups}"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = F.conv1d(hidden_states.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size // 2,
+                     groups=self.groups)
+        if self.kernel_size % 2 == 0:
+            h = h[:, :, :-1]
+        return hidden_states + self.activation(h).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------ the snapshot
+class _InferenceOnly:
+    """Mixed into the snapshot's class: forbids training, moving, casting and reloading."""
+
+    _optimized_dtype: torch.dtype
+
+    @staticmethod
+    def _refuse(what: str) -> InferenceOnlyError:
+        return InferenceOnlyError(
+            f"{what}: this model is an inference-only snapshot returned by unispeech_fast.optimize_for_inference "
+            f"(prepacked weights, no autograd); do this on the original model, then call optimize_for_inference "
+            f"again")
+
+    @property
+    def optimized_dtype(self) -> torch.dtype:
+        """The compute dtype the snapshot was built for (inputs and outputs are float32)."""
+        return self._optimized_dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # the dtype of input_values it takes
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise self._refuse("cannot train(): no training mode")
+        return super().train(False)
+
+    def parameters(self, recurse: bool = True):
+        raise self._refuse("cannot train: parameters() is unavailable (no optimizer can update a snapshot)")
+
+    def named_parameters(self, *args, **kwargs):
+        raise self._refuse("cannot train: named_parameters() is unavailable")
+
+    def requires_grad_(self, requires_grad: bool = True):
+        raise self._refuse("cannot train: requires_grad_ is unavailable")
+
+    def load_state_dict(self, *args, **kwargs):
+        raise self._refuse("cannot load weights: load_state_dict is unavailable")
+
+    def save_pretrained(self, *args, **kwargs):
+        raise self._refuse("cannot save: save_pretrained is unavailable (save the original model)")
+
+    def _apply(self, fn, recurse=True):
+        raise self._refuse("cannot move or cast: .cuda/.half/.float/.double are unavailable")
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if (device is None or torch.device(device).type == "cpu") and dtype in (None, torch.float32):
+            return self
+        raise self._refuse("cannot move or cast: .to(another device or dtype) is unavailable")
+
+    def cpu(self):
+        return self  # already on the CPU
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if torch.is_grad_enabled():
+            for name, value in list(enumerate(args)) + list(kwargs.items()):
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    arg = f"argument {name}" if isinstance(name, int) else name
+                    raise self._refuse(f"cannot differentiate: input {arg} requires grad")
+        with torch.no_grad():
+            return super().forward(*args, **kwargs)
+
+
+_SNAPSHOT_CLASSES: dict[type, type] = {}
+
+
+def _snapshot_class(cls: type) -> type:
+    if cls not in _SNAPSHOT_CLASSES:
+        _SNAPSHOT_CLASSES[cls] = type(f"Optimized{cls.__name__}", (_InferenceOnly, cls),
+                                      {"__module__": __name__, "__doc__": cls.__doc__})
+    return _SNAPSHOT_CLASSES[cls]
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An inference-only snapshot of ``model`` with weights prepacked for CPU.
+
+    Args:
+        model: one of the ten unispeech_fast model classes (``UniSpeech*`` / ``UniSpeechSat*``), with
+            float32 parameters on the CPU. It is not modified.
+        dtype: the compute precision: ``torch.float32`` or ``torch.bfloat16`` (the encoder's matmuls and
+            attention in bfloat16 with fp32 accumulation; LayerNorm, the residual stream, the positional
+            conv, the feature encoder, the feature projection and the heads in float32).
+
+    Returns:
+        A deep copy in eval mode, of a subclass of ``type(model)``, that takes float32 ``input_values``
+        and returns float32 outputs, with the same arguments and outputs as ``model``'s forward.
+
+    The result is a **snapshot of the weights at call time**, like ``torch.jit.freeze``: later changes to
+    ``model`` (in-place writes, ``load_state_dict``, optimizer steps) do not affect it; optimize again to
+    pick them up. It is for inference only: ``.train()``, inputs that require grad, ``parameters()`` (so
+    an optimizer), ``requires_grad_``, ``load_state_dict``, ``save_pretrained`` and moving or casting it
+    raise :class:`InferenceOnlyError`; its outputs carry no autograd graph.
+    """
+    from .models import MODEL_CLASSES  # noqa: F401  (the models package imports this module's siblings)
+    from .models.base import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a unispeech_fast model (one of the ten classes), got {type(model).__name__}")
+    if isinstance(model, _InferenceOnly):
+        raise TypeError("model is already an optimize_for_inference snapshot; optimize the original model")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    params = list(model.parameters())
+    bad = sorted({f"{p.device.type}/{p.dtype}" for p in params if p.device.type != "cpu" or p.dtype != torch.float32})
+    if bad:
+        raise ValueError(f"optimize_for_inference builds CPU kernels from float32 weights; model has parameters "
+                         f"on/of {bad}: call it on model.float().cpu()")
+    if not _onednn_linear_available():
+        raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear ops (torch.ops.mkldnn."
+                           "_linear_pointwise / _reorder_linear_weight), which this torch build lacks")
+
+    # The replaced modules are built straight from the original's weights (each packs or copies what it
+    # keeps) and handed to deepcopy through its memo, so their dense weights are never deep-copied first:
+    # the peak memory of the call is the original plus the snapshot.
+    hidden_act = model.config.hidden_act
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (EncoderLayer, EncoderLayerStableLayerNorm)):
+                memo[id(module)] = InferenceEncoderLayer(module, hidden_act, dtype)
+            elif isinstance(module, FeatureProjection):
+                memo[id(module)] = InferenceFeatureProjection(module)
+            elif isinstance(module, PositionalConvEmbedding):
+                memo[id(module)] = InferencePositionalConv(module)
+        frozen = copy.deepcopy(model, memo)
+    frozen.eval()
+    for p in nn.Module.parameters(frozen):
+        p.requires_grad_(False)
+    frozen.__class__ = _snapshot_class(type(model))
+    frozen._optimized_dtype = dtype
+    logger.info("optimize_for_inference: %s snapshot, compute dtype %s", type(model).__name__, dtype)
+    return frozen
