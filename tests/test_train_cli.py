@@ -236,6 +236,20 @@ def test_bad_audio_file_is_skipped_and_listed(tmp_path, capsys):
     assert "broken.wav" in capsys.readouterr().err
 
 
+def test_file_failing_at_read_time_is_skipped_even_alone_in_its_batch(tmp_path):
+    """NaN samples pass the header check and fail when read; the file is longer than --max-batch-seconds,
+    so its batch holds nothing else and the rank runs a silent stand-in with a zero loss."""
+    model = _checkpoint(tmp_path)
+    manifest = _corpus(tmp_path, extra=[("nan.wav", np.full(8000, np.nan, dtype=np.float32), "ab")])
+    out = tmp_path / "run"
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "5") == 0
+    report = json.loads((out / "failures.json").read_text())
+    assert [pathlib.Path(f["input"]).name for f in report["failed"]] == ["nan.wav"]
+    assert "NaN or infinite samples" in report["failed"][0]["reason"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(math.isfinite(r["loss"]) for r in records)
+
+
 def test_nan_loss_stops_with_step_and_files_keeping_last_checkpoint(tmp_path, capsys):
     """An injected NaN: a float WAV of 3e38 samples (finite, so it reads) overflows the model."""
     model = _checkpoint(tmp_path)

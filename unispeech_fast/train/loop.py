@@ -170,7 +170,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     written for that step or after it).
     """
     from ..audio import _min_samples
-    from ..training import SpeechDataCollator, sample_seed
+    from ..training import SpeechDataCollator, _frames, sample_seed
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
@@ -185,7 +185,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
         failed.update(dict(part))
     for i in sorted(failed):
         if rank == 0:
-            log(f"skipping {entries[i].path}: {failed[i]}")
+            log(f"skipped: {failed[i]}")
     usable = [e for e in entries if e.index not in failed]
     if not usable:
         raise AudioError("no usable audio file in the manifest")
@@ -258,7 +258,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                     examples.append(load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"])))
                 except AudioError as exc:
                     failed[i] = str(exc)
-                    log(f"skipping {entry.path}: {exc}")
+                    log(f"skipped: {exc}")
                     continue
                 files.append(entry.path)
                 audio_seconds += examples[-1]["input_values"].numel() / 16000
@@ -275,7 +275,10 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                 else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
                     # the ranks in step (DDP needs a forward on every rank) and adds nothing
                     silent = collator([{"input_values": torch.zeros(min_samples)}])
-                    loss = net(**{k: v.to(device) for k, v in silent.items()}).logits.float().sum() * 0.0
+                    silent = {k: v.to(device) for k, v in silent.items()}
+                    out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
+                                                                     dtype=torch.bool, device=device))
+                    loss = out.logits.float().sum() * 0.0
                 (loss.float() / opts.grad_accum).backward()
             loss_sum += float(loss.detach())
         finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
