@@ -101,7 +101,7 @@ def read_manifest(path: str | os.PathLike, labels: str | os.PathLike | None = No
                                      row.get("label")))
     if labels is not None:
         labels = os.fspath(labels)
-        label_lines = [line for line in _read_lines(labels)]
+        label_lines = _read_lines(labels)
         if len(label_lines) != len(entries):
             raise ManifestError(f"{labels}: {len(label_lines)} label lines for {len(entries)} audio entries in {path}")
         kind = os.path.splitext(labels)[1]

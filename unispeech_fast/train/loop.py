@@ -53,7 +53,6 @@ class TrainOptions:
     seed: int = 0
     normalize: bool = True
     device: str = "cpu"
-    log_every: int = 1
     progress: bool = True
 
 
