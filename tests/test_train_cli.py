@@ -254,7 +254,7 @@ def test_nan_loss_stops_with_step_and_files_keeping_last_checkpoint(tmp_path, ca
     """An injected NaN: a float WAV of 3e38 samples (finite, so it reads) overflows the model."""
     model = _checkpoint(tmp_path)
     poison = np.full(2000, 3e38, dtype=np.float32)
-    manifest = _corpus(tmp_path, extra=[("poison.wav", poison, "ab")])
+    manifest = _corpus(tmp_path, extra=[("poison.wav", poison, "ab"), ("broken.wav", None, "ab")])
     out = tmp_path / "run"
     code = _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "40", "--save-every", "1",
                      "--no-normalize")
@@ -269,3 +269,6 @@ def test_nan_loss_stops_with_step_and_files_keeping_last_checkpoint(tmp_path, ca
     if checkpoints:
         assert all(torch.isfinite(v).all() for v in _weights(out / f"checkpoint-{step - 1}").values())
     assert not (out / "final").exists()
+    # the files skipped before the stop are listed all the same
+    report = json.loads((out / "failures.json").read_text())
+    assert [pathlib.Path(f["input"]).name for f in report["failed"]] == ["broken.wav"]

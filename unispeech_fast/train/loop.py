@@ -285,6 +285,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
             named = [f for part in _gather(files) for f in part]
+            _report_failures(failed, entries, opts.output_dir, rank)
             raise NonFiniteLossError(
                 f"step {step}: the loss is not finite (rank {rank}: {loss_sum}); batch files: {named}; "
                 f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
@@ -318,13 +319,19 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
             last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files)
     if bar is not None:
         bar.close()
+    all_failed = _report_failures(failed, entries, opts.output_dir, rank)
+    return {"step": position["step"], "checkpoint": last_checkpoint, "failed": all_failed}
+
+
+def _report_failures(failed: dict[int, str], entries: list[Entry], output_dir: str, rank: int) -> dict[int, str]:
+    """Every rank's skipped files, gathered; rank 0 writes ``failures.json`` when there are any."""
     all_failed: dict[int, str] = {}
     for part in _gather(failed):
         all_failed.update(part)
     if rank == 0:
-        _write_failures(opts.output_dir, [{"input": entries[i].path, "reason": r} for i, r in all_failed.items()],
+        _write_failures(output_dir, [{"input": entries[i].path, "reason": r} for i, r in all_failed.items()],
                         len(entries))
-    return {"step": position["step"], "checkpoint": last_checkpoint, "failed": all_failed}
+    return all_failed
 
 
 class _null:
