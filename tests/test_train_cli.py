@@ -163,6 +163,14 @@ def test_batches_left_over_at_an_epoch_end_are_logged(tmp_path, capsys):
     assert [r["epoch"] for r in records] == [0, 1]
 
 
+def test_an_epoch_shorter_than_one_step_is_a_usage_error(tmp_path, capsys):
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    code = _finetune(model, manifest, tmp_path / "run", "--task", "ctc", "--max-steps", "1", "--grad-accum", "5")
+    assert code == 2
+    assert "gives 4 batch(es) per epoch, fewer than one step needs (world_size x grad_accum = 5)" in \
+        capsys.readouterr().err
+
+
 def test_task_that_does_not_fit_the_checkpoint_is_a_usage_error(tmp_path, capsys):
     model = _checkpoint(tmp_path, "UniSpeech")
     assert _finetune(model, _corpus(tmp_path, "ids"), tmp_path / "run", "--task", "xvector", "--max-steps", "1") == 2

@@ -224,10 +224,12 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
         from tqdm import tqdm
 
         bar = tqdm(total=opts.max_steps, initial=position["step"], unit="step", file=sys.stderr, dynamic_ncols=True)
-    plan = plan_batches([durations.get(i, 0.0) for i in range(len(entries))], opts.max_batch_seconds, opts.seed,
-                        position["epoch"])
-    plan = [[i for i in b if i in by_index] for b in plan]
-    plan = [b for b in plan if b]
+    def epoch_plan(epoch: int) -> list[list[int]]:  # the usable files only; skipped ones never enter a batch
+        plan = plan_batches([durations.get(i, 0.0) for i in range(len(entries))], opts.max_batch_seconds,
+                            opts.seed, epoch)
+        return [kept for kept in ([i for i in b if i in by_index] for b in plan) if kept]
+
+    plan = epoch_plan(position["epoch"])
     stop_at = opts.max_steps if opts.stop_after is None else min(opts.max_steps, opts.stop_after)
     model.train()
     t0 = time.perf_counter()
@@ -240,10 +242,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                 raise ValueError(f"the manifest gives {len(plan)} batch(es) per epoch, fewer than one step needs "
                                  f"(world_size x grad_accum = {per_step}); lower --max-batch-seconds")
             position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch": 0}
-            plan = plan_batches([durations.get(i, 0.0) for i in range(len(entries))], opts.max_batch_seconds,
-                                opts.seed, position["epoch"])
-            plan = [[i for i in b if i in by_index] for b in plan]
-            plan = [b for b in plan if b]
+            plan = epoch_plan(position["epoch"])
             continue
         step = position["step"] + 1
         optimizer.zero_grad(set_to_none=True)
