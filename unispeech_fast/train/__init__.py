@@ -1,0 +1,9 @@
+"""Training commands on ``torch.distributed`` (``torchrun``): ``unispeech-fast finetune``.
+
+- :mod:`.data`: manifests (JSONL, TSV, the authors' fairseq ``.tsv`` + label files), label encoding,
+  length-bucketed batch plans, bad-file checks;
+- :mod:`.loop`: the DDP training loop with exact checkpoints;
+- :mod:`.cli`: the ``finetune`` subcommand.
+
+``unispeech-fast pretrain`` waits for the pretraining losses (issue 12).
+"""
