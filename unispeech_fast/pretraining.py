@@ -4,6 +4,7 @@
   from :mod:`unispeech_fast.masking`; padding is excluded through ``attention_mask``).
 * :func:`sample_negative_indices` -- the ``sampled_negative_indices`` input of
   ``UniSpeechForPreTraining`` in transformers' ``_sample_negative_indices`` format, padding excluded.
+* :func:`utterance_contrastive_loss` -- UniSpeech-SAT's utterance-wise contrastive (BCE) term.
 * :func:`utterance_mixing` -- UniSpeech-SAT's batch augmentation (a segment of another utterance
   added at a random SNR), seeded by a ``torch.Generator``.
 """
@@ -14,10 +15,18 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .masking import compute_mask_indices
 
-__all__ = ["compute_mask_indices", "sample_negative_indices", "utterance_mixing", "MixedSegment", "MixingResult"]
+__all__ = [
+    "compute_mask_indices",
+    "sample_negative_indices",
+    "utterance_mixing",
+    "utterance_contrastive_loss",
+    "MixedSegment",
+    "MixingResult",
+]
 
 
 def _check_bool_frames(name: str, value, shape: tuple[int, int] | None = None) -> torch.Tensor:
@@ -177,3 +186,36 @@ def utterance_mixing(
         scale = torch.sqrt(power_row / (power_seg * 10.0 ** (snr / 10.0)))
         mixed[b, dst:dst + length] += (scale * segment).to(mixed.dtype)
     return MixingResult(mixed, segments)
+
+
+def utterance_contrastive_loss(
+    speaker: torch.Tensor,
+    targets: torch.Tensor,
+    utterance_ids: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """UniSpeech-SAT's utterance-wise contrastive term over ``M`` frames, summed over frames.
+
+    ``speaker [M, D]`` (``speaker_proj`` of the frames), ``targets [M, D]`` (their projected quantized
+    vectors), ``utterance_ids [M]`` (the utterance of each frame), ``candidates [M, K]`` (indices into
+    the M frames). Frame ``r`` scores its own target and its K candidates with
+    ``s = cos(speaker_r, target) / temperature``; the label is 1 for its own target and for candidates
+    of the same utterance, else 0; the frame's term is the mean over the ``K + 1`` scores of
+    ``BCEWithLogits(s, label)``. Returns the sum over frames (the authors' mean times M), fp32 for
+    half inputs.
+    """
+    m = speaker.shape[0]
+    if targets.shape != speaker.shape or utterance_ids.shape != (m,) or candidates.dim() != 2 or \
+            candidates.shape[0] != m:
+        raise ValueError(f"expected speaker and targets [M, D], utterance_ids [M], candidates [M, K]; got "
+                         f"{tuple(speaker.shape)}, {tuple(targets.shape)}, {tuple(utterance_ids.shape)}, "
+                         f"{tuple(candidates.shape)}")
+    same = torch.cat([torch.ones(m, 1, dtype=torch.bool, device=speaker.device),
+                      utterance_ids[candidates] == utterance_ids[:, None]], dim=1)
+    work = torch.promote_types(speaker.dtype, torch.float32)
+    speaker_n = speaker.to(work) / speaker.to(work).norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    targets_n = targets.to(work) / targets.to(work).norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    scores = torch.cat([(speaker_n * targets_n).sum(-1, keepdim=True),
+                        torch.einsum("md,mkd->mk", speaker_n, targets_n[candidates])], dim=1) / temperature
+    return F.binary_cross_entropy_with_logits(scores, same.to(work), reduction="none").mean(dim=1).sum()

@@ -172,3 +172,118 @@ def test_registered_with_dispatch():
         contrastive_loss(pred, targ, neg, mask, 0.1)
     with uf.backend("cuda"), pytest.raises(uf.BackendNotSupportedError, match="contrastive_loss"):
         contrastive_loss(pred, targ, neg, mask, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- cpp backend
+def _cpp():
+    from unispeech_fast.ops.contrastive_loss import extension
+
+    if extension._cpp_reasons(torch.zeros(1, 1, 1), None, None, None, 0.1):
+        pytest.fail("the C++ contrastive_loss kernel is not built: " + "; ".join(
+            extension._cpp_reasons(torch.zeros(1, 1, 1), None, None, None, 0.1)))
+    return extension.contrastive_loss_cpp
+
+
+def _loss_and_grads(fn, pred, targ, neg, mask, codes, weight=1.7):
+    p, t = pred.detach().clone().requires_grad_(), targ.detach().clone().requires_grad_()
+    loss = fn(p, t, neg, mask, 0.1, codes)
+    (weight * loss).backward()
+    return loss.detach(), p.grad, t.grad
+
+
+@pytest.mark.parametrize("use_codes", [False, True])
+@pytest.mark.parametrize("lengths,dim", [(None, 1), (None, 33), ([37, 30, 21], 33), ([37, 30, 21], 256)])
+def test_cpp_within_twice_eager_error_against_fp64(use_codes, lengths, dim):
+    impl = _cpp()
+    pred, targ, mask, codes, attn = random_inputs(dim=dim, lengths=lengths)
+    codes = codes if use_codes else None
+    neg = sample_negative_indices(mask, 7, attention_mask=attn, generator=torch.Generator().manual_seed(2))
+    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
+    eager = _loss_and_grads(contrastive_loss_ref, pred, targ, neg, mask, codes)
+    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
+    for name, o, e, r in zip(("loss", "grad_predictions", "grad_targets"), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        err, eager_err = (o.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 1e-7 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+    fp64 = _loss_and_grads(impl, pred.double(), targ.double(), neg, mask, codes)
+    for o, r in zip(fp64, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+
+
+def test_cpp_gradcheck_fp64_edge_rows():
+    impl = _cpp()
+    pred, targ, neg, mask, codes = _gradcheck_inputs()
+    torch.autograd.gradcheck(lambda p, t: impl(p, t, neg, mask, 0.3, codes), (pred, targ))
+    torch.autograd.gradcheck(lambda p, t: impl(p, t, neg, mask, 0.3, None), (pred, targ))
+    only_row1 = mask.clone()
+    only_row1[[0, 2]] = False
+    assert impl(pred, targ, neg, only_row1, 0.1, codes).item() == 0.0
+
+
+def test_cpp_through_dispatch_and_opcheck():
+    _cpp()
+    pred, targ, mask, codes, _ = random_inputs()
+    neg = sample_negative_indices(mask, 5, generator=torch.Generator().manual_seed(0))
+    with uf.backend("cpp"):
+        ours = contrastive_loss(pred, targ, neg, mask, 0.1, code_indices=codes)
+    torch.testing.assert_close(ours, contrastive_loss_ref(pred, targ, neg, mask, 0.1, codes), rtol=1e-5, atol=1e-4)
+    with uf.backend("cpp"), pytest.raises(uf.BackendNotSupportedError, match="float32/float64"):
+        contrastive_loss(pred.half(), targ.half(), neg, mask, 0.1)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    args = (pred.view(-1, 16).requires_grad_(), targ.view(-1, 16).requires_grad_(), rows,
+            neg.view(-1, 5)[rows].contiguous(), codes.view(-1, 2).contiguous(), 0.1)
+    torch.library.opcheck(torch.ops.unispeech_fast.contrastive_loss_fwd, args)
+
+
+# ---------------------------------------------------------------------------------------------- triton backend
+def _triton():
+    from unispeech_fast.ops.contrastive_loss.triton import contrastive_loss_triton
+
+    return contrastive_loss_triton
+
+
+@pytest.mark.parametrize("dim", [1, 33, 257])
+@pytest.mark.parametrize("use_codes", [False, True])
+def test_triton_within_twice_eager_error_against_fp64(use_codes, dim):
+    impl = _triton()
+    pred, targ, mask, codes, attn = random_inputs(frames=19, dim=dim, lengths=[19, 14, 9])
+    codes = codes if use_codes else None
+    neg = sample_negative_indices(mask, 4, attention_mask=attn, generator=torch.Generator().manual_seed(2))
+    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
+    eager = _loss_and_grads(contrastive_loss_ref, pred, targ, neg, mask, codes)
+    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
+    for name, o, e, r in zip(("loss", "grad_predictions", "grad_targets"), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        err, eager_err = (o.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 1e-7 * max(1.0, r.abs().max().item()), (name, err, eager_err)
+
+
+def test_triton_edge_rows_and_dispatch():
+    impl = _triton()
+    pred, targ, neg, mask, codes = _gradcheck_inputs()
+    pred, targ = pred.detach().float(), targ.detach().float()
+    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
+    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-6)
+    only_row1 = mask.clone()
+    only_row1[[0, 2]] = False
+    assert impl(pred, targ, neg, only_row1, 0.1, codes).item() == 0.0
+    with uf.backend("triton"):
+        torch.testing.assert_close(contrastive_loss(pred, targ, neg, mask, 0.1, code_indices=codes),
+                                   contrastive_loss_ref(pred, targ, neg, mask, 0.1, codes), rtol=1e-5, atol=1e-5)
+        with pytest.raises(uf.BackendNotSupportedError, match="float16/bfloat16/float32"):
+            contrastive_loss(pred.double(), targ.double(), neg, mask, 0.1)
+        with pytest.raises(uf.BackendNotSupportedError, match="exceeds"):
+            big = torch.zeros(1, 2, 1025)
+            contrastive_loss(big, big, torch.zeros(1, 2, 1, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), 0.1)
+
+
+def test_triton_opcheck():
+    _triton()
+    pred, targ, mask, codes, _ = random_inputs(frames=9, dim=8)
+    neg = sample_negative_indices(mask, 3, generator=torch.Generator().manual_seed(0))
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    args = (pred.view(-1, 8).requires_grad_(), targ.view(-1, 8).requires_grad_(), rows,
+            neg.view(-1, 3)[rows].contiguous(), codes.view(-1, 2).contiguous(), 0.1)
+    torch.library.opcheck(torch.ops.unispeech_fast.triton_contrastive_loss_fwd, args)

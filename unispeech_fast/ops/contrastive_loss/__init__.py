@@ -16,7 +16,9 @@ Input contract (checked here, before dispatch; errors name the argument):
   it, negatives equal to the positive in every element are excluded (transformers' rule).
 
 Returns the loss summed over the masked frames, a 0-d tensor (fp32 for half inputs, else the input
-dtype). Backends: ``eager`` (:func:`contrastive_loss_ref`).
+dtype). Backends: ``eager`` (:func:`contrastive_loss_ref`) and ``cpp`` (CPU float32/float64, the fused
+kernel of ``csrc/cpu/contrastive_loss.cpp``, :mod:`.extension`) and ``triton`` (fp16/bf16/fp32,
+``kernels/contrastive_loss.py``, :mod:`.triton`; on CPU only under the interpreter).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
+from . import extension, triton  # noqa: F401  (register the cpp and triton backends; load nothing)
 from .reference import contrastive_loss_ref
 
 __all__ = ["contrastive_loss", "contrastive_loss_ref"]
