@@ -290,8 +290,8 @@ def aot_variants():
                                       consts, cfg.num_warps_fwd, NUM_STAGES))
             sig = {
                 "GradOut": f"*{odt}", "Codevectors": "*fp32", "Soft": "*fp32", "Logits": f"*{ldt}", "Coef": "*fp32",
-                "RowWeight": "*fp32", "GradLogits": f"*{ldt}", "N": "i32", "V": "i32", "DG": "i32", "stride_gn": "i32", "stride_ln": "i32",
-                "stride_dn": "i32", "tau": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+                "RowWeight": "*fp32", "GradLogits": f"*{ldt}", "N": "i32", "V": "i32", "DG": "i32",
+                "stride_gn": "i32", "stride_ln": "i32", "stride_dn": "i32", "tau": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                 "BLOCK_D": "constexpr",
             }
             consts = {"BLOCK_N": cfg.block_n_bwd, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d_bwd}

@@ -144,8 +144,8 @@ def utterance_mixing(
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(input_values, torch.Tensor) or input_values.dim() != 2 or not input_values.is_floating_point():
-        raise ValueError("input_values must be a floating-point tensor [batch, samples], got "
-                         f"{tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values).__name__}")
+        got = tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values).__name__
+        raise ValueError(f"input_values must be a floating-point tensor [batch, samples], got {got}")
     if not 0.0 <= mixing_prob <= 1.0:
         raise ValueError(f"mixing_prob must be in [0, 1], got {mixing_prob!r}")
     if not 0.0 <= max_segment_ratio <= 1.0:

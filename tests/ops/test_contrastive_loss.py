@@ -9,24 +9,13 @@ import torch.nn.functional as F
 
 import unispeech_fast as uf
 from unispeech_fast import dispatch
+from unispeech_fast.bench.suites import transformers_contrastive_loss
 from unispeech_fast.ops import contrastive_loss, contrastive_loss_ref
 from unispeech_fast.pretraining import compute_mask_indices, sample_negative_indices
 
 
-def hf_contrastive_loss(predictions, targets, negative_indices, mask, temperature):
-    """transformers' Wav2Vec2ForPreTraining loss path, with its own ``compute_contrastive_logits``."""
-    from transformers import Wav2Vec2ForPreTraining
-
-    batch, frames, dim = targets.shape
-    negatives = targets.view(-1, dim)[negative_indices.long().view(-1)]
-    negatives = negatives.view(batch, frames, -1, dim).permute(2, 0, 1, 3)
-    logits = Wav2Vec2ForPreTraining.compute_contrastive_logits(targets[None, :], negatives, predictions, temperature)
-    neg_is_pos = (targets == negatives).all(-1)
-    if neg_is_pos.any():
-        logits[1:][neg_is_pos] = float("-inf")
-    logits = logits.transpose(0, 2).reshape(-1, logits.size(0))
-    target = ((1 - mask.long()) * -100).transpose(0, 1).flatten()
-    return F.cross_entropy(logits.float(), target, reduction="sum")
+#: transformers' Wav2Vec2ForPreTraining loss path (its own ``compute_contrastive_logits``), as benchmarked.
+hf_contrastive_loss = transformers_contrastive_loss
 
 
 def hf_negatives(mask: np.ndarray, k: int) -> torch.Tensor:

@@ -140,7 +140,12 @@ class ForCTC(_Head):
 
 def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, config) -> torch.Tensor:
     """transformers' ``ForCTCLoss``: labels equal to -100 or to the blank (pad) id are padding."""
-    blank = config.pad_token_id
+    return _ctc(logits, labels, logit_lengths, config.pad_token_id, config.ctc_loss_reduction, config.ctc_zero_infinity)
+
+
+def _ctc(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, blank: int, reduction: str,
+         zero_infinity: bool) -> torch.Tensor:
+    """CTC on ``logits [B, T, C]``; labels equal to -100 or to ``blank`` are padding."""
     labels = labels.to(logits.device)
     labels_mask = (labels != -100) & (labels != blank)
     target_lengths = labels_mask.sum(-1)
@@ -153,8 +158,8 @@ def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Te
             logit_lengths,
             target_lengths,
             blank=blank,
-            reduction=config.ctc_loss_reduction,
-            zero_infinity=config.ctc_zero_infinity,
+            reduction=reduction,
+            zero_infinity=zero_infinity,
         )
 
 
@@ -328,7 +333,7 @@ class _PreTrainingHead(_Head):
         self.quantizer.temperature = temperature
 
 
-def _check_pretraining_masks(model, mask_time_indices, frame_mask, batch, frames, device) -> torch.Tensor:
+def _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, device) -> torch.Tensor:
     """The masked frames as bool ``[B, T]`` on ``device``; masked padding and empty masks are errors."""
     if not isinstance(mask_time_indices, torch.Tensor) or mask_time_indices.dtype != torch.bool or \
             tuple(mask_time_indices.shape) != (batch, frames):
@@ -432,7 +437,7 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
             frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
         mask = codes = None
         if with_loss:
-            mask = _check_pretraining_masks(self, mask_time_indices, frame_mask, batch, frames, last.device)
+            mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
             if labels is not None:
                 blank = self._ctc_blank()
                 _check_frame_labels("labels", labels, batch, None, self.config.num_ctc_classes)
@@ -452,7 +457,7 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
             ctc_logits = self.ctc_proj(self.dropout(mixed))
             lengths = (frame_mask.sum(-1) if frame_mask is not None
                        else torch.full((batch,), frames, device=last.device, dtype=torch.long))
-            ctc_loss = _ctc_sum(ctc_logits, labels, lengths, blank, self.config.ctc_zero_infinity)
+            ctc_loss = _ctc(ctc_logits, labels, lengths, blank, "sum", self.config.ctc_zero_infinity)  # authors: summed
         elif self.training and self.dropout.p > 0:
             # transformers' dead branch, kept only for its dropout draws (see the class docstring).
             self.dropout(last.detach().masked_fill(replace, 0.0) + quantized.detach().masked_fill(~replace, 0.0))
@@ -477,19 +482,6 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
             raise ValueError(f"the CTC blank (pretraining_ctc_blank_id, else pad_token_id) must be in "
                              f"[0, num_ctc_classes={self.config.num_ctc_classes}), got {blank!r}")
         return blank
-
-
-def _ctc_sum(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, blank: int,
-             zero_infinity: bool) -> torch.Tensor:
-    """CTC summed over the batch (the authors' reduction); labels equal to -100 or ``blank`` are padding."""
-    labels = labels.to(logits.device)
-    labels_mask = (labels != -100) & (labels != blank)
-    target_lengths = labels_mask.sum(-1)
-    targets = labels.masked_select(labels_mask)
-    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
-    with torch.backends.cudnn.flags(enabled=False):
-        return F.ctc_loss(log_probs, targets, logit_lengths, target_lengths, blank=blank, reduction="sum",
-                          zero_infinity=zero_infinity)
 
 
 class UniSpeechSatPreTrainingHead(_PreTrainingHead):
@@ -571,7 +563,7 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
         frame_mask = None
         if attention_mask is not None:
             frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
-        mask = _check_pretraining_masks(self, mask_time_indices, frame_mask, batch, frames, last.device)
+        mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
         labels = _check_frame_labels("labels", labels, batch, frames, config.num_clusters).to(last.device)
         num_masked = mask.sum()
         temperature = config.contrastive_logits_temperature

@@ -191,7 +191,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n) -> torch.Tensor:
-    """``c_gv = gP * dP/dm_gv / N`` (``N`` the number of rows, or of masked rows) with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``).
+    """``c_gv = gP * dP/dm_gv / N`` with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``);
+    ``N`` is the number of rows, or of masked rows with a perplexity mask.
 
     ``log`` is taken of ``max(m, tiny)``: a code with marginal 0 has ``p = 0`` in every row, so its
     coefficient only ever multiplies 0 (the reference's ``xlogy`` backward would give NaN there).

@@ -49,7 +49,8 @@ def check_contrastive_inputs(predictions, targets, negative_indices, mask_time_i
         raise ValueError(f"predictions must be a floating-point tensor [batch, frames, dim], got {_shape(predictions)}")
     batch, frames, _ = predictions.shape
     if not isinstance(targets, torch.Tensor) or targets.shape != predictions.shape:
-        raise ValueError(f"targets must have the shape of predictions {tuple(predictions.shape)}, got {_shape(targets)}")
+        raise ValueError(f"targets must have the shape of predictions {tuple(predictions.shape)}, "
+                         f"got {_shape(targets)}")
     if targets.dtype != predictions.dtype or targets.device != predictions.device:
         raise TypeError(f"targets must have the dtype and device of predictions ({predictions.dtype}, "
                         f"{predictions.device}), got {targets.dtype} on {targets.device}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _extension, dispatch
+from .reference import flat_masked_inputs
 
 __all__ = ["contrastive_loss_cpp"]
 
@@ -86,14 +87,8 @@ def contrastive_loss_cpp(
     code_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused C++ loss; same contract and result as :func:`contrastive_loss_ref` (float32/float64)."""
-    batch, frames, dim = predictions.shape
-    rows = mask_time_indices.reshape(-1).nonzero().squeeze(1)  # distinct masked frames
-    negatives = negative_indices.reshape(batch * frames, -1)[rows].long().contiguous()
-    codes = None if code_indices is None else code_indices.reshape(batch * frames, -1).long().contiguous()
-    loss, _ = torch.ops.unispeech_fast.contrastive_loss_fwd(
-        predictions.reshape(batch * frames, dim).contiguous(), targets.reshape(batch * frames, dim).contiguous(),
-        rows, negatives, codes, float(temperature),
-    )
+    flat = flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices)
+    loss, _ = torch.ops.unispeech_fast.contrastive_loss_fwd(*flat, float(temperature))
     return loss
 
 

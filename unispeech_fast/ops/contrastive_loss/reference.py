@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["contrastive_loss_ref", "COSINE_EPS"]
+__all__ = ["contrastive_loss_ref", "flat_masked_inputs", "COSINE_EPS"]
 
 #: ``torch.cosine_similarity``'s default eps: norms below it are clamped.
 COSINE_EPS = 1e-8
@@ -25,6 +25,17 @@ COSINE_EPS = 1e-8
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices=None):
+    """The fused kernels' operands: predictions and targets ``[B*T, D]`` contiguous, the masked rows
+    ``[M]`` (distinct, int64), their negatives ``[M, K]`` and the codes ``[B*T, G]`` (or None), int64."""
+    batch, frames, dim = predictions.shape
+    rows = mask_time_indices.reshape(-1).nonzero().squeeze(1)
+    negatives = negative_indices.reshape(batch * frames, -1)[rows].long().contiguous()
+    codes = None if code_indices is None else code_indices.reshape(batch * frames, -1).long().contiguous()
+    return (predictions.reshape(batch * frames, dim).contiguous(), targets.reshape(batch * frames, dim).contiguous(),
+            rows, negatives, codes)
 
 
 def contrastive_loss_ref(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
+from .reference import flat_masked_inputs
 
 __all__ = ["contrastive_loss_triton"]
 
@@ -78,7 +79,8 @@ def _backward(grad_loss, predictions, targets, rows, negatives, codes, lse, temp
 @torch.library.custom_op("unispeech_fast::triton_contrastive_loss_fwd", mutates_args=())
 def _fwd_op(predictions: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, negatives: torch.Tensor,
             codes: torch.Tensor | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss fp32 0-d, lse fp32 [M])`` for ``predictions``/``targets`` ``[N, D]``, ``rows [M]``, ``negatives [M, K]``."""
+    """``(loss fp32 0-d, lse fp32 [M])`` for ``predictions``/``targets`` ``[N, D]``, ``rows [M]`` and
+    ``negatives [M, K]``."""
     return _forward(predictions, targets, rows, negatives, codes, temperature)
 
 
@@ -136,14 +138,8 @@ def contrastive_loss_triton(
     code_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused Triton loss; same contract as :func:`contrastive_loss_ref`; returns fp32."""
-    batch, frames, dim = predictions.shape
-    rows = mask_time_indices.reshape(-1).nonzero().squeeze(1)
-    negatives = negative_indices.reshape(batch * frames, -1)[rows].long().contiguous()
-    codes = None if code_indices is None else code_indices.reshape(batch * frames, -1).long().contiguous()
-    loss, _ = torch.ops.unispeech_fast.triton_contrastive_loss_fwd(
-        predictions.reshape(batch * frames, dim).contiguous(), targets.reshape(batch * frames, dim).contiguous(),
-        rows, negatives, codes, float(temperature),
-    )
+    flat = flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices)
+    loss, _ = torch.ops.unispeech_fast.triton_contrastive_loss_fwd(*flat, float(temperature))
     return loss.to(torch.promote_types(predictions.dtype, torch.float32))
 
 
