@@ -32,13 +32,25 @@ TORCH_LIBRARY(unispeech_fast, m) {
   // Philox(seed, offset). Returns quantized [N, D] (the selected codevectors, concatenated over groups),
   // indices int64 [N, G], soft = softmax((logits + gumbels) / temperature) as [N, G, V] in fp32 when
   // sample (saved for the backward) else an empty tensor, and the fp32 scalar perplexity
-  // sum_g exp(-sum_v m log m) with m the mean over N of softmax(logits) (sample) or of the one-hots.
+  // sum_g exp(-sum_v m log m) with m the mean over N of softmax(logits) (sample) or of the one-hots;
+  // mask (bool [N], optional) restricts that mean to the rows where it is true.
   m.def("gumbel_quantizer_fwd(Tensor logits, Tensor codevectors, int num_groups, float temperature, bool sample, "
-        "Tensor? gumbels, int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? gumbels, int seed, int offset, Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of gumbel_quantizer_fwd: grad_logits [N, G*V] (straight-through via soft plus the
-  // perplexity term when sample; zeros otherwise) and grad_codevectors [G*V, D/G].
+  // perplexity term when sample, over the rows of mask if given; zeros otherwise) and grad_codevectors [G*V, D/G].
   m.def("gumbel_quantizer_bwd(Tensor grad_quantized, Tensor grad_perplexity, Tensor logits, Tensor codevectors, "
-        "Tensor indices, Tensor soft, int num_groups, float temperature, bool sample) -> (Tensor, Tensor)");
+        "Tensor indices, Tensor soft, int num_groups, float temperature, bool sample, Tensor? mask=None) "
+        "-> (Tensor, Tensor)");
+
+  // Fused contrastive (InfoNCE) loss, CPU. predictions, targets [N, D] (the flattened B*T frames); rows int64 [M]
+  // (the masked frames); negative_indices int64 [M, K] (rows of targets); code_indices int64 [N, G] or None.
+  // Returns the loss summed over the M rows (0-d) and the per-row logsumexp [M] (saved for the backward).
+  // Formulas: csrc/cpu/contrastive_loss.cpp; eager reference: unispeech_fast/ops/contrastive_loss/reference.py.
+  m.def("contrastive_loss_fwd(Tensor predictions, Tensor targets, Tensor rows, Tensor negative_indices, "
+        "Tensor? code_indices, float temperature) -> (Tensor, Tensor)");
+  // Gradients of contrastive_loss_fwd: grad_predictions and grad_targets, both [N, D].
+  m.def("contrastive_loss_bwd(Tensor grad_loss, Tensor predictions, Tensor targets, Tensor rows, "
+        "Tensor negative_indices, Tensor? code_indices, Tensor lse, float temperature) -> (Tensor, Tensor)");
 
   // Attention forward (CPU: csrc/cpu/attention.cpp, CUDA: csrc/cuda/attention.cu). q, k, v
   // [B, T, heads, head_dim] with a contiguous last dim (views of a fused QKV projection are fine);

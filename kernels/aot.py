@@ -27,7 +27,7 @@ __all__ = ["AotVariant", "SMEM_LIMIT_BYTES", "KERNEL_MODULES", "compile_variant"
 SMEM_LIMIT_BYTES: dict[int, int] = {80: 163 * 1024, 90: 227 * 1024}
 
 #: Modules of this package that define ``aot_variants()``.
-KERNEL_MODULES: tuple[str, ...] = ("attention", "feature_extractor", "pos_conv", "gumbel_quantizer")
+KERNEL_MODULES: tuple[str, ...] = ("attention", "feature_extractor", "pos_conv", "gumbel_quantizer", "contrastive_loss")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,11 @@ Forward (:func:`_gumbel_fwd_kernel`), per row r and group g, with ``l = logits[r
 * both: ``quantized[r, g * DG:(g + 1) * DG] = codevectors[g * V + k]`` (a gather: the value of the
   straight-through one-hot is exactly 1 on ``k``), and ``k`` is stored for the backward.
 
+Every row carries a weight ``w_r`` (fp32 ``RowWeight[N]``: 1, or 0/1 from the perplexity mask):
+the marginal numerators sum ``w_r * p_r`` (training) or ``w_r * [k_r == v]`` (eval) and the
+launcher divides by ``sum_r w_r``; the perplexity term of the backward is multiplied by ``w_r``.
+With all weights 1 the results are bit for bit those of an unweighted sum.
+
 Marginals are reduced deterministically: each program writes its fp32 partial sum ``[V]`` to
 ``Partial[pid_n, g]`` and the launcher sums the ``[cdiv(N, ROWS), G, V]`` partials with torch
 (no atomics in the forward).
@@ -95,7 +100,7 @@ def pick_config(num_codes: int) -> GumbelConfig:
 
 @triton.jit
 def _gumbel_fwd_kernel(
-    Logits, Noise, Seed, Codevectors, Out, Soft, Index, Partial,
+    Logits, Noise, Seed, Codevectors, Out, Soft, Index, Partial, RowWeight,
     N, V, DG, stride_ln, stride_on, tau,
     SAMPLE: tl.constexpr, EXPLICIT_NOISE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -106,7 +111,8 @@ def _gumbel_fwd_kernel(
     contiguous (read only if ``EXPLICIT_NOISE``), Seed int64 ``[1]`` (Philox seed, read only if
     ``SAMPLE and not EXPLICIT_NOISE``), Codevectors fp32 ``[G*V, DG]`` contiguous, Out ``[N, G*DG]``
     (row stride ``stride_on``), Soft fp32 ``[N, G, V]`` (written only if ``SAMPLE``), Index int32
-    ``[N, G]``, Partial fp32 ``[cdiv(N, ROWS), G, V]``. A program owns ``ROWS`` rows, ``BLOCK_N`` at a time.
+    ``[N, G]``, Partial fp32 ``[cdiv(N, ROWS), G, V]``, RowWeight fp32 ``[N]`` (the marginal's row
+    weights). A program owns ``ROWS`` rows, ``BLOCK_N`` at a time.
     """
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
@@ -122,6 +128,7 @@ def _gumbel_fwd_kernel(
         row_ok = rows < N
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
+        weight = tl.load(RowWeight + rows64, mask=row_ok, other=0.0)
 
         # Masked rows read 0 (finite), masked codes -inf (never chosen, zero probability).
         logit = tl.load(Logits + rows64[:, None] * stride_ln + col_idx[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -146,11 +153,11 @@ def _gumbel_fwd_kernel(
             shifted = logit - tl.max(logit, axis=1)[:, None]
             ep = tl.exp(shifted)
             prob = ep / tl.sum(ep, axis=1)[:, None]
-            partial += tl.sum(tl.where(row_ok[:, None], prob, 0.0), axis=0)
+            partial += tl.sum(tl.where(row_ok[:, None], prob, 0.0) * weight[:, None], axis=0)
         else:
             code = tl.argmax(logit, axis=1)
             hit = (cols[None, :] == code[:, None]) & row_ok[:, None]
-            partial += tl.sum(hit.to(tl.float32), axis=0)
+            partial += tl.sum(hit.to(tl.float32) * weight[:, None], axis=0)
         tl.store(Index + rows64 * num_groups + g, code.to(tl.int32), mask=row_ok)
 
         # Gather the chosen codevector rows (no one-hot x codebook product).
@@ -166,7 +173,7 @@ def _gumbel_fwd_kernel(
 
 @triton.jit
 def _gumbel_bwd_logits_kernel(
-    GradOut, Codevectors, Soft, Logits, Coef, GradLogits,
+    GradOut, Codevectors, Soft, Logits, Coef, RowWeight, GradLogits,
     N, V, DG, stride_gn, stride_ln, stride_dn, tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -174,11 +181,12 @@ def _gumbel_bwd_logits_kernel(
 
     ``gy = gq @ codevectors[g]^T`` (fp32 ``tl.dot``, IEEE precision, looped over DG), then
     ``dl = (s / tau) * (gy - <s, gy>) + p * (c - <p, c>)`` with ``p = softmax(l)`` recomputed from
-    the logits and ``c = Coef[g]`` the perplexity coefficients (module docstring).
+    the logits, ``c = Coef[g]`` the perplexity coefficients (module docstring) and the second term
+    multiplied by the row weight ``RowWeight[r]``.
 
     GradOut ``[N, G*DG]`` (row stride ``stride_gn``), Codevectors fp32 ``[G*V, DG]``, Soft fp32
-    ``[N, G, V]``, Logits ``[N, G*V]`` (row stride ``stride_ln``), Coef fp32 ``[G, V]``,
-    GradLogits ``[N, G*V]`` (row stride ``stride_dn``).
+    ``[N, G, V]``, Logits ``[N, G*V]`` (row stride ``stride_ln``), Coef fp32 ``[G, V]``, RowWeight
+    fp32 ``[N]``, GradLogits ``[N, G*V]`` (row stride ``stride_dn``).
     """
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
@@ -211,7 +219,8 @@ def _gumbel_bwd_logits_kernel(
     ep = tl.exp(shifted)
     prob = ep / tl.sum(ep, axis=1)[:, None]
     coef = tl.load(Coef + col_idx, mask=col_ok, other=0.0)
-    grad += prob * (coef[None, :] - tl.sum(prob * coef[None, :], axis=1)[:, None])
+    weight = tl.load(RowWeight + rows64, mask=row_ok, other=0.0)
+    grad += (prob * (coef[None, :] - tl.sum(prob * coef[None, :], axis=1)[:, None])) * weight[:, None]
 
     tl.store(GradLogits + rows64[:, None] * stride_dn + col_idx[None, :], grad.to(GradLogits.dtype.element_ty), mask=mask)
 
@@ -268,7 +277,8 @@ def aot_variants():
             for sample, explicit in FWD_MODES:
                 sig = {
                     "Logits": f"*{ldt}", "Noise": "*fp32", "Seed": "*i64", "Codevectors": "*fp32", "Out": f"*{odt}",
-                    "Soft": "*fp32", "Index": "*i32", "Partial": "*fp32", "N": "i32", "V": "i32", "DG": "i32",
+                    "Soft": "*fp32", "Index": "*i32", "Partial": "*fp32", "RowWeight": "*fp32", "N": "i32",
+                    "V": "i32", "DG": "i32",
                     "stride_ln": "i32", "stride_on": "i32", "tau": "fp32", "SAMPLE": "constexpr",
                     "EXPLICIT_NOISE": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                     "BLOCK_D": "constexpr",
@@ -280,8 +290,8 @@ def aot_variants():
                                       consts, cfg.num_warps_fwd, NUM_STAGES))
             sig = {
                 "GradOut": f"*{odt}", "Codevectors": "*fp32", "Soft": "*fp32", "Logits": f"*{ldt}", "Coef": "*fp32",
-                "GradLogits": f"*{ldt}", "N": "i32", "V": "i32", "DG": "i32", "stride_gn": "i32", "stride_ln": "i32",
-                "stride_dn": "i32", "tau": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
+                "RowWeight": "*fp32", "GradLogits": f"*{ldt}", "N": "i32", "V": "i32", "DG": "i32",
+                "stride_gn": "i32", "stride_ln": "i32", "stride_dn": "i32", "tau": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                 "BLOCK_D": "constexpr",
             }
             consts = {"BLOCK_N": cfg.block_n_bwd, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d_bwd}

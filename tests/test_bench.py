@@ -165,6 +165,7 @@ def _forward(suite, provider_name, case):
     ("feature_extractor", 0, "transformers-conv", lambda out: out),
     ("attention", 1, "sdpa-math", lambda out: out.transpose(1, 2)),  # SDPA's [B, H, N, D] layout
     ("attention", 1, "sdpa-flash", lambda out: out.transpose(1, 2)),
+    ("contrastive_loss", 1, "transformers", lambda out: out),
 ])
 def test_peer_providers_compute_the_same_op(op, case_index, peer, to_ours):
     # The peers must benchmark the same math as our op (same inputs), or the comparison means nothing.

@@ -309,3 +309,116 @@ def test_gpu_memory_and_philox_statistics_at_real_size():
         p = torch.softmax(base.view(groups, codes)[g].half().double(), -1)
         freq = torch.bincount(chosen[:, g], minlength=codes).double() / rows
         assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / rows) + 1e-12).all()
+
+
+# ------------------------------------------------------------------------------------------------ perplexity mask
+def _masked_inputs(batch=3, frames=11, groups=2, codes=7, width=3, dtype=torch.float32):
+    torch.manual_seed(4)
+    logits, codevectors, noise = _inputs(batch, frames, groups, codes, width, dtype)
+    mask = torch.rand(batch, frames, device=logits.device) < 0.5
+    mask[0, 0] = True
+    mask[2] = False  # a fully padded row
+    return logits, codevectors, noise, mask
+
+
+def _cpp_impl():
+    ext = importlib.import_module("unispeech_fast.ops._extension_ops")
+    if not ext.ensure_registered():
+        pytest.fail("the C++ extension is not built: the cpp backend of gumbel_quantizer cannot be checked")
+    return ext.gumbel_quantizer_ext
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_masked_perplexity_is_transformers_wav2vec2_rule(sample):
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2GumbelVectorQuantizer
+
+    logits, codevectors, noise, mask = _masked_inputs()
+    _, ppl = gumbel_quantizer_ref(logits, codevectors, 2, 2.0, sample, gumbels=noise if sample else None, mask=mask)
+    flat = logits.view(-1, 2, 7)
+    probs = flat.softmax(-1) if sample else torch.nn.functional.one_hot(flat.argmax(-1), 7).float()
+    expected = Wav2Vec2GumbelVectorQuantizer._compute_perplexity(probs, mask)
+    torch.testing.assert_close(ppl, expected)
+    assert not torch.isclose(ppl, Wav2Vec2GumbelVectorQuantizer._compute_perplexity(probs, None))
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_triton_masked_within_twice_eager_error(sample):
+    logits, codevectors, noise, mask = _masked_inputs()
+    weight = torch.randn(3, 11, 6, dtype=torch.float64)
+    kw = {"mask": mask, **({"gumbels": noise} if sample else {})}
+    ref64 = _run(gumbel_quantizer_ref, logits.double(), codevectors.double(), 2, 1.5, sample, weight, **kw)
+    eager = _run(gumbel_quantizer_ref, logits, codevectors, 2, 1.5, sample, weight, **kw)
+    out = _run(triton_impl, logits, codevectors, 2, 1.5, sample, weight, **kw)
+    for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), out, eager, ref64):
+        if o is None:
+            assert e is None and not sample
+            continue
+        scale = max(1.0, r.abs().max().item())
+        assert _err(o, r) <= 2 * _err(e, r) + FLOOR[torch.float32] * scale, name
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_cpp_masked_matches_eager(sample):
+    impl = _cpp_impl()
+    logits, codevectors, _, mask = _masked_inputs()
+    weight = torch.randn(3, 11, 6, dtype=torch.float64)
+    # Both backends draw F.gumbel_softmax's float32 noise from torch's RNG in the same order; the fp64
+    # reference gets that noise explicitly (without it the eager sample path computes in fp32).
+    torch.manual_seed(7)
+    noise = -torch.empty(3 * 11 * 2, 7).exponential_().log()
+    kw = {"gumbels": noise.view(3, 11, 14)} if sample else {}
+    ref64 = _run(gumbel_quantizer_ref, logits.double(), codevectors.double(), 2, 1.5, sample, weight, mask=mask, **kw)
+    results = []
+    for fn, dtype in ((impl, torch.float64), (gumbel_quantizer_ref, torch.float32), (impl, torch.float32)):
+        torch.manual_seed(7)
+        results.append(_run(fn, logits.to(dtype), codevectors.to(dtype), 2, 1.5, sample, weight, mask=mask))
+    ours64, eager32, ours32 = results
+    for name, o, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), ours64, ref64):
+        if r is not None:
+            # In sample mode the perplexity is returned in float32 (the eager reference's dtype there), so
+            # it and its gradient (the upstream 0.7 rounded to float32) agree to float32 precision only.
+            loose = sample and name in ("perplexity", "grad_logits")
+            torch.testing.assert_close(o.double(), r.double(), rtol=1e-6 if loose else 1e-9,
+                                       atol=1e-8 if loose else 1e-11, msg=name)
+    for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), ours32, eager32, ref64):
+        if r is not None:
+            assert _err(o, r) <= 2 * _err(e, r) + 1e-6 * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+def test_masked_rows_get_no_perplexity_gradient(backend_name):
+    impl = {"eager": gumbel_quantizer_ref, "triton": triton_impl}.get(backend_name) or _cpp_impl()
+    logits, codevectors, noise, mask = _masked_inputs()
+    weight = torch.zeros(3, 11, 6, dtype=torch.float64)
+    kw = {"gumbels": noise} if backend_name != "cpp" else {}
+    grad = _run(impl, logits, codevectors, 2, 1.5, True, weight, ppl_weight=1.0, mask=mask, **kw)[2]
+    assert grad[~mask].abs().max() == 0 and grad[mask].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+def test_return_indices_are_the_chosen_codes(backend_name):
+    impl = {"eager": gumbel_quantizer_ref, "triton": triton_impl}.get(backend_name) or _cpp_impl()
+    logits, codevectors, _, mask = _masked_inputs()
+    q, _, idx = impl(logits, codevectors, 2, 1.5, False, mask=mask, return_indices=True)
+    assert idx.dtype == torch.int64 and idx.shape == (3, 11, 2)
+    assert torch.equal(idx, logits.view(3, 11, 2, 7).argmax(-1))
+    assert torch.equal(q, gumbel_quantizer_ref(logits, codevectors, 2, 1.5, False)[0])
+
+
+def test_mask_input_errors_and_cuda_reason():
+    logits, codevectors, _, mask = _masked_inputs()
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask.long())
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask[:, :4])
+    with pytest.raises(ValueError, match="selects no frame"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=torch.zeros_like(mask))
+    ext = importlib.import_module("unispeech_fast.ops._extension_ops")
+    assert any("mask" in r for r in ext._gumbel_cuda_reasons(logits, codevectors, 2, 1.5, False, mask=mask))
+    # Through dispatch with a mask, every backend that runs agrees with the reference.
+    expected = gumbel_quantizer_ref(logits, codevectors, 2, 1.5, False, mask=mask)
+    for name in ("eager", "triton", "cpp"):
+        with uf.backend(name):
+            q, ppl = gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask)
+        assert torch.equal(q, expected[0])
+        torch.testing.assert_close(ppl, expected[1])

@@ -120,6 +120,13 @@ class _BaseConfig:
 
     model_type: ClassVar[str] = ""
     _defaults: ClassVar[dict[str, Any]] = {}
+    #: Our pre-training fields (not in transformers): read through :meth:`pretraining_value`, written to
+    #: ``config.json`` only when set, so a default config stays key for key what transformers writes.
+    pretraining_defaults: ClassVar[dict[str, Any]] = {}
+
+    def pretraining_value(self, name: str) -> Any:
+        """The value of pre-training field ``name``: the one set on this config, else its default."""
+        return getattr(self, name, self.pretraining_defaults[name])
 
     def __init__(self, **kwargs: Any) -> None:
         num_labels = kwargs.pop("num_labels", None)
@@ -379,18 +386,29 @@ class UniSpeechConfig(_BaseConfig):
     """Configuration of UniSpeech models (``model_type="unispeech"``).
 
     Accepts every field of ``transformers.UniSpeechConfig`` with the same defaults; any other key is
-    stored unchanged. ``num_ctc_classes`` and ``replace_prob`` configure ``UniSpeechForPreTraining``.
+    stored unchanged. ``num_ctc_classes`` and ``replace_prob`` configure ``UniSpeechForPreTraining``,
+    with two fields of our own (not in transformers): ``pretraining_ctc_weight`` (the authors'
+    ``mtlalpha``, 0.5) and ``pretraining_ctc_blank_id`` (None: ``pad_token_id``, transformers' CTC
+    convention; the authors' phone dictionary puts their blank ``<s>`` at 76). Both are read with
+    :meth:`pretraining_value` and written to ``config.json`` only when set.
     """
 
     model_type = "unispeech"
     _defaults = {**_COMMON_DEFAULTS, "num_ctc_classes": 80, "replace_prob": 0.5}
+    pretraining_defaults = {"pretraining_ctc_weight": 0.5, "pretraining_ctc_blank_id": None}
 
     def _validate_extra(self) -> None:
         if not isinstance(self.num_ctc_classes, int) or self.num_ctc_classes < 1:
             raise ConfigError(f"num_ctc_classes must be a positive int, got {self.num_ctc_classes!r}")
-        rp = self.replace_prob
-        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0.0 <= rp <= 1.0:
-            raise ConfigError(f"replace_prob must be a probability in [0, 1], got {rp!r}")
+        for name in ("replace_prob", "pretraining_ctc_weight"):
+            rp = self.pretraining_value(name) if name in self.pretraining_defaults else getattr(self, name)
+            if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0.0 <= rp <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {rp!r}")
+        blank = self.pretraining_value("pretraining_ctc_blank_id")
+        if blank is not None and (isinstance(blank, bool) or not isinstance(blank, int)
+                                  or not 0 <= blank < self.num_ctc_classes):
+            raise ConfigError(f"pretraining_ctc_blank_id must be None (use pad_token_id) or an int in "
+                              f"[0, num_ctc_classes={self.num_ctc_classes}), got {blank!r}")
 
 
 class UniSpeechSatConfig(_BaseConfig):
@@ -398,6 +416,12 @@ class UniSpeechSatConfig(_BaseConfig):
 
     Accepts every field of ``transformers.UniSpeechSatConfig`` with the same defaults; any other key
     is stored unchanged. ``tdnn_*`` and ``xvector_output_dim`` configure ``UniSpeechSatForXVector``.
+    Fields of our own (not in transformers) configure ``UniSpeechSatForPreTraining``'s loss:
+    ``utterance_contrastive_loss_weight`` (1.0; the authors' released config is ambiguous, see the
+    README), ``feature_penalty_weight`` (10.0), ``utterance_contrastive_layer`` (None:
+    ``num_hidden_layers // 2``, i.e. 6 for Base as in the authors' code, 12 for Large as in their
+    released config) and ``num_utterance_negatives`` (100). Like the UniSpeech ones they are read with
+    :meth:`pretraining_value` and written to ``config.json`` only when set.
     """
 
     model_type = "unispeech-sat"
@@ -409,6 +433,12 @@ class UniSpeechSatConfig(_BaseConfig):
         "xvector_output_dim": 512,
         "num_clusters": 504,
     }
+    pretraining_defaults = {
+        "utterance_contrastive_loss_weight": 1.0,
+        "feature_penalty_weight": 10.0,
+        "utterance_contrastive_layer": None,
+        "num_utterance_negatives": 100,
+    }
 
     def _validate_extra(self) -> None:
         if not (len(self.tdnn_dim) == len(self.tdnn_kernel) == len(self.tdnn_dilation)):
@@ -416,7 +446,16 @@ class UniSpeechSatConfig(_BaseConfig):
                 "len(tdnn_dim), len(tdnn_kernel) and len(tdnn_dilation) must be equal, got "
                 f"{len(self.tdnn_dim)}, {len(self.tdnn_kernel)} and {len(self.tdnn_dilation)}"
             )
-        for name in ("xvector_output_dim", "num_clusters"):
-            value = getattr(self, name)
+        for name in ("xvector_output_dim", "num_clusters", "num_utterance_negatives"):
+            value = self.pretraining_value(name) if name in self.pretraining_defaults else getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name in ("utterance_contrastive_loss_weight", "feature_penalty_weight"):
+            value = self.pretraining_value(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        layer = self.pretraining_value("utterance_contrastive_layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or not 1 <= layer <= self.num_hidden_layers):
+            raise ConfigError(f"utterance_contrastive_layer must be None (num_hidden_layers // 2) or an int in "
+                              f"[1, num_hidden_layers={self.num_hidden_layers}], got {layer!r}")

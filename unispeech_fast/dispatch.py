@@ -1,7 +1,8 @@
 """Backend dispatch for the fused ops.
 
-Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``, ``linear``) has one eager
-PyTorch reference and may have implementations on the ``triton``, ``cuda`` and ``cpp`` backends.
+Every op (``feature_extractor``, ``pos_conv``, ``attention``, ``gumbel_quantizer``, ``linear``,
+``contrastive_loss``) has one eager PyTorch reference and may have implementations on the ``triton``,
+``cuda`` and ``cpp`` backends.
 Each implementation answers ``not_supported_reasons(**inputs)`` with plain-English reasons; in
 ``"auto"`` mode the first backend with no reasons runs the call, trying the backends fastest first
 where benchmarks measured them for the call's device (CPU: its vector ISA), op, dtype and mode (the generated table
@@ -50,7 +51,9 @@ logger = logging.getLogger("unispeech_fast")
 #: All backend names, in the order ``"auto"`` tries them where no measured order exists (:func:`auto_order`).
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "eager")
 #: The ops that go through dispatch.
-OPS: tuple[str, ...] = ("feature_extractor", "pos_conv", "attention", "gumbel_quantizer", "linear")
+OPS: tuple[str, ...] = (
+    "feature_extractor", "pos_conv", "attention", "gumbel_quantizer", "linear", "contrastive_loss",
+)
 
 _ENV_BACKEND = "UNISPEECH_FAST_BACKEND"
 _ENV_VERIFY = "UNISPEECH_FAST_VERIFY"

@@ -418,9 +418,13 @@ class GumbelVectorQuantizer(nn.Module):
         self.weight_proj = nn.Linear(in_dim, self.num_groups * self.num_vars)
         self.temperature: float = 2
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
+                return_indices: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(quantized [B, T, D], perplexity)`` (+ codes ``[B, T, G]`` with ``return_indices``); ``mask``
+        (bool ``[B, T]``) restricts the perplexity to those frames."""
         logits = self.weight_proj(hidden_states)
-        return ops.gumbel_quantizer(logits, self.codevectors, self.num_groups, self.temperature, self.training)
+        return ops.gumbel_quantizer(logits, self.codevectors, self.num_groups, self.temperature, self.training,
+                                    mask=mask, return_indices=return_indices)
 
 
 class TDNNLayer(nn.Module):

@@ -97,16 +97,24 @@ class XVectorOutput(ModelOutput):
 
 @dataclasses.dataclass
 class UniSpeechForPreTrainingOutput(ModelOutput):
+    """transformers' fields, then the loss terms (None unless computed; see ``UniSpeechForPreTraining``)."""
+
     loss: torch.Tensor | None = None
     projected_states: torch.Tensor | None = None
     projected_quantized_states: torch.Tensor | None = None
     codevector_perplexity: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    contrastive_loss: torch.Tensor | None = None
+    diversity_loss: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
 class UniSpeechSatForPreTrainingOutput(ModelOutput):
+    """transformers' fields, then the loss terms and the cluster logits ``[B, T, num_clusters]`` (None
+    unless ``labels`` are given; see ``UniSpeechSatForPreTraining``)."""
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     projected_states: torch.Tensor | None = None
@@ -114,3 +122,8 @@ class UniSpeechSatForPreTrainingOutput(ModelOutput):
     codevector_perplexity: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    prediction_loss: torch.Tensor | None = None
+    utterance_contrastive_loss: torch.Tensor | None = None
+    diversity_loss: torch.Tensor | None = None
+    feature_penalty: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None

@@ -6,10 +6,12 @@
 //            the Philox seed/offset arguments are for the CUDA kernel and unused here)
 //   eval:    i = argmax l
 //   quantized[n, g*Dg:(g+1)*Dg] = C[g*V + i]                          (a gather, no one-hot product)
-//   perplexity = sum_g exp(-sum_v m_gv log m_gv), m = mean_n softmax(l[n, g]) (sample) or the mean one-hot
+//   perplexity = sum_g exp(-sum_v m_gv log m_gv), m = mean_n softmax(l[n, g]) (sample) or the mean one-hot;
+//            with mask (bool [N]) the mean runs over the rows where it is true (N below is then their count)
 // Backward (sample; the forward value is the straight-through y = onehot - s.detach() + s):
 //   dy[n, g, v] = <grad_q[n, g], C[g*V + v]>,  grad_l = s * (dy - <s, dy>) / tau
 //                 + p * (e - <p, e>) with p = softmax(l[n, g]), e_v = grad_perp * exp(H_g) * -(log m_gv + 1) / N
+//                 (the second term only on rows in the mask, when one is given)
 //   grad_C[g*V + v] = sum_{n : i[n, g] = v} grad_q[n, g]
 // eval: grad_l = 0 (argmax has no gradient), grad_C as above.
 // Float logits compute in float (as eager's gumbel_softmax); float64 logits in double (then soft and
@@ -55,9 +57,28 @@ void softmax_row(const T* l, int64_t V, T* out) {
   for (int64_t v = 0; v < V; ++v) out[v] *= inv;
 }
 
-// m[g, v] = mean_n softmax(l[n, g])_v, accumulated in double.
+// Rows in the perplexity mask (all rows without one): pointer to bool [N] or nullptr, and their count.
+struct RowMask {
+  const bool* keep;
+  int64_t count;
+  bool has(int64_t n) const { return keep == nullptr || keep[n]; }
+};
+
+RowMask check_row_mask(const std::optional<at::Tensor>& mask, int64_t N, const char* op) {
+  if (!mask.has_value()) return {nullptr, N};
+  TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                  mask->dim() == 1 && mask->size(0) == N,
+              op, ": mask must be a contiguous CPU bool tensor of shape [", N, "], got ", mask->scalar_type(), " ",
+              mask->sizes(), " on ", mask->device());
+  const bool* keep = mask->const_data_ptr<bool>();
+  int64_t count = 0;
+  for (int64_t n = 0; n < N; ++n) count += keep[n] ? 1 : 0;
+  return {keep, count};
+}
+
+// m[g, v] = mean over the rows in the mask of softmax(l[n, g])_v, accumulated in double.
 template <typename T>
-std::vector<double> marginal_softmax(const T* lp, const Dims& d) {
+std::vector<double> marginal_softmax(const T* lp, const Dims& d, const RowMask& rows) {
   const int64_t GV = d.G * d.V;
   const int nthreads = at::get_num_threads();
   std::vector<double> parts(static_cast<size_t>(nthreads) * GV, 0.0);
@@ -65,7 +86,7 @@ std::vector<double> marginal_softmax(const T* lp, const Dims& d) {
     double* acc = parts.data() + static_cast<size_t>(at::get_thread_num()) * GV;
     std::vector<T> p(d.V);
     for (int64_t n = begin; n < end; ++n)
-      for (int64_t g = 0; g < d.G; ++g) {
+      for (int64_t g = 0; g < d.G && rows.has(n); ++g) {
         softmax_row(lp + n * GV + g * d.V, d.V, p.data());
         for (int64_t v = 0; v < d.V; ++v) acc[g * d.V + v] += p[v];
       }
@@ -73,7 +94,7 @@ std::vector<double> marginal_softmax(const T* lp, const Dims& d) {
   std::vector<double> m(GV, 0.0);
   for (int t = 0; t < nthreads; ++t)
     for (int64_t j = 0; j < GV; ++j) m[j] += parts[static_cast<size_t>(t) * GV + j];
-  for (auto& v : m) v /= static_cast<double>(d.N);
+  for (auto& v : m) v /= static_cast<double>(rows.count);
   return m;
 }
 
@@ -92,9 +113,10 @@ double perplexity_of(const std::vector<double>& m, const Dims& d) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& codevectors, int64_t num_groups, double temperature, bool sample,
-    const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset) {
+    const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset, const std::optional<at::Tensor>& mask) {
   const char* op = "gumbel_quantizer_fwd";
   const Dims d = check_gumbel_args(logits, codevectors, num_groups, temperature, op);
+  const RowMask rows = check_row_mask(mask, d.N, op);
   const at::ScalarType acc_type = logits.scalar_type();  // float -> float32 soft/perplexity, double -> float64
   at::Tensor gum;
   if (sample) {
@@ -142,13 +164,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_
     });
     std::vector<double> m;
     if (sample) {
-      m = marginal_softmax(lp, d);
+      m = marginal_softmax(lp, d, rows);
     } else {
       m.assign(GV, 0.0);
-      for (int64_t item = 0; item < N * G; ++item) m[(item % G) * V + ip[item]] += 1.0;
-      for (auto& v : m) v /= static_cast<double>(N);
+      for (int64_t item = 0; item < N * G; ++item)
+        if (rows.has(item / G)) m[(item % G) * V + ip[item]] += 1.0;
+      for (auto& v : m) v /= static_cast<double>(rows.count);
     }
-    perplexity.fill_(N > 0 ? perplexity_of(m, d) : std::nan(""));
+    perplexity.fill_(rows.count > 0 ? perplexity_of(m, d) : std::nan(""));
   });
   return {quantized, indices, soft, perplexity};
 }
@@ -157,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cpu(const at::Tensor& gr
                                                            const at::Tensor& grad_perplexity, const at::Tensor& logits,
                                                            const at::Tensor& codevectors, const at::Tensor& indices,
                                                            const at::Tensor& soft, int64_t num_groups,
-                                                           double temperature, bool sample) {
+                                                           double temperature, bool sample,
+                                                           const std::optional<at::Tensor>& mask) {
   const char* op = "gumbel_quantizer_bwd";
   const Dims d = check_gumbel_args(logits, codevectors, num_groups, temperature, op);
+  const RowMask rows = check_row_mask(mask, d.N, op);
   const int64_t N = d.N, G = d.G, V = d.V, Dg = d.Dg, GV = G * V;
   check_cpu_contiguous(grad_quantized, op, "grad_quantized", 2);
   check_same_dtype(grad_quantized, codevectors, op, "grad_quantized", "codevectors");
@@ -206,16 +231,16 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cpu(const at::Tensor& gr
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     const double gperp = grad_perplexity.to(at::kDouble).item<double>();
     std::vector<scalar_t> coef(GV, scalar_t(0));
-    const bool perp_grad = gperp != 0.0;
+    const bool perp_grad = gperp != 0.0 && rows.count > 0;
     if (perp_grad) {
-      const std::vector<double> m = marginal_softmax(lp, d);
+      const std::vector<double> m = marginal_softmax(lp, d, rows);
       for (int64_t g = 0; g < G; ++g) {
         double h = 0.0;
         for (int64_t v = 0; v < V; ++v) {
           const double x = m[g * V + v];
           if (x > 0) h -= x * std::log(x);
         }
-        const double scale = gperp * std::exp(h) / static_cast<double>(N);
+        const double scale = gperp * std::exp(h) / static_cast<double>(rows.count);
         for (int64_t v = 0; v < V; ++v) {
           const double x = m[g * V + v];
           coef[g * V + v] = static_cast<scalar_t>(x > 0 ? -scale * (std::log(x) + 1.0) : 0.0);
@@ -233,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cpu(const at::Tensor& gr
         scalar_t dot = scalar_t(0);
         for (int64_t v = 0; v < V; ++v) dot += s[v] * dyr[v];
         for (int64_t v = 0; v < V; ++v) out[v] = s[v] * (dyr[v] - dot) * inv_tau;
-        if (perp_grad) {
+        if (perp_grad && rows.has(n)) {
           softmax_row(lp + n * GV + g * V, V, p.data());
           const scalar_t* e = coef.data() + g * V;
           scalar_t pe = scalar_t(0);

@@ -264,7 +264,8 @@ unsigned row_blocks(int64_t rows) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& codevectors, int64_t num_groups, double temperature, bool sample,
-    const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset) {
+    const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(!mask.has_value(), "gumbel_quantizer_fwd: the perplexity mask is not implemented on CUDA yet");
   const GqShape s = check_gq(logits, codevectors, num_groups);
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
   at::Tensor noise;
@@ -309,7 +310,9 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cuda(const at::Tensor& g
                                                              const at::Tensor& grad_perplexity,
                                                              const at::Tensor& logits, const at::Tensor& codevectors,
                                                              const at::Tensor& indices, const at::Tensor& soft,
-                                                             int64_t num_groups, double temperature, bool sample) {
+                                                             int64_t num_groups, double temperature, bool sample,
+                                                             const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(!mask.has_value(), "gumbel_quantizer_bwd: the perplexity mask is not implemented on CUDA yet");
   const GqShape s = check_gq(logits, codevectors, num_groups);
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
   USF_CHECK_SAME_DEVICE(grad_quantized, logits, "grad_quantized", "logits");

@@ -425,7 +425,9 @@ class Backbone(PreTrainedModel):
         return out if rd else out.to_tuple()
 
     def _encode(self, input_values, attention_mask, mask_time_indices, head_mask, output_attentions,
-                output_hidden_states):
+                output_hidden_states, return_conv_features=False):
+        """``(last, extract_features, hidden_states, attentions)``, plus the conv features ``[B, T, C]``
+        before the feature projection's layer norm when ``return_conv_features``."""
         config = self.config
         check_input_values(self, input_values)
         if attention_mask is not None:
@@ -455,6 +457,8 @@ class Backbone(PreTrainedModel):
         last, hidden_states, attentions = self.encoder(
             hidden, frame_mask, head_mask, output_attentions, output_hidden_states
         )
+        if return_conv_features:
+            return last, extract_features, hidden_states, attentions, features
         return last, extract_features, hidden_states, attentions
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+from ..pretraining import utterance_contrastive_loss
 from ..modules import AMSoftmaxLoss, GumbelVectorQuantizer, TDNNLayer
 from ..outputs import (
     CausalLMOutput,
@@ -157,7 +159,12 @@ class ForCTC(_Head):
 
 def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, config) -> torch.Tensor:
     """transformers' ``ForCTCLoss``: labels equal to -100 or to the blank (pad) id are padding."""
-    blank = config.pad_token_id
+    return _ctc(logits, labels, logit_lengths, config.pad_token_id, config.ctc_loss_reduction, config.ctc_zero_infinity)
+
+
+def _ctc(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, blank: int, reduction: str,
+         zero_infinity: bool) -> torch.Tensor:
+    """CTC on ``logits [B, T, C]``; labels equal to -100 or to ``blank`` are padding."""
     labels = labels.to(logits.device)
     labels_mask = (labels != -100) & (labels != blank)
     target_lengths = labels_mask.sum(-1)
@@ -170,8 +177,8 @@ def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Te
             logit_lengths,
             target_lengths,
             blank=blank,
-            reduction=config.ctc_loss_reduction,
-            zero_infinity=config.ctc_zero_infinity,
+            reduction=reduction,
+            zero_infinity=zero_infinity,
         )
 
 
@@ -348,13 +355,67 @@ class _PreTrainingHead(_Head):
         self.quantizer.temperature = temperature
 
 
-class UniSpeechPreTrainingHead(_PreTrainingHead):
-    """transformers' ``UniSpeechForPreTraining``: quantizes ``extract_features`` with the Gumbel
-    quantizer and projects them (``project_q`` then ``project_hid``) to the hidden size.
+def _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, device) -> torch.Tensor:
+    """The masked frames as bool ``[B, T]`` on ``device``; masked padding and empty masks are errors."""
+    if not isinstance(mask_time_indices, torch.Tensor) or mask_time_indices.dtype != torch.bool or \
+            tuple(mask_time_indices.shape) != (batch, frames):
+        raise ValueError(f"mask_time_indices must be a bool tensor [batch, frames] = {(batch, frames)} to compute "
+                         "the pre-training loss (see unispeech_fast.pretraining.compute_mask_indices)")
+    mask = mask_time_indices.to(device)
+    if frame_mask is not None and bool((mask & ~frame_mask).any()):
+        raise ValueError("mask_time_indices masks padded frames; compute it with the frame-level attention mask "
+                         "(compute_mask_indices(..., attention_mask=...)) so padding is never a target")
+    if not bool(mask.any()):
+        raise ValueError("mask_time_indices masks no frame: the pre-training losses need at least one masked frame")
+    return mask
 
-    As in transformers, no loss is computed (``loss`` is None) and the phoneme-CTC mixing branch is
-    dead code; its random draws (``torch.bernoulli`` on a [T, B] matrix, and the dropout in
-    training) are still made so the torch RNG stream stays identical, but ``ctc_proj`` is skipped.
+
+def _check_frame_labels(name: str, labels, batch: int, frames: int | None, num_classes: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or \
+            labels.dtype == torch.bool or labels.dim() != 2 or labels.shape[0] != batch or \
+            (frames is not None and labels.shape[1] != frames):
+        want = f"[batch={batch}, frames={frames}]" if frames is not None else f"[batch={batch}, target_length]"
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{name} must be an integer tensor {want}, got {got}")
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+        raise ValueError(f"{name} must be in [0, {num_classes}) or -100 to ignore, got values in "
+                         f"[{int(valid.min())}, {int(valid.max())}]")
+    return labels
+
+
+def _cosine_logits(x: torch.Tensor, embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``cos(x_i, e_c) / temperature`` for every row of ``x [..., D]`` and ``embeddings [C, D]``."""
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    e = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return (x @ e.to(x.dtype).t()) / temperature
+
+
+class UniSpeechPreTrainingHead(_PreTrainingHead):
+    """``UniSpeechForPreTraining``: transformers' module layout, plus the authors' multitask loss.
+
+    Forward: the backbone (with ``mask_time_indices`` applied) gives the encoder output ``h``
+    (``projected_states``); the Gumbel quantizer over ``dropout_features(extract_features)``, then
+    ``project_q`` and ``project_hid``, gives ``y`` (``projected_quantized_states``).
+
+    Loss (only with ``sampled_negative_indices``; N = number of masked frames):
+
+    * ``contrastive_loss``: :func:`unispeech_fast.ops.contrastive_loss` with prediction ``h`` and
+      target ``y`` (the authors' "transpose" mode), negatives equal to the positive excluded by code
+      index, cross-entropy summed over masked frames;
+    * ``diversity_loss = (G*V - perplexity) / (G*V) * N``, the perplexity over the masked non-padded
+      frames (the quantizer's mask input);
+    * with ``labels``: ``ctc_loss``, CTC (summed) on ``ctc_proj(dropout(mix))`` where ``mix`` takes
+      per frame ``y`` with probability ``replace_prob`` else ``h``; blank =
+      ``config.pretraining_ctc_blank_id`` (None: ``pad_token_id``); labels equal to -100 or to the
+      blank are padding;
+    * ``loss = (1 - a) * (contrastive_loss + diversity_loss_weight * diversity_loss) + a * ctc_loss``
+      with ``a = pretraining_ctc_weight``, or ``contrastive_loss + diversity_loss_weight *
+      diversity_loss`` without labels. Divide by N for the authors' per-frame normalisation.
+
+    Without ``sampled_negative_indices`` (and labels) the forward is transformers' exactly: ``loss``
+    is None, the perplexity runs over every frame, and the CTC branch's random draws are still made
+    (its result unused) so the torch RNG stream matches transformers'.
     """
 
     def __init__(self, config) -> None:
@@ -373,31 +434,107 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         mask_time_indices: torch.Tensor | None = None,
+        sampled_negative_indices: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> UniSpeechForPreTrainingOutput | tuple:
+        """``mask_time_indices`` bool ``[B, T]``; ``sampled_negative_indices`` ``[B, T, K]`` into the
+        flattened ``B*T`` axis (:func:`unispeech_fast.pretraining.sample_negative_indices`);
+        ``labels`` ``[B, target_len]`` phone ids in ``[0, num_ctc_classes)``. See the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
+        if labels is not None and sampled_negative_indices is None:
+            raise ValueError("labels (the phone CTC branch) need sampled_negative_indices and mask_time_indices: "
+                             "the pre-training loss combines CTC with the contrastive loss; use UniSpeechForCTC "
+                             "for CTC alone")
+        with_loss = sampled_negative_indices is not None
         last, extract_features, hidden_states, attentions = self._run_backbone(
             input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
-        quantized, perplexity = self.quantizer(self.dropout_features(extract_features))
+        batch, frames = last.shape[:2]
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
+        mask = codes = None
+        if with_loss:
+            mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
+            if labels is not None:
+                blank = self._ctc_blank()
+                _check_frame_labels("labels", labels, batch, None, self.config.num_ctc_classes)
+            quantized, perplexity, codes = self.quantizer(self.dropout_features(extract_features), mask=mask,
+                                                          return_indices=True)
+        else:
+            quantized, perplexity = self.quantizer(self.dropout_features(extract_features))
         quantized = self.project_hid(self.project_q(quantized.to(self.project_q.weight.dtype)))
-        # Dead branch kept only for its RNG draws (see the class docstring).
+        # The replace mix of the CTC branch: R ~ Bernoulli(replace_prob) per frame, drawn on a [T, B]
+        # matrix as the authors (and transformers' dead code) do, so the RNG stream matches transformers'.
         replace = torch.bernoulli(
             torch.full((last.size(0), last.size(1)), self.config.replace_prob, device=last.device).transpose(0, 1)
         ).bool().transpose(0, 1)[..., None]
-        if self.training and self.dropout.p > 0:
+        ctc_loss = None
+        if labels is not None:
+            mixed = last.masked_fill(replace, 0.0) + quantized.masked_fill(~replace, 0.0)
+            ctc_logits = self.ctc_proj(self.dropout(mixed))
+            lengths = (frame_mask.sum(-1) if frame_mask is not None
+                       else torch.full((batch,), frames, device=last.device, dtype=torch.long))
+            ctc_loss = _ctc(ctc_logits, labels, lengths, blank, "sum", self.config.ctc_zero_infinity)  # authors: summed
+        elif self.training and self.dropout.p > 0:
+            # transformers' dead branch, kept only for its dropout draws (see the class docstring).
             self.dropout(last.detach().masked_fill(replace, 0.0) + quantized.detach().masked_fill(~replace, 0.0))
-        out = UniSpeechForPreTrainingOutput(None, last, quantized, perplexity, hidden_states, attentions)
+        loss = contrastive = diversity = None
+        if with_loss:
+            contrastive = ops.contrastive_loss(last, quantized.to(last.dtype), sampled_negative_indices.to(last.device),
+                                               mask, self.config.contrastive_logits_temperature, code_indices=codes)
+            num_codes = self.config.num_codevectors_per_group * self.config.num_codevector_groups
+            diversity = (num_codes - perplexity) / num_codes * mask.sum()
+            loss = contrastive + self.config.diversity_loss_weight * diversity
+            if ctc_loss is not None:
+                a = self.config.pretraining_value("pretraining_ctc_weight")
+                loss = (1 - a) * loss + a * ctc_loss
+        out = UniSpeechForPreTrainingOutput(loss, last, quantized, perplexity, hidden_states, attentions,
+                                            contrastive, diversity, ctc_loss)
         return out if rd else out.to_tuple()
+
+    def _ctc_blank(self) -> int:
+        blank = self.config.pretraining_value("pretraining_ctc_blank_id")
+        blank = self.config.pad_token_id if blank is None else blank
+        if not isinstance(blank, int) or not 0 <= blank < self.config.num_ctc_classes:
+            raise ValueError(f"the CTC blank (pretraining_ctc_blank_id, else pad_token_id) must be in "
+                             f"[0, num_ctc_classes={self.config.num_ctc_classes}), got {blank!r}")
+        return blank
 
 
 class UniSpeechSatPreTrainingHead(_PreTrainingHead):
-    """transformers' ``UniSpeechSatForPreTraining``: returns ``logits = dropout(extract_features)`` and
-    ``projected_states = last_hidden_state``; the quantizer, projections, ``speaker_proj`` and
-    ``label_embeddings_concat`` exist for checkpoint compatibility but are unused, and the loss is None."""
+    """``UniSpeechSatForPreTraining``: transformers' module layout, plus the authors' objectives.
+
+    Without ``labels`` the forward is transformers' (``logits = dropout_features(extract_features)``,
+    ``projected_states`` = the encoder output, ``loss`` None). With ``labels`` (frame cluster ids
+    ``[B, T]``, -100 ignored) and ``mask_time_indices`` (N = number of masked frames):
+
+    * ``prediction_logits [B, T, num_clusters] = cos(project_hid(h_t), label_embeddings_concat[c]) /
+      contrastive_logits_temperature``; ``prediction_loss`` = cross-entropy summed over masked frames
+      whose label is not -100 (HuBERT's masked prediction);
+    * ``utterance_contrastive_loss``: on layer ``L = utterance_contrastive_layer`` (output of layer L;
+      for pre-LN models through ``layer_norm_for_extract`` unless L is the last layer, whose output is
+      already normed), masked frames only: ``p = speaker_proj(h)``, ``y = project_q(quantizer(h))``;
+      per frame the candidates are its own ``y`` and ``num_utterance_negatives`` draws uniform over all
+      masked frames of the batch (torch's global RNG), label 1 when from the same utterance;
+      ``BCEWithLogits(cos(p, candidate) / temperature)`` averaged over the candidates, summed over
+      frames (the authors' mean times N);
+    * ``diversity_loss = (G*V - perplexity) / (G*V) * N``, the perplexity of that quantizer over the
+      masked frames (``codevector_perplexity``);
+    * ``feature_penalty = mean(conv_features^2) * N`` over the non-padded frames (conv output before
+      the feature projection's layer norm);
+    * ``loss = prediction_loss + utterance_contrastive_loss_weight * utterance_contrastive_loss +
+      diversity_loss_weight * diversity_loss + feature_penalty_weight * feature_penalty``.
+      Divide by N for the authors' per-frame normalisation.
+
+    The cosine terms need ``proj_codevector_dim == codevector_dim`` (true of the released configs).
+    ``label_embeddings_concat`` starts uniform in [0, 1) as the authors initialise it (transformers'
+    zeros give every cluster the same cosine, so nothing trains); loaded checkpoints keep their values.
+    """
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -412,22 +549,76 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
         self.layer_norm_for_extract = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
         with torch.no_grad():
-            self.label_embeddings_concat.zero_()
+            self.label_embeddings_concat.uniform_()
 
     def forward(
         self,
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         mask_time_indices: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> UniSpeechSatForPreTrainingOutput | tuple:
+        """``labels`` ``[B, T]`` frame cluster ids in ``[0, num_clusters)`` or -100; see the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
-        last, extract_features, hidden_states, attentions = self._run_backbone(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
+        if labels is None:
+            last, extract_features, hidden_states, attentions = self._run_backbone(
+                input_values, attention_mask, mask_time_indices, head_mask, oa, oh
+            )
+            logits = self.dropout_features(extract_features)
+            out = UniSpeechSatForPreTrainingOutput(None, logits, last, None, None, hidden_states, attentions)
+            return out if rd else out.to_tuple()
+
+        config = self.config
+        if config.proj_codevector_dim != config.codevector_dim:
+            raise ValueError(f"the UniSpeech-SAT pre-training loss compares projections by cosine and needs "
+                             f"proj_codevector_dim == codevector_dim, got {config.proj_codevector_dim} and "
+                             f"{config.codevector_dim}")
+        last, extract_features, all_hidden, attentions, conv = self.base_model._encode(
+            input_values, attention_mask, mask_time_indices, head_mask, oa, True, return_conv_features=True
         )
         logits = self.dropout_features(extract_features)
-        out = UniSpeechSatForPreTrainingOutput(None, logits, last, None, None, hidden_states, attentions)
+        batch, frames = last.shape[:2]
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
+        mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
+        labels = _check_frame_labels("labels", labels, batch, frames, config.num_clusters).to(last.device)
+        num_masked = mask.sum()
+        temperature = config.contrastive_logits_temperature
+
+        # Masked prediction of the cluster ids.
+        prediction_logits = _cosine_logits(self.project_hid(last), self.label_embeddings_concat, temperature)
+        scored = mask & (labels != -100)
+        prediction_loss = F.cross_entropy(prediction_logits[scored].float(), labels[scored], reduction="sum")
+
+        # Utterance-wise contrastive loss on layer L, over the masked frames.
+        layer = config.pretraining_value("utterance_contrastive_layer") or config.num_hidden_layers // 2
+        h = all_hidden[layer]
+        if config.do_stable_layer_norm and layer < config.num_hidden_layers:
+            h = self.layer_norm_for_extract(h)
+        h = h[mask]  # [M, H]
+        speaker = self.speaker_proj(h)
+        quantized, perplexity = self.quantizer(h[None])
+        targets = self.project_q(quantized[0].to(self.project_q.weight.dtype))
+        utterance = mask.nonzero()[:, 0]  # the row of each masked frame
+        m = h.shape[0]
+        candidates = torch.randint(0, m, (m, config.pretraining_value("num_utterance_negatives")), device=h.device)
+        utterance_loss = utterance_contrastive_loss(speaker, targets, utterance, candidates, temperature)
+
+        num_codes = config.num_codevectors_per_group * config.num_codevector_groups
+        diversity_loss = (num_codes - perplexity) / num_codes * num_masked
+        valid = frame_mask if frame_mask is not None else torch.ones_like(mask)
+        feature_penalty = conv[valid].float().pow(2).mean() * num_masked
+        loss = (prediction_loss
+                + config.pretraining_value("utterance_contrastive_loss_weight") * utterance_loss
+                + config.diversity_loss_weight * diversity_loss
+                + config.pretraining_value("feature_penalty_weight") * feature_penalty)
+        out = UniSpeechSatForPreTrainingOutput(
+            loss, logits, last, None, perplexity, all_hidden if oh else None, attentions,
+            prediction_loss, utterance_loss, diversity_loss, feature_penalty, prediction_logits,
+        )
         return out if rd else out.to_tuple()

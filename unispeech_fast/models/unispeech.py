@@ -33,4 +33,4 @@ class UniSpeechForSequenceClassification(_UniSpeechHead, ForSequenceClassificati
 
 
 class UniSpeechForPreTraining(_UniSpeechHead, UniSpeechPreTrainingHead):
-    """UniSpeech with the Gumbel quantizer and projections (no loss, as in transformers)."""
+    """UniSpeech pre-training: transformers' outputs plus the contrastive, diversity and phone-CTC losses."""

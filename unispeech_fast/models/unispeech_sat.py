@@ -53,4 +53,5 @@ class UniSpeechSatForXVector(_SatHead, ForXVector):
 
 
 class UniSpeechSatForPreTraining(_SatHead, UniSpeechSatPreTrainingHead):
-    """UniSpeech-SAT pretraining head (returns features; no loss, as in transformers)."""
+    """UniSpeech-SAT pre-training: transformers' outputs plus masked prediction, utterance-wise contrastive,
+    diversity and feature-penalty losses (with ``labels``)."""

@@ -5,6 +5,7 @@ exposes the public function that modules call.
 """
 
 from .attention import attention, attention_ref
+from .contrastive_loss import contrastive_loss, contrastive_loss_ref
 from .feature_extractor import feature_extractor, feature_extractor_ref
 from .gumbel_quantizer import gumbel_quantizer, gumbel_quantizer_ref
 from .linear import linear, linear_ref
@@ -17,6 +18,8 @@ from . import _attention_cpp, _cuda, _extension_ops  # noqa: E402,F401  (isort: 
 __all__ = [
     "attention",
     "attention_ref",
+    "contrastive_loss",
+    "contrastive_loss_ref",
     "feature_extractor",
     "feature_extractor_ref",
     "gumbel_quantizer",

@@ -90,7 +90,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], weight.shape[0], frames))
 
     @torch.library.register_fake(lib + "gumbel_quantizer_fwd")
-    def _(logits, codevectors, num_groups, temperature, sample, gumbels, seed, offset):
+    def _(logits, codevectors, num_groups, temperature, sample, gumbels, seed, offset, mask=None):
         n, gv = logits.shape
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         quantized = codevectors.new_empty((n, num_groups * codevectors.shape[1]))
@@ -99,7 +99,8 @@ def _register_fakes() -> None:
         return quantized, indices, soft, logits.new_empty((), dtype=acc)
 
     @torch.library.register_fake(lib + "gumbel_quantizer_bwd")
-    def _(grad_quantized, grad_perplexity, logits, codevectors, indices, soft, num_groups, temperature, sample):
+    def _(grad_quantized, grad_perplexity, logits, codevectors, indices, soft, num_groups, temperature, sample,
+          mask=None):
         return torch.empty_like(logits), torch.empty_like(codevectors)
 
     @torch.library.register_fake(lib + "attention_fwd")
@@ -129,25 +130,25 @@ def _pos_conv_backward(ctx, grad_out, _grad_preact):
 
 
 def _gumbel_setup(ctx, inputs, output):
-    logits, codevectors, num_groups, temperature, sample, _gumbels, _seed, _offset = inputs
+    logits, codevectors, num_groups, temperature, sample, _gumbels, _seed, _offset, *rest = inputs
     _quantized, indices, soft, _perplexity = output
     ctx.num_groups, ctx.temperature, ctx.sample = num_groups, temperature, sample
     ctx.mark_non_differentiable(indices, soft)
-    ctx.save_for_backward(logits, codevectors, indices, soft)
+    ctx.save_for_backward(logits, codevectors, indices, soft, rest[0] if rest else None)
 
 
 def _gumbel_backward(ctx, grad_quantized, _grad_indices, _grad_soft, grad_perplexity):
     """Straight-through VJP; see csrc/cpu/gumbel_quantizer.cpp for the formulas."""
-    logits, codevectors, indices, soft = ctx.saved_tensors
+    logits, codevectors, indices, soft, mask = ctx.saved_tensors
     if grad_quantized is None:
         grad_quantized = codevectors.new_zeros((logits.shape[0], ctx.num_groups * codevectors.shape[1]))
     if grad_perplexity is None:
         grad_perplexity = logits.new_zeros(())
     grad_logits, grad_cv = torch.ops.unispeech_fast.gumbel_quantizer_bwd(
         grad_quantized.contiguous(), grad_perplexity, logits, codevectors, indices, soft,
-        ctx.num_groups, ctx.temperature, ctx.sample,
+        ctx.num_groups, ctx.temperature, ctx.sample, mask,
     )
-    return (grad_logits if ctx.sample else None), grad_cv, None, None, None, None, None, None
+    return (grad_logits if ctx.sample else None), grad_cv, None, None, None, None, None, None, None
 
 
 def conv_norm_gelu_eager(x, weight, bias, norm_weight, norm_bias, stride: int, norm_kind: int, eps: float):
@@ -278,15 +279,19 @@ def _gumbel_shape_reasons(logits, codevectors, num_groups, temperature) -> list[
     return reasons
 
 
-def _gumbel_cpp_reasons(logits, codevectors, num_groups, temperature, sample) -> list[str]:
+def _gumbel_cpp_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
+                        return_indices=False) -> list[str]:
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
     if logits.dtype not in _CPP_DTYPES:
         reasons.append(f"the C++ gumbel_quantizer runs float32/float64, got {logits.dtype}")
     return reasons
 
 
-def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample) -> list[str]:
+def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
+                         return_indices=False) -> list[str]:
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
+    if mask is not None:
+        reasons.append("the CUDA gumbel_quantizer has no perplexity mask yet (csrc/cuda/gumbel_quantizer.cu)")
     if logits.device.type != "cuda":
         reasons.append(f"the CUDA gumbel_quantizer serves CUDA tensors, got {logits.device.type}")
     # The kernel's limits (csrc/cuda/gumbel_quantizer.cu: kMaxGroups, and V in one block's shared memory).
@@ -306,13 +311,17 @@ def gumbel_quantizer_ext(
     num_groups: int,
     temperature: float,
     sample: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mask: torch.Tensor | None = None,
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Gumbel quantizer on ``torch.ops.unispeech_fast.gumbel_quantizer_fwd``.
 
     In sample mode the noise is drawn here exactly as ``F.gumbel_softmax`` draws it (float32,
     ``-Exp(1).log()`` over the ``[N*G, V]`` logits), so under one ``torch.manual_seed`` the codes equal
     the eager backend's. Eval mode gives the logits no gradient (argmax), as the eager reference.
-    Returns ``(quantized [batch, frames, D], perplexity)`` in the eager reference's dtypes.
+    Returns ``(quantized [batch, frames, D], perplexity)`` in the eager reference's dtypes, plus the
+    codes ``[batch, frames, G]`` (int64) with ``return_indices``; ``mask`` (bool ``[batch, frames]``)
+    restricts the perplexity to its frames.
     """
     ops = _ops()
     batch, frames, gv = logits.shape
@@ -325,10 +334,13 @@ def gumbel_quantizer_ext(
         noise = torch.empty((batch * frames * num_groups, gv // num_groups), dtype=torch.float32, device=logits.device)
         gumbels = -noise.exponential_().log()
         gumbels = gumbels.view(batch * frames, gv)
-    quantized, _, _, perplexity = ops.gumbel_quantizer_fwd(
-        flat.contiguous(), codebook.contiguous(), num_groups, float(temperature), bool(sample), gumbels, 0, 0
+    rows = None if mask is None else mask.reshape(batch * frames).contiguous()
+    quantized, indices, _, perplexity = ops.gumbel_quantizer_fwd(
+        flat.contiguous(), codebook.contiguous(), num_groups, float(temperature), bool(sample), gumbels, 0, 0, rows
     )
     perplexity = perplexity.to(torch.float32 if sample else logits.dtype)
+    if return_indices:
+        return quantized.view(batch, frames, -1), perplexity, indices.view(batch, frames, num_groups)
     return quantized.view(batch, frames, -1), perplexity
 
 

@@ -5,7 +5,9 @@ group draws a hard straight-through one-hot ``y = onehot(argmax(l + n)) - s.deta
 ``s = softmax((l + n) / tau)`` and Gumbel noise n (forward is hard, gradient flows through s); in
 eval it is ``onehot(argmax(l))``. The output concatenates, over groups, the selected rows of the
 codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_gv)`` with ``p`` the
-mean over all frames of ``softmax(l)`` (training) or of the one-hots (eval); padding is not excluded.
+mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
+(bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
+it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from .. import dispatch
 __all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
 
 
-def _perplexity(probs: torch.Tensor) -> torch.Tensor:
-    marginal = probs.mean(dim=0)
+def _perplexity(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``probs`` ``[N, G, V]``; ``mask`` bool ``[N]`` or None (mean over every row)."""
+    if mask is None:
+        marginal = probs.mean(dim=0)
+    else:
+        marginal = torch.where(mask[:, None, None], probs, torch.zeros_like(probs)).sum(dim=0) / mask.sum()
     return torch.exp(-torch.sum(torch.xlogy(marginal, marginal), dim=-1)).sum()
 
 
@@ -30,7 +36,9 @@ def gumbel_quantizer_ref(
     temperature: float,
     sample: bool,
     gumbels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mask: torch.Tensor | None = None,
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Eager reference (transformers' ``GumbelVectorQuantizer.forward`` after ``weight_proj``).
 
     Args:
@@ -40,12 +48,16 @@ def gumbel_quantizer_ref(
         gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only, for tests).
             With it the call computes exactly what ``F.gumbel_softmax(hard=True)`` computes when it
             draws that noise, in fp32 (fp64 for fp64 logits, so tests get a high-precision reference).
+        mask: optional bool ``[batch, frames]``: the perplexity's marginal is the mean over the frames
+            where it is True (forward and gradient); None means every frame.
+        return_indices: also return the chosen code per group, int64 ``[batch, frames, num_groups]``.
 
     Returns:
-        ``(quantized [batch, frames, D], perplexity scalar)``.
+        ``(quantized [batch, frames, D], perplexity scalar)``, plus the indices if ``return_indices``.
     """
     batch, frames, _ = logits.shape
     flat = logits.reshape(batch * frames * num_groups, -1)
+    row_mask = None if mask is None else mask.reshape(batch * frames).to(device=logits.device, dtype=torch.bool)
     if gumbels is not None and not sample:
         raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
     if sample and gumbels is not None:
@@ -57,18 +69,22 @@ def gumbel_quantizer_ref(
         index = y_soft.max(-1, keepdim=True)[1]
         y_hard = torch.zeros_like(work, memory_format=torch.legacy_contiguous_format).scatter_(-1, index, 1.0)
         probs = (y_hard - y_soft.detach() + y_soft).type_as(flat)
-        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1))
+        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1), row_mask)
     elif sample:
         probs = F.gumbel_softmax(flat.float(), tau=temperature, hard=True).type_as(flat)
         soft = torch.softmax(flat.view(batch * frames, num_groups, -1).float(), dim=-1)
-        perplexity = _perplexity(soft)
+        perplexity = _perplexity(soft, row_mask)
     else:
         idx = flat.argmax(dim=-1)
         probs = flat.new_zeros(*flat.shape).scatter_(-1, idx.view(-1, 1), 1.0)
-        perplexity = _perplexity(probs.view(batch * frames, num_groups, -1))
+        perplexity = _perplexity(probs.view(batch * frames, num_groups, -1), row_mask)
     probs = probs.view(batch * frames, -1)
     per_group = probs.unsqueeze(-1) * codevectors
     quantized = per_group.view(batch * frames, num_groups, probs.shape[-1] // num_groups, -1).sum(-2)
+    if return_indices:
+        # The forward value of the straight-through one-hot is exactly 1 on the chosen code.
+        indices = probs.detach().view(batch, frames, num_groups, -1).argmax(-1)
+        return quantized.view(batch, frames, -1), perplexity, indices
     return quantized.view(batch, frames, -1), perplexity
 
 
@@ -83,8 +99,31 @@ def gumbel_quantizer(
     num_groups: int,
     temperature: float,
     sample: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`."""
+    mask: torch.Tensor | None = None,
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
+
+    ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
+    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
+    Without them the call and its results are exactly those of before these options existed.
+    """
+    extra = {}
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
+                not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
+                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
+            )
+        if mask.device != logits.device:
+            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
+        if not bool(mask.any()):
+            raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
+        extra["mask"] = mask
+    if return_indices:
+        extra["return_indices"] = True
     return dispatch.call(
         "gumbel_quantizer",
         logits=logits,
@@ -92,6 +131,7 @@ def gumbel_quantizer(
         num_groups=num_groups,
         temperature=temperature,
         sample=sample,
+        **extra,
     )
 
 
@@ -103,7 +143,15 @@ def gumbel_quantizer(
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels):
+def _row_weights(mask, n, device):
+    """fp32 ``[N]`` row weights of the marginal (ones without a mask) and its divisor (``n`` without one)."""
+    if mask is None:
+        return torch.ones(n, device=device, dtype=torch.float32), n
+    weight = mask.reshape(n).to(device=device, dtype=torch.float32)
+    return weight, weight.sum()
+
+
+def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask):
     from ..kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
@@ -123,15 +171,16 @@ def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, 
     noise = gumbels.reshape(n, gv).float().contiguous() if explicit else partial  # unread unless explicit
     # Unread unless sampling from Philox; int64 like a real seed so the launch matches its AOT variant.
     seed_t = seed if seed is not None else torch.zeros(1, device=logits.device, dtype=torch.int64)
+    weight, count = _row_weights(mask, n, logits.device)
     if n > 0:
         kern._gumbel_fwd_kernel[(blocks, num_groups)](
-            flat, noise, seed_t, book, out, soft, index, partial,
+            flat, noise, seed_t, book, out, soft, index, partial, weight,
             n, num_codes, dg, flat.stride(0), out.stride(0), float(temperature),
             SAMPLE=bool(sample), EXPLICIT_NOISE=explicit, ROWS=cfg.rows_fwd,
             BLOCK_N=cfg.block_n_fwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_fwd,
             num_warps=cfg.num_warps_fwd, num_stages=kern.NUM_STAGES,
         )
-    marginal = partial.sum(dim=0) / n  # deterministic reduction of the per-block partials
+    marginal = partial.sum(dim=0) / count  # deterministic reduction of the per-block partials
     ppl_dtype = torch.float32 if sample else logits.dtype  # as the reference
     perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum().to(ppl_dtype)
     return out.view(batch, frames, num_groups * dg), perplexity, soft, index, marginal
@@ -141,8 +190,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n: int) -> torch.Tensor:
-    """``c_gv = gP * dP/dm_gv / N`` with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``).
+def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n) -> torch.Tensor:
+    """``c_gv = gP * dP/dm_gv / N`` with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``);
+    ``N`` is the number of rows, or of masked rows with a perplexity mask.
 
     ``log`` is taken of ``max(m, tiny)``: a code with marginal 0 has ``p = 0`` in every row, so its
     coefficient only ever multiplies 0 (the reference's ``xlogy`` backward would give NaN there).
@@ -153,7 +203,7 @@ def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tens
 
 
 def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
-                     temperature, sample, need_logits, need_codevectors):
+                     temperature, sample, need_logits, need_codevectors, mask):
     from ..kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
@@ -171,11 +221,12 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
         book = codevectors.reshape(gv, dg).float().contiguous()
-        coef = _perplexity_coefficients(marginal, grad_perplexity, n)
+        weight, count = _row_weights(mask, n, logits.device)
+        coef = _perplexity_coefficients(marginal, grad_perplexity, count)
         grad_flat = torch.empty(n, gv, device=logits.device, dtype=logits.dtype)
         if n > 0:
             kern._gumbel_bwd_logits_kernel[(_cdiv(n, cfg.block_n_bwd), num_groups)](
-                gq, book, soft, flat, coef, grad_flat,
+                gq, book, soft, flat, coef, weight, grad_flat,
                 n, num_codes, dg, gq.stride(0), flat.stride(0), grad_flat.stride(0), float(temperature),
                 BLOCK_N=cfg.block_n_bwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_bwd,
                 num_warps=cfg.num_warps_bwd, num_stages=kern.NUM_STAGES,
@@ -202,13 +253,15 @@ def _triton_fwd_op(
     sample: bool,
     seed: torch.Tensor | None,
     gumbels: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(quantized, perplexity, soft [N,G,V] fp32 or empty, index [N,G] int32, marginal [G,V])``."""
-    return _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels)
+    """Returns ``(quantized, perplexity, soft [N,G,V] fp32 or empty, index [N,G] int32, marginal [G,V])``;
+    ``mask`` (bool ``[batch, frames]`` or None) selects the frames of the marginal."""
+    return _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask)
 
 
 @_triton_fwd_op.register_fake
-def _(logits, codevectors, num_groups, temperature, sample, seed, gumbels):
+def _(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask=None):
     batch, frames, gv = logits.shape
     n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
     out = logits.new_empty(batch, frames, num_groups * dg, dtype=torch.promote_types(logits.dtype, codevectors.dtype))
@@ -233,29 +286,31 @@ def _triton_bwd_op(
     sample: bool,
     need_logits: bool,
     need_codevectors: bool,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(grad_logits or empty, grad_codevectors or empty)``; ``need_logits`` needs ``sample``."""
     return _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
-                            temperature, sample, need_logits, need_codevectors)
+                            temperature, sample, need_logits, need_codevectors, mask)
 
 
 @_triton_bwd_op.register_fake
 def _(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups, temperature, sample,
-      need_logits, need_codevectors):
+      need_logits, need_codevectors, mask=None):
     grad_logits = torch.empty_like(logits) if need_logits else logits.new_empty(0)
     grad_codevectors = torch.empty_like(codevectors) if need_codevectors else codevectors.new_empty(0)
     return grad_logits, grad_codevectors
 
 
 def _triton_setup_context(ctx, inputs, output):
-    logits, codevectors, num_groups, temperature, sample, _seed, _gumbels = inputs
+    logits, codevectors, num_groups, temperature, sample, _seed, _gumbels, mask = inputs
     _, _, soft, index, marginal = output
-    ctx.save_for_backward(logits, codevectors, soft, index, marginal)
+    ctx.mark_non_differentiable(index)
+    ctx.save_for_backward(logits, codevectors, soft, index, marginal, mask)
     ctx.num_groups, ctx.temperature, ctx.sample = num_groups, temperature, sample
 
 
 def _triton_backward_rule(ctx, grad_out, grad_perplexity, _grad_soft, _grad_index, _grad_marginal):
-    logits, codevectors, soft, index, marginal = ctx.saved_tensors
+    logits, codevectors, soft, index, marginal, mask = ctx.saved_tensors
     # Eval: the one-hot is a constant, so the logits get no gradient (as in transformers).
     need_logits, need_codevectors = ctx.needs_input_grad[0] and ctx.sample, ctx.needs_input_grad[1]
     if grad_out is None:
@@ -267,10 +322,10 @@ def _triton_backward_rule(ctx, grad_out, grad_perplexity, _grad_soft, _grad_inde
         grad_perplexity = torch.zeros((), device=logits.device, dtype=torch.float32)
     grad_logits, grad_codevectors = _triton_bwd_op(
         grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, ctx.num_groups, ctx.temperature,
-        ctx.sample, need_logits, need_codevectors,
+        ctx.sample, need_logits, need_codevectors, mask,
     )
     return (grad_logits if need_logits else None, grad_codevectors if need_codevectors else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _triton_fwd_op.register_autograd(_triton_backward_rule, setup_context=_triton_setup_context)
@@ -281,7 +336,8 @@ _triton_fwd_op.register_autograd(_triton_backward_rule, setup_context=_triton_se
 _TRITON_MAX_CODES = 512
 
 
-def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, sample, gumbels=None) -> list[str]:
+def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, sample, gumbels=None, mask=None,
+                                  return_indices=False) -> list[str]:
     reasons = []
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         return [f"logits must be a 3-D tensor [batch, frames, G*V], got {getattr(logits, 'shape', type(logits))}"]
@@ -325,7 +381,9 @@ def _gumbel_quantizer_triton(
     temperature: float,
     sample: bool,
     gumbels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mask: torch.Tensor | None = None,
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Triton backend: fused sample/argmax + codevector gather + marginals; see the kernels' docstring.
 
     Training draws a Philox seed from torch's default generator of ``logits.device`` (so
@@ -334,7 +392,10 @@ def _gumbel_quantizer_triton(
     seed = None
     if sample and gumbels is None:
         seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device, dtype=torch.int64)
-    quantized, perplexity, _, _, _ = torch.ops.unispeech_fast.triton_gumbel_quantizer_fwd(
-        logits, codevectors, int(num_groups), float(temperature), bool(sample), seed, gumbels if sample else None
+    quantized, perplexity, _, index, _ = torch.ops.unispeech_fast.triton_gumbel_quantizer_fwd(
+        logits, codevectors, int(num_groups), float(temperature), bool(sample), seed, gumbels if sample else None,
+        mask,
     )
+    if return_indices:
+        return quantized, perplexity, index.view(*logits.shape[:2], num_groups).long()
     return quantized, perplexity
