@@ -12,7 +12,8 @@ unnormalised accumulator; it stores ``O`` and the row log-sum-exp ``lse = mu + l
 Backward (FA2 style). With ``Pd = f * Z o P`` and ``dO`` the output gradient:
 ``dV = Pd^T dO``, ``dP = f * Z o (dO V^T)``, ``delta_i = sum_j P_ij dP_ij`` (``= rowsum(dO o O)_i``),
 ``dS = P o (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``. ``P`` is recomputed from
-``lse`` and ``Z`` is regenerated from the same Philox key. Three launches: ``_attn_bwd_rows`` with
+``lse`` and ``Z`` is regenerated from the same Philox key. A batch row without valid keys (``L_b = 0``) uses
+``L_b = N`` and scale 0 (uniform attention, zero dQ/dK), which is the reference's value. Three launches: ``_attn_bwd_rows`` with
 ``COMPUTE_DQ=False`` computes ``delta`` per query block from the recomputed ``P`` and ``dP`` (not
 from the rounded ``O``; see its docstring), ``_attn_bwd_dkdv`` computes dK/dV per key block, and
 ``_attn_bwd_rows`` with ``COMPUTE_DQ=True`` computes dQ per query block.
@@ -92,6 +93,17 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _row_length_and_scale(Lengths, b, seq_len, sm_scale):
+    """``(L, scale)`` for batch row ``b``. A row with no valid key (``L_b = 0``) attends to all ``N`` keys
+    uniformly with zero gradients for Q and K, as the reference (``masked_fill`` with the dtype's min on
+    every key) does: ``L = N`` and score scale 0. Dispatch refuses such rows, but under torch.compile its
+    data-dependent check does not run, and ``L = 0`` would otherwise give ``O = 0 / 0``."""
+    length = tl.load(Lengths + b)
+    empty = length == 0
+    return tl.where(empty, seq_len, length), tl.where(empty, 0.0, sm_scale)
+
+
+@triton.jit
 def _keep(seed_bh, offsets, dropout_p):
     """Dropout keep mask ``Z`` (True = kept) at Philox counters ``offsets = query * N + key``."""
     return tl.rand(seed_bh, offsets) >= dropout_p
@@ -153,7 +165,7 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -224,7 +236,7 @@ def _attn_bwd_rows(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -288,7 +300,7 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)

@@ -97,6 +97,30 @@ def test_padded_batch_equals_per_sample():
     torch.testing.assert_close(padded[:, :19], alone, atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_row_gives_the_references_uniform_attention(dtype):
+    """Issue 16 item 1: a batch row without valid keys (which dispatch refuses, but torch.compile skips that
+    data-dependent check) gives the reference's uniform average over all keys and zero dQ/dK, not NaN.
+    The kernels are called directly, as a compiled graph calls them; the eager error is the reference's in
+    ``dtype`` (SDPA, the eager backend, returns zeros for such rows instead)."""
+    frames = 37
+    q, k, v = make_qkv(3, frames, 2, 32, dtype)
+    mask = right_padded_mask([frames, 0, 5], frames)
+    dout = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), dout, key_padding_mask=mask)
+    eager = _run(attention_ref, q, k, v, dout, key_padding_mask=mask)
+    got = _run(_attention_triton, q, k, v, dout, key_padding_mask=mask)
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, eager, ref):
+        assert torch.isfinite(g).all(), name
+        err, eager_err = (g.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + _FLOOR[dtype], f"{name}: error {err:.3e}, eager error {eager_err:.3e}"
+    out, dq, dk, dv = got
+    assert torch.all(dq[1] == 0) and torch.all(dk[1] == 0)
+    torch.testing.assert_close(out[1].double(), v[1].double().mean(0, keepdim=True).expand_as(out[1]),
+                               atol=_FLOOR[dtype] * 10, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------- dropout
 def _one_hot_v(batch, frames, heads, dtype, device=DEVICE):
     # v[b, j, h, :] = e_j, so out[b, i, h, :] = row i of the (dropped, scaled) probability matrix.

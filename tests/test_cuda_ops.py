@@ -87,6 +87,70 @@ def test_attention_reasons_check_masks(cuda_backend):
     assert any("head_mask must be [heads]" in r for r in reasons)
 
 
+def test_attention_reasons_refuse_grad_head_mask_and_empty_rows(cuda_backend):
+    """Issue 16 items 1 and 10: a head_mask that requires grad is refused (the op has no backward), and the
+    kernel backends share one mask check that refuses left padding and rows without a valid key."""
+    from unispeech_fast.ops.attention import padding_mask_reasons
+
+    q, k, v = (torch.randn(2, 5, 2, 64, dtype=torch.float16) for _ in range(3))
+    head_mask = torch.ones(2, requires_grad=True)
+    assert any("head_mask requires grad" in r for r in cuda_backend._attention_reasons(q, k, v, None, head_mask))
+    with torch.no_grad():
+        assert not any("head_mask" in r for r in cuda_backend._attention_reasons(q, k, v, None, head_mask))
+    lengths = torch.tensor([5, 0])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    assert padding_mask_reasons(mask) == ["key_padding_mask has a batch row with no valid frame"]
+    assert "right-padded" in padding_mask_reasons(torch.tensor([[False, True, True, True, True], [True] * 5]))[0]
+    assert padding_mask_reasons(torch.arange(5)[None, :] < torch.tensor([[5], [2]])) == []
+
+
+def _emulate_cuda_attention(q, k, v, seqlens, scale, block_n=64):
+    """fp64 re-statement of ``attention_fwd_kernel``'s per-row rules: ``kv_len`` and ``scale_log2`` from the
+    length (L <= 0: all T keys, scale 0), key blocks of 64 with rows at or past ``kv_len`` zero-filled
+    (never read), masked scores -inf, online softmax in base 2, ``out = acc / l``."""
+    batch, seq, heads, _ = q.shape
+    out = torch.empty_like(q)
+    for b in range(batch):
+        length = int(seqlens[b])
+        kv_len = seq if length <= 0 else min(length, seq)
+        scale_log2 = 0.0 if length <= 0 else scale * 1.4426950408889634
+        for h in range(heads):
+            m = torch.full((seq,), -float("inf"), dtype=q.dtype)
+            l = torch.zeros(seq, dtype=q.dtype)
+            acc = torch.zeros(seq, q.shape[-1], dtype=q.dtype)
+            for n0 in range(0, kv_len, block_n):
+                rows = torch.arange(n0, n0 + block_n)
+                valid = rows < kv_len
+                kt = torch.zeros(block_n, q.shape[-1], dtype=q.dtype)
+                vt = torch.zeros_like(kt)
+                kt[valid], vt[valid] = k[b, rows[valid], h], v[b, rows[valid], h]
+                s = torch.where(valid[None, :], (q[b, :, h] @ kt.T) * scale_log2, -float("inf"))
+                m_new = torch.maximum(m, s.max(1).values)
+                p = torch.exp2(s - m_new[:, None])
+                alpha = torch.exp2(m - m_new)
+                l = l * alpha + p.sum(1)
+                acc = acc * alpha[:, None] + p @ vt
+                m = m_new
+            out[b, :, h] = acc / l[:, None]
+    return out
+
+
+def test_cuda_attention_row_rules_match_the_reference_in_fp64():
+    """Issue 16 items 1 and 4 on CPU: the kernel's rules give the reference's uniform attention for a row
+    with no valid key, and a NaN in padded K/V rows does not reach the valid rows' outputs."""
+    batch, seq, heads, head_dim = 3, 150, 2, 8
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([0, 70, seq], dtype=torch.int32)
+    k[1, 70:], v[1, 70:] = float("nan"), float("nan")
+    mask = torch.arange(seq)[None, :] < lengths[:, None].long()
+    got = _emulate_cuda_attention(q, k, v, lengths, head_dim ** -0.5)
+    ref = attention_ref(q, k, v, mask)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[[0, 2]], ref[[0, 2]], atol=1e-12, rtol=1e-12)
+    k[1, 70:], v[1, 70:] = 0.0, 0.0  # the reference itself multiplies the padded values by zero weights
+    torch.testing.assert_close(got[1], attention_ref(q, k, v, mask)[0][1], atol=1e-12, rtol=1e-12)
+
+
 def test_feature_extractor_reasons_on_cpu(cuda_backend):
     x = torch.randn(2, 400, requires_grad=True)
     weights = [torch.randn(8, 1, 10), torch.randn(8, 8, 3)]
@@ -192,6 +256,10 @@ def test_attention_zero_length_row_attends_uniformly(ops):
     eager = attention_ref(q, k, v, mask)[0]
     seqlens = torch.tensor([0, 7], dtype=torch.int32, device="cuda")
     _assert_close("attention (length 0)", ops.attention_fwd(q, k, v, seqlens, None, head_dim ** -0.5), eager, ref)
+    # Issue 16 item 4: NaN in the padded keys/values of row 1 (inside its only key block) stays out.
+    k[1, 7:], v[1, 7:] = float("nan"), float("nan")
+    out = ops.attention_fwd(q, k, v, seqlens, None, head_dim ** -0.5)
+    _assert_close("attention (NaN padding)", out[1], eager[1], ref[1])
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension, dispatch
-from .attention import right_padded_lengths
+from .attention import padding_mask_reasons
 
 __all__ = ["attention_cuda", "feature_extractor_cuda"]
 
@@ -74,14 +74,19 @@ def _attention_reasons(
         reasons.append(f"the CUDA attention has no dropout, got dropout_p={dropout_p}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
         reasons.append(_NO_BACKWARD)
-    if head_mask is not None and (head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]):
-        reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+    if head_mask is not None:
+        if head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]:
+            reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+        if torch.is_grad_enabled() and head_mask.requires_grad:
+            reasons.append("head_mask requires grad, but " + _NO_BACKWARD)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
             reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
                            f"{tuple(key_padding_mask.shape)}")
-        elif not reasons and not torch.compiler.is_compiling() and right_padded_lengths(key_padding_mask) is None:
-            reasons.append("the CUDA attention needs a right-padded key_padding_mask (valid keys first)")
+        elif not reasons and not torch.compiler.is_compiling():
+            # Data-dependent (host syncs); under torch.compile the models' guarantee is relied on, and a row
+            # without valid keys still gets the reference's uniform attention from the kernel.
+            reasons.extend(padding_mask_reasons(key_padding_mask))
     return reasons
 
 
@@ -99,8 +104,8 @@ def attention_cuda(
     """Flash-attention forward (``torch.ops.unispeech_fast.attention_fwd``); inference only.
 
     ``out = head_mask[h] * softmax(scale q k^T + mask) v`` with the key padding given as lengths (the
-    mask must be right-padded). A row whose keys are all padded attends to every key uniformly, as the
-    eager reference does. Returns ``(out, None)``.
+    mask must be right-padded). Dispatch refuses a row whose keys are all padded; the kernel itself
+    gives such a row the reference's uniform attention over every key. Returns ``(out, None)``.
     """
     # Dispatch checked the mask is right-padded (_attention_reasons), so its row sums are the lengths.
     seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)

@@ -74,6 +74,19 @@ def right_padded_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
     return lengths
 
 
+def padding_mask_reasons(key_padding_mask: torch.Tensor) -> list[str]:
+    """Why the kernel backends (triton, cuda) refuse ``key_padding_mask`` (bool ``[batch, frames]``): it
+    must be right-padded, and every row needs a valid key. A row without one is refused by every kernel
+    backend alike, so auto gives it to eager; the kernels themselves (reached without this check under
+    torch.compile) give it the reference's uniform attention over all keys. Host syncs."""
+    lengths = right_padded_lengths(key_padding_mask)
+    if lengths is None:
+        return ["key_padding_mask must be right-padded (a valid prefix, then padding) in every row"]
+    if bool((lengths == 0).any()):
+        return ["key_padding_mask has a batch row with no valid frame"]
+    return []
+
+
 def _attention_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -320,13 +333,9 @@ def _triton_reasons(
             reasons.append(f"key_padding_mask must be bool [batch, frames] = {tuple(q.shape[:2])}, got "
                            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         elif not torch.compiler.is_compiling():
-            # Data-dependent checks (one host sync); skipped while torch.compile traces, where the
-            # models' guarantee (right padding, at least one valid frame) is relied on.
-            lengths = right_padded_lengths(key_padding_mask)
-            if lengths is None:
-                reasons.append("key_padding_mask must be right-padded (a valid prefix, then padding) in every row")
-            elif bool((lengths == 0).any()):
-                reasons.append("key_padding_mask has a batch row with no valid frame")
+            # Data-dependent checks (host syncs); skipped while torch.compile traces, where the models'
+            # guarantee (right padding) is relied on and an empty row gets the reference's value.
+            reasons.extend(padding_mask_reasons(key_padding_mask))
     return reasons
 
 
