@@ -151,6 +151,46 @@ def test_cuda_attention_row_rules_match_the_reference_in_fp64():
     torch.testing.assert_close(got[1], attention_ref(q, k, v, mask)[0][1], atol=1e-12, rtol=1e-12)
 
 
+_UNIFORM_CHECK = r"""
+#include <cmath>
+#include <cstdio>
+#include "cuda/uniform.h"
+int main() {
+  float lo = 2.f, hi = -1.f; long bad = 0;
+  for (uint32_t k = 0; k < (1u << 23); ++k) {
+    const float u = unispeech_fast::uniform_open01((k << 9) | (k & 511u));  // the low 9 bits are ignored
+    const float g = -std::log(-std::log(u));
+    lo = u < lo ? u : lo; hi = u > hi ? u : hi;
+    bad += !(u > 0.f && u < 1.f && std::isfinite(g));
+  }
+  std::printf("%a %a %ld\n", (double)lo, (double)hi, bad);
+  return 0;
+}
+"""
+
+
+def test_philox_uniform_never_reaches_0_or_1(tmp_path):
+    """Issue 16 item 3: the CUDA Gumbel kernel's bits-to-uniform map (csrc/cuda/uniform.h, compiled here by the
+    host compiler, unchanged) gives u in [2^-24, 1 - 2^-24] for every one of the 2^23 codes it reads, so the
+    Philox noise -log(-log(u)) is finite; the old (bits >> 8) + 0.5f rounded the top code to u = 1 (+inf)."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "a host C++ compiler is needed (the extension build needs one too)"
+    src = tmp_path / "uniform_check.cpp"
+    src.write_text(_UNIFORM_CHECK)
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{csrc}", str(src), "-o", str(tmp_path / "check")], check=True)
+    lo, hi, bad = subprocess.run([str(tmp_path / "check")], check=True, capture_output=True, text=True).stdout.split()
+    assert (float.fromhex(lo), float.fromhex(hi), int(bad)) == (2.0 ** -24, 1 - 2.0 ** -24, 0)
+    top = np.float32(np.uint32(0xFFFFFFFF) >> np.uint32(8)) + np.float32(0.5)  # the old map, in fp32
+    assert top * np.float32(2.0 ** -24) == np.float32(1.0)
+
+
 def test_feature_extractor_reasons_on_cpu(cuda_backend):
     x = torch.randn(2, 400, requires_grad=True)
     weights = [torch.randn(8, 1, 10), torch.randn(8, 8, 3)]
@@ -468,3 +508,19 @@ def test_gumbel_quantizer_philox_noise(ops):
     expected = rows * groups / codes
     assert ((counts - expected).abs() < 0.15 * expected).all(), counts  # argmax of Gumbel noise is uniform
     torch.testing.assert_close(a[2].sum(-1), torch.ones(rows, groups, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gumbel_quantizer_philox_noise_finite_at_real_size(ops):
+    """Issue 16 item 3: 65536 x 2 x 320 = 4.2e7 Philox draws (the old map hit u = 1, i.e. +inf noise, with
+    probability 2^-24 each: about 2.5 times here). Outputs and gradients must all be finite."""
+    rows, groups, codes, dg = 65536, 2, 320, 128
+    logits = torch.randn(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, dg, device="cuda")
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, True, None, 7, 0)
+    for name, t in (("quantized", q), ("soft", soft), ("perplexity", perp)):
+        assert torch.isfinite(t).all(), name
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(torch.randn_like(q), torch.ones((), device="cuda"), logits, code, idx,
+                                              soft, groups, 2.0, True)
+    assert torch.isfinite(grad_l).all() and torch.isfinite(grad_c).all()

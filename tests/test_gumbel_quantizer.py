@@ -302,6 +302,9 @@ def test_gpu_memory_and_philox_statistics_at_real_size():
     q, ppl = triton_impl(logits, codevectors, groups, 2.0, True)
     (q.float().sum() + ppl).backward()
     torch.cuda.synchronize()
+    for name, t in (("quantized", q), ("perplexity", ppl), ("grad logits", logits.grad),
+                    ("grad codevectors", codevectors.grad)):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
     peak = torch.cuda.max_memory_allocated() - start
     assert peak < rows * groups * codes * width * 4 / 8  # far below one fp32 [N, G, V, D/G] product
     chosen = q.detach().view(rows, groups, width)[..., 0].long()
