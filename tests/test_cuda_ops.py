@@ -3,7 +3,8 @@
 The ``gpu``-marked tests need a GPU and the extension built with CUDA (they fail, not skip, when the
 extension lacks CUDA on a GPU machine). Tolerance policy: the kernel's max error against a float64
 reference is at most 2x the error of the eager PyTorch computation in the same dtype, plus a floor of
-one unit roundoff of the dtype (for outputs and every gradient). The CPU tests check that the backend
+two units roundoff of the dtype scaled by the reference's magnitude (for outputs and every gradient;
+``tests/_tolerance.py``). The CPU tests check that the backend
 module imports without the extension and explains why it cannot run.
 """
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import assert_within_2x_eager, max_err
 from unispeech_fast import _extension, dispatch
 from unispeech_fast.ops import attention, attention_ref, feature_extractor, feature_extractor_ref
 from unispeech_fast.ops import gumbel_quantizer_ref, pos_conv_ref
@@ -45,17 +47,8 @@ def ops():
     return torch.ops.unispeech_fast
 
 
-def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
-
-
-def _assert_close(name: str, out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> None:
-    """Kernel error <= 2x eager error (same dtype) + one unit roundoff of the dtype."""
-    assert out.shape == ref.shape, (name, tuple(out.shape), tuple(ref.shape))
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    floor = torch.finfo(out.dtype).eps
-    err, eager_err = _err(out, ref), _err(eager, ref)
-    assert err <= 2 * eager_err + floor, f"{name}: max error {err:.3e} > 2 x eager {eager_err:.3e} + {floor:.1e}"
+_err = max_err
+_assert_close = assert_within_2x_eager  # the shared policy (tests/_tolerance.py)
 
 
 # ================================================================================================ CPU tests
@@ -189,6 +182,56 @@ def test_philox_uniform_never_reaches_0_or_1(tmp_path):
     assert (float.fromhex(lo), float.fromhex(hi), int(bad)) == (2.0 ** -24, 1 - 2.0 ** -24, 0)
     top = np.float32(np.uint32(0xFFFFFFFF) >> np.uint32(8)) + np.float32(0.5)  # the old map, in fp32
     assert top * np.float32(2.0 ** -24) == np.float32(1.0)
+
+
+def test_feature_extractor_shared_memory_limit_follows_the_kernel_formula(cuda_backend):
+    """Issue 16 item 9: the reasons refuse layer-0 shapes whose shared memory exceeds the device's opt-in
+    limit (A100 163 KiB, H100 227 KiB) instead of letting the launch crash; the real sizes fit."""
+    a100, h100 = 163 * 1024, 227 * 1024
+    # UniSpeech layer 0: 512 channels, K = 10, stride 5, group norm (base) or layer norm (large).
+    assert cuda_backend.layer0_smem_bytes(512, 10, 5, "group") == 4 * (1023 * 5 + 10 + 16 * 10 + 48)
+    assert cuda_backend.layer0_smem_bytes(512, 10, 5, "layer") == 4 * (31 * 5 + 10 + 512 * 13 + 768 + 64)
+    for norm in ("group", "layer", None):
+        assert cuda_backend.layer0_smem_reasons((512, 1, 10), 5, norm, a100) == []
+    # What the old fixed limits (K <= 64, C_out <= 2048) admitted: about 550 KB in the frames kernel.
+    (reason,) = cuda_backend.layer0_smem_reasons((2048, 1, 64), 5, "layer", h100)
+    assert "needs 553068 bytes of shared memory" in reason and f"allows {h100}" in reason
+    assert cuda_backend.layer0_smem_reasons((2048, 1, 64), 5, "group", a100) == []  # group kernels: 16 channels a block
+    assert cuda_backend.layer0_smem_reasons((512, 1, 10), 64, "group", a100)  # 1023 * 64 samples per chunk
+
+
+def _fmaf(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fused multiply-add: the fp64 product of two fp32 values is exact, one rounding to fp32 after the add
+    (double rounding differs from a true fmaf in rare ties only)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def test_group_norm_apply_recomputes_the_statistics_value_in_fp32():
+    """Issue 16 item 2 on CPU: an fp32 emulation of ``gn_stats``/``gn_apply`` at one output frame (variance 0,
+    so rstd = 1/sqrt(eps) amplifies any rounding difference). Recomputing the conv from the bias, as the
+    statistics pass does, gives exactly the fp64 reference's normalised value 0; the old apply (conv from 0,
+    ``(bias - mean) * s`` folded into the shift) is off by about 1e-4 against a bound near 1e-7."""
+    g = torch.Generator().manual_seed(0)
+    channels, kernel, eps = 512, 10, 1e-5
+    x = torch.randn(kernel, generator=g)  # 10 samples, K = 10, stride 5: one output frame
+    w = torch.randn(channels, kernel, generator=g) * 0.4
+    bias = torch.randn(channels, generator=g) * 0.1
+    gamma, beta = 1 + 0.2 * torch.randn(channels, generator=g), 0.1 * torch.randn(channels, generator=g)
+
+    def conv_at(start):  # the kernel's conv_at: acc = start, then fmaf(w[k], x[k], acc) for k in order
+        acc = start.clone()
+        for k in range(kernel):
+            acc = _fmaf(w[:, k], x[k].expand(channels), acc)
+        return acc
+
+    mean = conv_at(bias)  # Welford over one frame: mean = the value, M2 = 0
+    s = torch.rsqrt(torch.tensor(eps, dtype=torch.float32)) * gamma
+    new = (conv_at(bias) - mean) * s + beta
+    old = _fmaf(conv_at(torch.zeros(channels)), s, (bias - mean) * s + beta)
+    h = (w.double() @ x.double()) + bias.double()  # the fp64 reference: GroupNorm of one frame is 0 * rstd
+    ref = (h - h) * torch.rsqrt(torch.tensor(eps, dtype=torch.float64)) * gamma.double() + beta.double()
+    assert (new.double() - ref).abs().max().item() == 0.0
+    assert (old.double() - ref).abs().max().item() > 1e-6  # what the GPU test saw (about 1e-4)
 
 
 def test_feature_extractor_reasons_on_cpu(cuda_backend):

@@ -116,6 +116,30 @@ def attention_cuda(
 
 
 # ---------------------------------------------------------------------------------------------- feature extractor
+def layer0_smem_bytes(channels: int, kernel: int, stride: int, norm_type: str | None) -> int:
+    """Dynamic shared memory (bytes) of the CUDA layer-0 kernel for this shape: the formula of
+    ``csrc/cuda/conv_norm_gelu.cu`` (keep the two in step). ``norm_type`` ``"group"`` runs the group-norm
+    kernels (the larger of the stats/apply passes), anything else the frames kernel."""
+    if norm_type == "group":
+        return 4 * ((1023 * stride + kernel) + 16 * kernel + 3 * 16)
+    return 4 * ((31 * stride + kernel) + channels * (kernel + 3) + 8 * 32 * 3 + 32 * 2)
+
+
+def layer0_smem_reasons(weight_shape: tuple, stride: int, norm_type: str | None, limit: int) -> list[str]:
+    """Why the CUDA layer-0 kernel cannot run weight ``[C_out, 1, K]`` with ``stride`` within ``limit`` bytes."""
+    need = layer0_smem_bytes(weight_shape[0], weight_shape[2], stride, norm_type)
+    if need <= limit:
+        return []
+    return [f"layer 0 weight {weight_shape} with stride {stride} needs {need} bytes of shared memory in the CUDA "
+            f"kernel; this device allows {limit}"]
+
+
+def _smem_limit(device: torch.device) -> int:
+    """The device's opt-in maximum of shared memory per block (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
 def _feature_extractor_reasons(
     x: torch.Tensor,
     conv_weights: Sequence[torch.Tensor],
@@ -144,8 +168,13 @@ def _feature_extractor_reasons(
         w0 = conv_weights[0]
         if w0.dim() != 3 or w0.shape[1] != 1:
             reasons.append(f"layer 0 weight must be [C_out, 1, K], got {tuple(w0.shape)}")
-        elif w0.shape[2] > 64 or w0.shape[0] > 2048:
-            reasons.append(f"layer 0 must have K <= 64 and C_out <= 2048, got {tuple(w0.shape)}")
+        elif w0.shape[2] > 64 or w0.shape[0] > 2048 or not 1 <= conv_strides[0] <= 64:
+            reasons.append(f"layer 0 must have K <= 64, C_out <= 2048 and stride 1..64, got weight "
+                           f"{tuple(w0.shape)}, stride {conv_strides[0]}")
+        elif x.device.type == "cuda" and not reasons:
+            reasons.extend(layer0_smem_reasons(tuple(w0.shape), conv_strides[0],
+                                               norm_type if norm_weights[0] is not None else None,
+                                               _smem_limit(x.device)))
         if (norm_weights[0] is None) != (norm_biases[0] is None):
             reasons.append("layer 0 norm weight and bias must both be given or both be None")
         layer0 = [w0, conv_biases[0], norm_weights[0], norm_biases[0]]
