@@ -51,11 +51,15 @@ BLOCK_DS: tuple[int, ...] = (64, 128)
 #: Launch settings per (dtype, BLOCK_D) and kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
 #: ``fwd`` and ``bwd_q`` keep BLOCK_M queries resident and loop over BLOCK_N keys; ``bwd_kv`` keeps
 #: BLOCK_N keys resident and loops over BLOCK_M queries; ``bwd_pre`` (delta) is shaped like ``bwd_q``. fp32 uses
-#: smaller blocks (twice the bytes per element, and ieee-precision dots).
-_HALF_64 = {"fwd": (128, 64, 4, 3), "bwd_pre": (128, 64, 4, 3), "bwd_kv": (32, 128, 4, 3), "bwd_q": (128, 32, 4, 3)}
+#: smaller blocks (twice the bytes per element, and ieee-precision dots). Chosen not to spill registers
+#: (ptxas, Triton 3.9; ``python -m unispeech_fast.kernels.aot`` reports registers and spills): 16-bit
+#: ``bwd_kv`` at head dim 64 with 128 keys per block used 255 registers and spilled 512 bytes on sm_90
+#: (64 keys: 243, none); the fp32 forward at head dim 128 with 32 keys per block spilled about 15 KB on
+#: sm_80 (8 warps and 16 keys per block: none).
+_HALF_64 = {"fwd": (128, 64, 4, 3), "bwd_pre": (128, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (128, 32, 4, 3)}
 _HALF_128 = {"fwd": (128, 64, 8, 3), "bwd_pre": (128, 64, 8, 3), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
 _FP32_64 = {"fwd": (64, 32, 4, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
-_FP32_128 = {"fwd": (64, 32, 4, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 32, 4, 2)}
+_FP32_128 = {"fwd": (64, 16, 8, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 32, 4, 2)}
 KERNEL_CONFIGS: dict[tuple[str, int], dict[str, tuple[int, int, int, int]]] = {
     ("float16", 64): _HALF_64,
     ("float16", 128): _HALF_128,

@@ -33,8 +33,8 @@ Backward (VJP) of one layer, given gy = dL/dy and the layer input x, recomputing
   (:func:`_conv_bwd_weight_kernel`), dx[b, ci, u] = sum_{co,k: u = t*S + k} W[co, ci, k] * gz[b, co, t]
   (:func:`_conv_bwd_input_kernel`, per phase u mod S an implicit GEMM over (co, tap) with a gather of gz).
 
-All sums accumulate in fp32; inputs may be fp16/bf16/fp32 (fp32 GEMMs use ``input_precision="ieee"``,
-never TF32). Per-tile partial sums (dgamma, dbeta, dbias, the group-norm time sums, the split-T weight
+All sums accumulate in fp32; inputs may be fp16/bf16/fp32 (fp32 GEMMs follow the package's one policy,
+``torch.get_float32_matmul_precision()``: IEEE at torch's default ``"highest"``, TF32 otherwise). Per-tile partial sums (dgamma, dbeta, dbias, the group-norm time sums, the split-T weight
 gradient) are written to fp32 buffers and reduced by the launcher with ``torch.sum`` (deterministic,
 no atomics).
 """
@@ -161,26 +161,39 @@ def _fe_layer_fwd_kernel(
 
 @triton.jit
 def _group_stats_kernel(PartMean, PartM2, Mean, Rstd, n_rows, n_tiles, T_out, eps,
-                        TILE_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Combine per-tile (mean, M2) of each (batch, channel) row with Chan's formula; rstd = 1/sqrt(M2/T + eps)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = rows < n_rows
-    base = rows.to(tl.int64) * n_tiles
-    n_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    mean_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    m2_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(0, n_tiles):
-        n_b = tl.minimum(T_out - i * TILE_T, TILE_T).to(tl.float32)
-        mean_b = tl.load(PartMean + base + i, mask=mask, other=0.0)
-        m2_b = tl.load(PartM2 + base + i, mask=mask, other=0.0)
+                        TILE_T: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """Combine the per-tile (mean, M2) of one (batch, channel) row; rstd = 1/sqrt(M2/T + eps).
+
+    Grid ``(B * C_out,)``: one program per row, reading its row of partials BLOCK_TILES at a time
+    (contiguous, coalesced). A chunk of tiles (counts n_i, means m_i, M2_i) merges in parallel:
+    ``n = sum n_i``, ``mean = sum n_i m_i / n``, ``M2 = sum M2_i + sum n_i (m_i - mean)^2``; the chunk
+    then joins the running statistics with Chan's pairwise formula. At one hour of audio (about 90k
+    tiles per row at layer 0) that is about 90 dependent steps per program instead of 90k.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_tiles
+    offs = tl.arange(0, BLOCK_TILES)
+    n_a = 0.0
+    mean_a = 0.0
+    m2_a = 0.0
+    for start in range(0, n_tiles, BLOCK_TILES):
+        tiles = start + offs
+        ok = tiles < n_tiles
+        n_i = tl.where(ok, tl.minimum(T_out - tiles * TILE_T, TILE_T), 0).to(tl.float32)
+        mean_i = tl.load(PartMean + base + tiles, mask=ok, other=0.0)
+        m2_i = tl.load(PartM2 + base + tiles, mask=ok, other=0.0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i * mean_i, axis=0) / n_b
+        d_i = mean_i - mean_b
+        m2_b = tl.sum(m2_i, axis=0) + tl.sum(n_i * d_i * d_i, axis=0)
         n = n_a + n_b
         delta = mean_b - mean_a
         mean_a = mean_a + delta * (n_b / n)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
     rstd = 1.0 / tl.sqrt(m2_a / n_a + eps)
-    tl.store(Mean + rows, mean_a, mask=mask)
-    tl.store(Rstd + rows, rstd, mask=mask)
+    tl.store(Mean + row, mean_a)
+    tl.store(Rstd + row, rstd)
 
 
 @triton.jit
@@ -361,7 +374,7 @@ _GPU_FWD_LAYER = {  # by BLOCK_CO = next_pow2(C_out) (>= 64): all channels of a 
 }
 _GPU_BWD_WEIGHT = dict(BLOCK_CO=128, BLOCK_J=64, BLOCK_T=64, num_warps=8, num_stages=3)
 _GPU_BWD_INPUT = dict(BLOCK_CI=64, BLOCK_Q=128, BLOCK_R=32, num_warps=4, num_stages=3)
-_STATS_BLOCK = dict(BLOCK_R=128, num_warps=4, num_stages=1)
+_STATS_BLOCK = dict(BLOCK_TILES=1024, num_warps=4, num_stages=1)
 _INTERP_BLOCK = 16
 
 
@@ -387,8 +400,16 @@ def _bwd_input_blocks() -> dict:
     return dict(_GPU_BWD_INPUT)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """fp32: the package's policy (``unispeech_fast.ops._triton_common``: torch's float32_matmul_precision;
+    ``device`` None means the default policy, IEEE). fp16/bf16 dots ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    if device is None:
+        return "ieee"
+    from unispeech_fast.ops._triton_common import fp32_dot_precision
+
+    return fp32_dot_precision(device)
 
 
 def _split(blocks: dict) -> tuple[dict, dict]:
@@ -422,7 +443,7 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     gamma_arg = gamma if gamma is not None else bias
     beta_arg = beta if beta is not None else bias
     common = (C_out, C_in, T, stride, K, float(eps), *x.stride(), *weight.stride(), *y.stride())
-    prec = _precision(x.dtype)
+    prec = _precision(x.dtype, x.device)
     if norm == NORM_GROUP:
         part_mean = torch.empty(B * C_out, n_t, device=x.device, dtype=torch.float32)
         part_m2 = torch.empty_like(part_mean)
@@ -430,9 +451,9 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                    NORM=_GROUP_STATS, PRECISION=prec, **blocks, **launch)
         mean = torch.empty(B, C_out, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        sb = dict(_STATS_BLOCK) if not _interpreting() else dict(BLOCK_R=_INTERP_BLOCK, num_warps=4, num_stages=1)
+        sb = dict(_STATS_BLOCK) if not _interpreting() else dict(BLOCK_TILES=4, num_warps=4, num_stages=1)
         sblocks, slaunch = _split(sb)
-        _group_stats_kernel[(triton.cdiv(B * C_out, sblocks["BLOCK_R"]),)](
+        _group_stats_kernel[(B * C_out,)](
             part_mean, part_m2, mean, rstd, B * C_out, n_t, T, float(eps),
             TILE_T=blocks["BLOCK_T"], **sblocks, **slaunch)
         _fe_layer_fwd_kernel[grid](x, weight, bias, gamma_arg, beta_arg, y, mean, rstd, *common,
@@ -467,7 +488,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     part_gbias = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
     common = (C_out, C_in, T, stride, K, *x.stride(), *weight.stride(), *gy.stride())
-    prec = _precision(x.dtype)
+    prec = _precision(x.dtype, x.device)
     dgamma = dbeta = None
     if norm == NORM_LAYER:
         s_gax = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
@@ -547,6 +568,13 @@ def aot_variants() -> list[AotVariant]:
                 constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
                 out.append(AotVariant(f"{name}_{tag}", fn, {**sig, **{k: "constexpr" for k in constexprs}},
                                       constexprs, **launch))
+            # Beyond about 22 minutes of audio in one row, the 512-channel activations' batch strides pass
+            # 2^31 and Triton specialises them as int64: the forward's variants for those (inference on
+            # long audio; the int64 offsets inside the kernel are the same code either way).
+            if norm == NORM_NONE or norm in (_GROUP_STATS, _GROUP_APPLY) or blocks["BLOCK_CO"] == 512:
+                constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
+                sig64 = {**fwd_sig, "stride_xb": "i64", "stride_yb": "i64", **{k: "constexpr" for k in constexprs}}
+                out.append(AotVariant(f"fe_layer_fwd_{tag}_i64", _fe_layer_fwd_kernel, sig64, constexprs, **launch))
         wb, wl = _split(_GPU_BWD_WEIGHT)
         sig = {"X": p, "GZ": p, "PartGW": "*fp32", "C_out": "i32", "C_in": "i32", "T_out": "i32",
                "conv_stride": "i32", "ksize": "i32", "t_chunk": "i32", "n_split": "i32",
@@ -563,7 +591,7 @@ def aot_variants() -> list[AotVariant]:
                               {**sig, **{k: "constexpr" for k in constexprs}}, constexprs, **il))
     sblocks, slaunch = _split(_STATS_BLOCK)
     sig = {"PartMean": "*fp32", "PartM2": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "n_rows": "i32",
-           "n_tiles": "i32", "T_out": "i32", "eps": "fp32", "TILE_T": "constexpr", "BLOCK_R": "constexpr"}
+           "n_tiles": "i32", "T_out": "i32", "eps": "fp32", "TILE_T": "constexpr", "BLOCK_TILES": "constexpr"}
     out.append(AotVariant("group_stats", _group_stats_kernel, sig,
                           dict(TILE_T=_GPU_FWD_TILED["BLOCK_T"], **sblocks), **slaunch))
     return out

@@ -128,10 +128,11 @@ def _one_hot_v(batch, frames, heads, dtype, device=DEVICE):
     return eye[None, :, None, :].expand(batch, frames, heads, frames).contiguous()
 
 
-def _dropout_case(dtype=torch.float32, device=DEVICE):
-    frames, heads, p = 24, 2, 0.3
+def _dropout_case(dtype=torch.float32, device=DEVICE, frames=24):
+    # head_dim = frames (the one-hot V recovers the mask), so frames <= 128.
+    heads, p = 2, 0.3
     q, k, v = make_qkv(2, frames, heads, frames, dtype, device=device)
-    mask = right_padded_mask([frames, 9], frames, device=device)
+    mask = right_padded_mask([frames, 9 if frames < 40 else frames - 43], frames, device=device)
     head_mask = torch.tensor([1.0, 0.5], device=device)
     return q, k, v, dict(key_padding_mask=mask, head_mask=head_mask, dropout_p=p)
 
@@ -342,5 +343,34 @@ def test_head_dims_gpu(dtype, head_dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dropout_gpu(dtype):
-    q, k, v, kw = _dropout_case(dtype, device="cuda")
+    """113 frames (head dim 113 for the one-hot V): at the GPU block sizes (BLOCK_M 32..128, BLOCK_N 32..64)
+    every kernel crosses several query or key blocks with a ragged tail, and row 1 (70 valid keys) ends
+    inside a key block."""
+    q, k, v, kw = _dropout_case(dtype, device="cuda", frames=113)
     check_dropout_mask_and_gradients(q, k, v, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_beyond_46340_frames_gpu(dtype):
+    """Past 46,340 frames, ``frames**2`` and ``pid_bh * frames`` leave int32: the kernels must use their int64
+    offsets. 50,000 frames (two batch rows, one padded), checked against fp64 on sampled query rows (the
+    reference for all rows would be an N x N matrix per head); gradients must be finite."""
+    frames, heads = 50_000, 2
+    q, k, v = make_qkv(2, frames, heads, 64, dtype)
+    mask = right_padded_mask([frames, frames - 1234], frames)
+    with dispatch.backend("triton"):
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        out, _ = attention(*qkv.unbind(2), key_padding_mask=mask)
+        out.float().square().sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+    rows = torch.tensor([0, 1, 4097, 46_339, 46_340, 46_341, frames - 1235, frames - 1], device=DEVICE)
+    for b in range(2):
+        valid = mask[b]
+        args = (q[b:b + 1, rows], k[b:b + 1, valid], v[b:b + 1, valid])
+        expected = attention_ref(*(t.double() for t in args))[0]
+        eager = attention_ref(*args)[0]
+        got = out[b:b + 1, rows].detach()
+        err, eager_err = (got.double() - expected).abs().max().item(), (eager.double() - expected).abs().max().item()
+        assert err <= 2 * eager_err + _FLOOR[dtype], (b, err, eager_err)

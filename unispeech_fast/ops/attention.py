@@ -10,13 +10,13 @@ produces without transposes.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ._triton_common import device_guard, fp32_dot_precision
 
 __all__ = ["attention", "attention_ref"]
 
@@ -123,6 +123,7 @@ dispatch.register("attention", "eager", is_stochastic=lambda dropout_p=0.0, **_:
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 _MAX_DROPOUT_FRAMES = 46340  # the Philox counter query * N + key must fit in int32
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, which carries batch * heads
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -130,8 +131,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_device_guard = device_guard
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    """Whether the fp32 dots stay IEEE fp32 (the package's policy; fp16/bf16 dots are never affected)."""
+    return q.dtype == torch.float32 and fp32_dot_precision(q.device) == "ieee"
 
 
 def _launch_settings(q: torch.Tensor, kernel: str) -> tuple[int, int, int, int, int]:
@@ -171,7 +176,7 @@ def _triton_fwd(q, k, v, lengths, head_mask, seed, dropout_p, scale):
             out.stride(0), out.stride(1), out.stride(2),
             heads, frames, head_dim, float(scale), float(dropout_p),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32,
+            HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=_ieee(q),
             num_warps=warps, num_stages=stages,
         )
     return out, lse
@@ -188,7 +193,7 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
     dv = torch.empty_like(dq)
     delta = torch.empty((batch, heads, frames), device=q.device, dtype=torch.float32)
     hm, sd = _placeholders(q, head_mask, seed)
-    flags = dict(HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
+    flags = dict(HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=_ieee(q))
     with _device_guard(q.device):
         rows_args = (
             q, k, v, dout, lse, delta, dq, lengths, hm, sd,
@@ -316,6 +321,9 @@ def _triton_reasons(
         reasons.append("bfloat16 is computed incorrectly by the Triton interpreter (CPU tensors); use a GPU")
     if not 1 <= q.shape[-1] <= _MAX_HEAD_DIM:
         reasons.append(f"head_dim must be in 1..{_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.shape[0] * q.shape[2] > _MAX_GRID_Y:
+        reasons.append(f"batch * heads must be at most {_MAX_GRID_Y} (the kernels' grid axis 1), got "
+                       f"{q.shape[0]} * {q.shape[2]} = {q.shape[0] * q.shape[2]}")
     if not k.device == v.device == q.device:
         reasons.append(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not 0.0 <= dropout_p < 1.0:
