@@ -374,3 +374,39 @@ def test_beyond_46340_frames_gpu(dtype):
         got = out[b:b + 1, rows].detach()
         err, eager_err = (got.double() - expected).abs().max().item(), (eager.double() - expected).abs().max().item()
         assert err <= 2 * eager_err + _FLOOR[dtype], (b, err, eager_err)
+
+
+def test_padding_checks_run_once_per_encoder_forward(monkeypatch):
+    """Issue 16 item 13: the kernels' padding check (two host syncs) and the mask's lengths are computed
+    once per encoder forward, not once per layer; a new forward (or a changed mask) checks again."""
+    import importlib
+
+    attention_mod = importlib.import_module("unispeech_fast.ops.attention")
+    calls = []
+    original = attention_mod.right_padded_lengths
+    monkeypatch.setattr(attention_mod, "right_padded_lengths", lambda m: calls.append(1) or original(m))
+    config = uf.UniSpeechSatConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=8,
+                                   conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),
+                                   num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+    model = uf.UniSpeechSatModel(config).eval()
+    x = torch.randn(2, 400)
+    mask = torch.ones(2, 400, dtype=torch.long)
+    mask[1, 250:] = 0
+    with dispatch.backend("triton"), torch.no_grad():
+        out = model(x, attention_mask=mask).last_hidden_state
+        assert len(calls) == 1, f"{len(calls)} padding checks for 3 layers"
+        model(x, attention_mask=mask)
+        assert len(calls) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-4)
+    # Outside a scope every call checks; inside one, a mask modified in place is checked again.
+    kpm = right_padded_mask([6, 3], 6)
+    q, k, v = make_qkv(2, 6, 2, 8, torch.float32)
+    calls.clear()
+    with attention_mod.padding_checked_once(kpm), dispatch.backend("triton"):
+        attention(q, k, v, key_padding_mask=kpm)
+        attention(q, k, v, key_padding_mask=kpm)
+        assert len(calls) == 1
+        kpm[1, 3] = True
+        attention(q, k, v, key_padding_mask=kpm)
+        assert len(calls) == 2

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension, dispatch
-from .attention import padding_mask_reasons
+from .attention import mask_lengths, padding_mask_reasons
 
 __all__ = ["attention_cuda", "feature_extractor_cuda"]
 
@@ -108,7 +108,7 @@ def attention_cuda(
     gives such a row the reference's uniform attention over every key. Returns ``(out, None)``.
     """
     # Dispatch checked the mask is right-padded (_attention_reasons), so its row sums are the lengths.
-    seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    seqlens = None if key_padding_mask is None else mask_lengths(key_padding_mask)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out = _ops().attention_fwd(q, k, v, seqlens, head_mask, float(scale))
