@@ -379,14 +379,26 @@ _STATS_BLOCK = dict(BLOCK_TILES=1024, num_warps=4, num_stages=1)
 _INTERP_BLOCK = 16
 
 
-def _fwd_blocks(norm: int, c_out: int) -> dict:
+def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """fp32 tiles hold twice the bytes: without software pipelining (one stage) and, for the 512-channel
+    layer-norm tile, half the reduction chunk, they do not spill (sm_80 and sm_90, Triton 3.9); with the
+    16-bit settings they spilled 160-350 bytes."""
+    if dtype != torch.float32:
+        return dict(cfg)
+    out = dict(cfg, num_stages=1)
+    if out.get("BLOCK_CO") == 512:
+        out["BLOCK_J"] = 16
+    return out
+
+
+def _fwd_blocks(norm: int, c_out: int, dtype: torch.dtype = torch.float16) -> dict:
     if _interpreting():
         bco = _pow2(c_out, _INTERP_BLOCK) if norm == NORM_LAYER else _INTERP_BLOCK
         return dict(BLOCK_CO=bco, BLOCK_T=_INTERP_BLOCK, BLOCK_J=_INTERP_BLOCK, num_warps=4, num_stages=1)
     if norm == NORM_LAYER:
         bco = _layer_norm_block_co(c_out)
-        return dict(BLOCK_CO=bco, **_GPU_FWD_LAYER[bco])
-    return dict(_GPU_FWD_TILED)
+        return _for_dtype(dict(BLOCK_CO=bco, **_GPU_FWD_LAYER[bco]), dtype)
+    return _for_dtype(_GPU_FWD_TILED, dtype)
 
 
 def _bwd_weight_blocks() -> dict:
@@ -437,7 +449,7 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is None:
         bias = torch.zeros(C_out, device=x.device, dtype=weight.dtype)
     y = torch.empty(B, C_out, T, device=x.device, dtype=x.dtype)
-    blocks, launch = _split(_fwd_blocks(norm, C_out))
+    blocks, launch = _split(_fwd_blocks(norm, C_out, x.dtype))
     n_t = triton.cdiv(T, blocks["BLOCK_T"])
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     empty = torch.empty(0, device=x.device, dtype=torch.float32)
@@ -484,7 +496,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     gamma_arg = gamma if gamma is not None else bias_arg
     beta_arg = beta if beta is not None else bias_arg
     gz = torch.empty(B, C_out, T, device=x.device, dtype=x.dtype)
-    blocks, launch = _split(_fwd_blocks(norm, C_out))
+    blocks, launch = _split(_fwd_blocks(norm, C_out, x.dtype))
     n_t = triton.cdiv(T, blocks["BLOCK_T"])
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     part_gbias = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
@@ -559,8 +571,9 @@ def aot_variants() -> list[AotVariant]:
                    "Stat1": "*fp32", "Sum0": "*fp32", "Sum1": "*fp32", "PartGBias": "*fp32", "inv_t": "fp32",
                    "C_out": "i32", "C_in": "i32", "T_out": "i32", "conv_stride": "i32", "ksize": "i32",
                    **{f"stride_{n}": "i32" for n in ("xb", "xc", "xl", "wo", "wi", "wk", "gyb", "gyc", "gyl")}}
-        configs = [(NORM_NONE, _GPU_FWD_TILED), (_GROUP_STATS, _GPU_FWD_TILED), (_GROUP_APPLY, _GPU_FWD_TILED)]
-        configs += [(NORM_LAYER, dict(BLOCK_CO=bco, **cfg)) for bco, cfg in _GPU_FWD_LAYER.items()]
+        tiled = _for_dtype(_GPU_FWD_TILED, dtype)
+        configs = [(NORM_NONE, tiled), (_GROUP_STATS, tiled), (_GROUP_APPLY, tiled)]
+        configs += [(NORM_LAYER, _for_dtype(dict(BLOCK_CO=bco, **cfg), dtype)) for bco, cfg in _GPU_FWD_LAYER.items()]
         for norm, cfg in configs:
             blocks, launch = _split(cfg)
             tag = f"{ty}_norm{norm}_co{blocks['BLOCK_CO']}_t{blocks['BLOCK_T']}_j{blocks['BLOCK_J']}"

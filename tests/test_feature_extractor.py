@@ -256,3 +256,30 @@ def test_strided_waveform_and_no_grad():
     y_ref = feature_extractor_ref(x.contiguous(), ws, bs, gs, betas, list(SMALL_STRIDES), "group")
     assert y.grad_fn is None
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_aot_variants_cover_the_gpu_launch_table(monkeypatch):
+    """Every forward/backward-norm config the GPU launcher picks (per dtype: fp32 has its own, non-spilling
+    settings) is an AOT variant, so the CPU compile check covers what a GPU would launch; and the int64
+    batch-stride forward variants exist for the layer-0 shapes."""
+    from unispeech_fast.kernels import feature_extractor as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    variants = kernels.aot_variants()
+    seen = {(v.name.split("_fp")[0].split("_bf")[0], v.signature.get("X"), v.constexprs.get("NORM"),
+             tuple(sorted((k, c) for k, c in v.constexprs.items() if k.startswith("BLOCK"))), v.num_warps,
+             v.num_stages, v.signature.get("stride_yb")) for v in variants}
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    for dtype in ptr:
+        for norm, kernel_norms in ((kernels.NORM_NONE, [0]), (kernels.NORM_GROUP, [2, 3]), (kernels.NORM_LAYER, [1])):
+            for c_out in (37, 512):
+                cfg = kernels._fwd_blocks(norm, c_out, dtype)
+                blocks = tuple(sorted((k, c) for k, c in cfg.items() if k.startswith("BLOCK")))
+                for kn in kernel_norms:
+                    for stride_yb in ("i32", "i64"):
+                        if stride_yb == "i64" and norm == kernels.NORM_LAYER and c_out != 512:
+                            continue
+                        key = ("fe_layer_fwd", ptr[dtype], kn, blocks, cfg["num_warps"], cfg["num_stages"], stride_yb)
+                        assert key in seen, key
+    fp32 = kernels._fwd_blocks(kernels.NORM_LAYER, 512, torch.float32)
+    assert fp32["num_stages"] == 1 and fp32["BLOCK_J"] == 16
