@@ -12,7 +12,8 @@ unnormalised accumulator; it stores ``O`` and the row log-sum-exp ``lse = mu + l
 Backward (FA2 style). With ``Pd = f * Z o P`` and ``dO`` the output gradient:
 ``dV = Pd^T dO``, ``dP = f * Z o (dO V^T)``, ``delta_i = sum_j P_ij dP_ij`` (``= rowsum(dO o O)_i``),
 ``dS = P o (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``. ``P`` is recomputed from
-``lse`` and ``Z`` is regenerated from the same Philox key. Three launches: ``_attn_bwd_rows`` with
+``lse`` and ``Z`` is regenerated from the same Philox key. A batch row without valid keys (``L_b = 0``) uses
+``L_b = N`` and scale 0 (uniform attention, zero dQ/dK), which is the reference's value. Three launches: ``_attn_bwd_rows`` with
 ``COMPUTE_DQ=False`` computes ``delta`` per query block from the recomputed ``P`` and ``dP`` (not
 from the rounded ``O``; see its docstring), ``_attn_bwd_dkdv`` computes dK/dV per key block, and
 ``_attn_bwd_rows`` with ``COMPUTE_DQ=True`` computes dQ per query block.
@@ -50,11 +51,15 @@ BLOCK_DS: tuple[int, ...] = (64, 128)
 #: Launch settings per (dtype, BLOCK_D) and kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
 #: ``fwd`` and ``bwd_q`` keep BLOCK_M queries resident and loop over BLOCK_N keys; ``bwd_kv`` keeps
 #: BLOCK_N keys resident and loops over BLOCK_M queries; ``bwd_pre`` (delta) is shaped like ``bwd_q``. fp32 uses
-#: smaller blocks (twice the bytes per element, and ieee-precision dots).
-_HALF_64 = {"fwd": (128, 64, 4, 3), "bwd_pre": (128, 64, 4, 3), "bwd_kv": (32, 128, 4, 3), "bwd_q": (128, 32, 4, 3)}
+#: smaller blocks (twice the bytes per element, and ieee-precision dots). Chosen not to spill registers
+#: (ptxas, Triton 3.9; ``python -m unispeech_fast.kernels.aot`` reports registers and spills): 16-bit
+#: ``bwd_kv`` at head dim 64 with 128 keys per block used 255 registers and spilled 512 bytes on sm_90
+#: (64 keys: 243, none); the fp32 forward at head dim 128 with 32 keys per block spilled about 15 KB on
+#: sm_80 (8 warps and 16 keys per block: none).
+_HALF_64 = {"fwd": (128, 64, 4, 3), "bwd_pre": (128, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (128, 32, 4, 3)}
 _HALF_128 = {"fwd": (128, 64, 8, 3), "bwd_pre": (128, 64, 8, 3), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
 _FP32_64 = {"fwd": (64, 32, 4, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
-_FP32_128 = {"fwd": (64, 32, 4, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 32, 4, 2)}
+_FP32_128 = {"fwd": (64, 16, 8, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 32, 4, 2)}
 KERNEL_CONFIGS: dict[tuple[str, int], dict[str, tuple[int, int, int, int]]] = {
     ("float16", 64): _HALF_64,
     ("float16", 128): _HALF_128,
@@ -89,6 +94,17 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _row_length_and_scale(Lengths, b, seq_len, sm_scale):
+    """``(L, scale)`` for batch row ``b``. A row with no valid key (``L_b = 0``) attends to all ``N`` keys
+    uniformly with zero gradients for Q and K, as the reference (``masked_fill`` with the dtype's min on
+    every key) does: ``L = N`` and score scale 0. Dispatch refuses such rows, but under torch.compile its
+    data-dependent check does not run, and ``L = 0`` would otherwise give ``O = 0 / 0``."""
+    length = tl.load(Lengths + b)
+    empty = length == 0
+    return tl.where(empty, seq_len, length), tl.where(empty, 0.0, sm_scale)
 
 
 @triton.jit
@@ -153,7 +169,7 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -224,7 +240,7 @@ def _attn_bwd_rows(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -288,7 +304,7 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.load(Lengths + b)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)

@@ -33,8 +33,8 @@ Backward (VJP) of one layer, given gy = dL/dy and the layer input x, recomputing
   (:func:`_conv_bwd_weight_kernel`), dx[b, ci, u] = sum_{co,k: u = t*S + k} W[co, ci, k] * gz[b, co, t]
   (:func:`_conv_bwd_input_kernel`, per phase u mod S an implicit GEMM over (co, tap) with a gather of gz).
 
-All sums accumulate in fp32; inputs may be fp16/bf16/fp32 (fp32 GEMMs use ``input_precision="ieee"``,
-never TF32). Per-tile partial sums (dgamma, dbeta, dbias, the group-norm time sums, the split-T weight
+All sums accumulate in fp32; inputs may be fp16/bf16/fp32 (fp32 GEMMs follow the package's one policy,
+``torch.get_float32_matmul_precision()``: IEEE at torch's default ``"highest"``, TF32 otherwise). Per-tile partial sums (dgamma, dbeta, dbias, the group-norm time sums, the split-T weight
 gradient) are written to fp32 buffers and reduced by the launcher with ``torch.sum`` (deterministic,
 no atomics).
 """
@@ -161,26 +161,39 @@ def _fe_layer_fwd_kernel(
 
 @triton.jit
 def _group_stats_kernel(PartMean, PartM2, Mean, Rstd, n_rows, n_tiles, T_out, eps,
-                        TILE_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Combine per-tile (mean, M2) of each (batch, channel) row with Chan's formula; rstd = 1/sqrt(M2/T + eps)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = rows < n_rows
-    base = rows.to(tl.int64) * n_tiles
-    n_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    mean_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    m2_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(0, n_tiles):
-        n_b = tl.minimum(T_out - i * TILE_T, TILE_T).to(tl.float32)
-        mean_b = tl.load(PartMean + base + i, mask=mask, other=0.0)
-        m2_b = tl.load(PartM2 + base + i, mask=mask, other=0.0)
+                        TILE_T: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """Combine the per-tile (mean, M2) of one (batch, channel) row; rstd = 1/sqrt(M2/T + eps).
+
+    Grid ``(B * C_out,)``: one program per row, reading its row of partials BLOCK_TILES at a time
+    (contiguous, coalesced). A chunk of tiles (counts n_i, means m_i, M2_i) merges in parallel:
+    ``n = sum n_i``, ``mean = sum n_i m_i / n``, ``M2 = sum M2_i + sum n_i (m_i - mean)^2``; the chunk
+    then joins the running statistics with Chan's pairwise formula. At one hour of audio (about 90k
+    tiles per row at layer 0) that is about 90 dependent steps per program instead of 90k.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_tiles
+    offs = tl.arange(0, BLOCK_TILES)
+    n_a = 0.0
+    mean_a = 0.0
+    m2_a = 0.0
+    for start in range(0, n_tiles, BLOCK_TILES):
+        tiles = start + offs
+        ok = tiles < n_tiles
+        n_i = tl.where(ok, tl.minimum(T_out - tiles * TILE_T, TILE_T), 0).to(tl.float32)
+        mean_i = tl.load(PartMean + base + tiles, mask=ok, other=0.0)
+        m2_i = tl.load(PartM2 + base + tiles, mask=ok, other=0.0)
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i * mean_i, axis=0) / n_b
+        d_i = mean_i - mean_b
+        m2_b = tl.sum(m2_i, axis=0) + tl.sum(n_i * d_i * d_i, axis=0)
         n = n_a + n_b
         delta = mean_b - mean_a
         mean_a = mean_a + delta * (n_b / n)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
     rstd = 1.0 / tl.sqrt(m2_a / n_a + eps)
-    tl.store(Mean + rows, mean_a, mask=mask)
-    tl.store(Rstd + rows, rstd, mask=mask)
+    tl.store(Mean + row, mean_a)
+    tl.store(Rstd + row, rstd)
 
 
 @triton.jit
@@ -357,22 +370,35 @@ _GPU_FWD_LAYER = {  # by BLOCK_CO = next_pow2(C_out) (>= 64): all channels of a 
     64: dict(BLOCK_T=64, BLOCK_J=32, num_warps=4, num_stages=3),
     128: dict(BLOCK_T=64, BLOCK_J=32, num_warps=8, num_stages=3),
     256: dict(BLOCK_T=64, BLOCK_J=32, num_warps=8, num_stages=2),
-    512: dict(BLOCK_T=32, BLOCK_J=32, num_warps=8, num_stages=2),
+    # 16 frames: with 32 the layer-norm backward used 255 registers and spilled 2.4 KB (sm_90); now none.
+    512: dict(BLOCK_T=16, BLOCK_J=32, num_warps=8, num_stages=2),
 }
 _GPU_BWD_WEIGHT = dict(BLOCK_CO=128, BLOCK_J=64, BLOCK_T=64, num_warps=8, num_stages=3)
 _GPU_BWD_INPUT = dict(BLOCK_CI=64, BLOCK_Q=128, BLOCK_R=32, num_warps=4, num_stages=3)
-_STATS_BLOCK = dict(BLOCK_R=128, num_warps=4, num_stages=1)
+_STATS_BLOCK = dict(BLOCK_TILES=1024, num_warps=4, num_stages=1)
 _INTERP_BLOCK = 16
 
 
-def _fwd_blocks(norm: int, c_out: int) -> dict:
+def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
+    """fp32 tiles hold twice the bytes: without software pipelining (one stage) and, for the 512-channel
+    layer-norm tile, half the reduction chunk, they do not spill (sm_80 and sm_90, Triton 3.9); with the
+    16-bit settings they spilled 160-350 bytes."""
+    if dtype != torch.float32:
+        return dict(cfg)
+    out = dict(cfg, num_stages=1)
+    if out.get("BLOCK_CO") == 512:
+        out["BLOCK_J"] = 16
+    return out
+
+
+def _fwd_blocks(norm: int, c_out: int, dtype: torch.dtype = torch.float16) -> dict:
     if _interpreting():
         bco = _pow2(c_out, _INTERP_BLOCK) if norm == NORM_LAYER else _INTERP_BLOCK
         return dict(BLOCK_CO=bco, BLOCK_T=_INTERP_BLOCK, BLOCK_J=_INTERP_BLOCK, num_warps=4, num_stages=1)
     if norm == NORM_LAYER:
         bco = _layer_norm_block_co(c_out)
-        return dict(BLOCK_CO=bco, **_GPU_FWD_LAYER[bco])
-    return dict(_GPU_FWD_TILED)
+        return _for_dtype(dict(BLOCK_CO=bco, **_GPU_FWD_LAYER[bco]), dtype)
+    return _for_dtype(_GPU_FWD_TILED, dtype)
 
 
 def _bwd_weight_blocks() -> dict:
@@ -387,8 +413,16 @@ def _bwd_input_blocks() -> dict:
     return dict(_GPU_BWD_INPUT)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """fp32: the package's policy (``unispeech_fast.ops._triton_common``: torch's float32_matmul_precision;
+    ``device`` None means the default policy, IEEE). fp16/bf16 dots ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    if device is None:
+        return "ieee"
+    from unispeech_fast.ops._triton_common import fp32_dot_precision
+
+    return fp32_dot_precision(device)
 
 
 def _split(blocks: dict) -> tuple[dict, dict]:
@@ -415,14 +449,14 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is None:
         bias = torch.zeros(C_out, device=x.device, dtype=weight.dtype)
     y = torch.empty(B, C_out, T, device=x.device, dtype=x.dtype)
-    blocks, launch = _split(_fwd_blocks(norm, C_out))
+    blocks, launch = _split(_fwd_blocks(norm, C_out, x.dtype))
     n_t = triton.cdiv(T, blocks["BLOCK_T"])
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     empty = torch.empty(0, device=x.device, dtype=torch.float32)
     gamma_arg = gamma if gamma is not None else bias
     beta_arg = beta if beta is not None else bias
     common = (C_out, C_in, T, stride, K, float(eps), *x.stride(), *weight.stride(), *y.stride())
-    prec = _precision(x.dtype)
+    prec = _precision(x.dtype, x.device)
     if norm == NORM_GROUP:
         part_mean = torch.empty(B * C_out, n_t, device=x.device, dtype=torch.float32)
         part_m2 = torch.empty_like(part_mean)
@@ -430,9 +464,9 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                    NORM=_GROUP_STATS, PRECISION=prec, **blocks, **launch)
         mean = torch.empty(B, C_out, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        sb = dict(_STATS_BLOCK) if not _interpreting() else dict(BLOCK_R=_INTERP_BLOCK, num_warps=4, num_stages=1)
+        sb = dict(_STATS_BLOCK) if not _interpreting() else dict(BLOCK_TILES=4, num_warps=4, num_stages=1)
         sblocks, slaunch = _split(sb)
-        _group_stats_kernel[(triton.cdiv(B * C_out, sblocks["BLOCK_R"]),)](
+        _group_stats_kernel[(B * C_out,)](
             part_mean, part_m2, mean, rstd, B * C_out, n_t, T, float(eps),
             TILE_T=blocks["BLOCK_T"], **sblocks, **slaunch)
         _fe_layer_fwd_kernel[grid](x, weight, bias, gamma_arg, beta_arg, y, mean, rstd, *common,
@@ -462,12 +496,12 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     gamma_arg = gamma if gamma is not None else bias_arg
     beta_arg = beta if beta is not None else bias_arg
     gz = torch.empty(B, C_out, T, device=x.device, dtype=x.dtype)
-    blocks, launch = _split(_fwd_blocks(norm, C_out))
+    blocks, launch = _split(_fwd_blocks(norm, C_out, x.dtype))
     n_t = triton.cdiv(T, blocks["BLOCK_T"])
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     part_gbias = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
     common = (C_out, C_in, T, stride, K, *x.stride(), *weight.stride(), *gy.stride())
-    prec = _precision(x.dtype)
+    prec = _precision(x.dtype, x.device)
     dgamma = dbeta = None
     if norm == NORM_LAYER:
         s_gax = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
@@ -537,8 +571,9 @@ def aot_variants() -> list[AotVariant]:
                    "Stat1": "*fp32", "Sum0": "*fp32", "Sum1": "*fp32", "PartGBias": "*fp32", "inv_t": "fp32",
                    "C_out": "i32", "C_in": "i32", "T_out": "i32", "conv_stride": "i32", "ksize": "i32",
                    **{f"stride_{n}": "i32" for n in ("xb", "xc", "xl", "wo", "wi", "wk", "gyb", "gyc", "gyl")}}
-        configs = [(NORM_NONE, _GPU_FWD_TILED), (_GROUP_STATS, _GPU_FWD_TILED), (_GROUP_APPLY, _GPU_FWD_TILED)]
-        configs += [(NORM_LAYER, dict(BLOCK_CO=bco, **cfg)) for bco, cfg in _GPU_FWD_LAYER.items()]
+        tiled = _for_dtype(_GPU_FWD_TILED, dtype)
+        configs = [(NORM_NONE, tiled), (_GROUP_STATS, tiled), (_GROUP_APPLY, tiled)]
+        configs += [(NORM_LAYER, _for_dtype(dict(BLOCK_CO=bco, **cfg), dtype)) for bco, cfg in _GPU_FWD_LAYER.items()]
         for norm, cfg in configs:
             blocks, launch = _split(cfg)
             tag = f"{ty}_norm{norm}_co{blocks['BLOCK_CO']}_t{blocks['BLOCK_T']}_j{blocks['BLOCK_J']}"
@@ -547,6 +582,13 @@ def aot_variants() -> list[AotVariant]:
                 constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
                 out.append(AotVariant(f"{name}_{tag}", fn, {**sig, **{k: "constexpr" for k in constexprs}},
                                       constexprs, **launch))
+            # Beyond about 22 minutes of audio in one row, the 512-channel activations' batch strides pass
+            # 2^31 and Triton specialises them as int64: the forward's variants for those (inference on
+            # long audio; the int64 offsets inside the kernel are the same code either way).
+            if norm == NORM_NONE or norm in (_GROUP_STATS, _GROUP_APPLY) or blocks["BLOCK_CO"] == 512:
+                constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
+                sig64 = {**fwd_sig, "stride_xb": "i64", "stride_yb": "i64", **{k: "constexpr" for k in constexprs}}
+                out.append(AotVariant(f"fe_layer_fwd_{tag}_i64", _fe_layer_fwd_kernel, sig64, constexprs, **launch))
         wb, wl = _split(_GPU_BWD_WEIGHT)
         sig = {"X": p, "GZ": p, "PartGW": "*fp32", "C_out": "i32", "C_in": "i32", "T_out": "i32",
                "conv_stride": "i32", "ksize": "i32", "t_chunk": "i32", "n_split": "i32",
@@ -563,7 +605,7 @@ def aot_variants() -> list[AotVariant]:
                               {**sig, **{k: "constexpr" for k in constexprs}}, constexprs, **il))
     sblocks, slaunch = _split(_STATS_BLOCK)
     sig = {"PartMean": "*fp32", "PartM2": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "n_rows": "i32",
-           "n_tiles": "i32", "T_out": "i32", "eps": "fp32", "TILE_T": "constexpr", "BLOCK_R": "constexpr"}
+           "n_tiles": "i32", "T_out": "i32", "eps": "fp32", "TILE_T": "constexpr", "BLOCK_TILES": "constexpr"}
     out.append(AotVariant("group_stats", _group_stats_kernel, sig,
                           dict(TILE_T=_GPU_FWD_TILED["BLOCK_T"], **sblocks), **slaunch))
     return out

@@ -32,10 +32,12 @@ DTYPE_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 #: forward / input-gradient implicit GEMM (BLOCK_CO 64 holds the 48 or 64 channels of a real group;
 #: the (k, ci) reduction is looped in BLOCK_R chunks). ``grad_weight``: (BLOCK_R, BLOCK_CO, BLOCK_T,
 #: num_warps, num_stages). ``gelu_grad``: (BLOCK, num_warps). fp32 halves the reduction chunk to keep
-#: the pipelined shared memory at the size of the 16-bit variants.
+#: the pipelined shared memory at the size of the 16-bit variants. The 16-bit conv uses 64 frames and 8
+#: warps: with 128 frames and 4 warps it used 255 registers and spilled about 1.2 KB (ptxas, Triton 3.9,
+#: sm_90); now 147 registers, no spill (``python -m unispeech_fast.kernels.aot`` reports both).
 GPU_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
-    "fp16": {"conv": (128, 64, 64, 4, 3), "grad_weight": (64, 64, 64, 4, 3), "gelu_grad": (1024, 4)},
-    "bf16": {"conv": (128, 64, 64, 4, 3), "grad_weight": (64, 64, 64, 4, 3), "gelu_grad": (1024, 4)},
+    "fp16": {"conv": (64, 64, 64, 8, 3), "grad_weight": (64, 64, 64, 4, 3), "gelu_grad": (1024, 4)},
+    "bf16": {"conv": (64, 64, 64, 8, 3), "grad_weight": (64, 64, 64, 4, 3), "gelu_grad": (1024, 4)},
     "fp32": {"conv": (64, 64, 32, 4, 3), "grad_weight": (64, 64, 32, 4, 3), "gelu_grad": (1024, 4)},
 }
 #: Small blocks for the CPU interpreter (each program x loop iteration costs milliseconds there); they

@@ -40,9 +40,27 @@ export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-
 step build 420 build.log "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 "$PY" -m unispeech_fast info >"$OUT/info.txt" 2>&1
 
-# The gpu-marked tests (real sizes, bf16, CUDA kernels). Through the pytest executable, never
-# `python -m pytest` (it would put the repository root, and so the top-level kernels/, on sys.path).
-step gpu-tests 300 gpu_tests.log "$BIN/pytest" -q -m gpu tests -p no:cacheprovider -rfE \
+# First the GPU tests added for issue 16 (the fixes a line-by-line review found: empty attention rows,
+# NaN in padded K/V, the group-norm apply pass, Philox noise, dropout across blocks, the int64 paths at
+# real lengths), so that a short session answers them before anything else. Through the pytest
+# executable, never `python -m pytest` (it would put the repository root, and so the top-level
+# kernels/, on sys.path).
+ISSUE16=(
+    "tests/test_cuda_ops.py::test_attention_zero_length_row_attends_uniformly"
+    "tests/test_cuda_ops.py::test_conv_norm_gelu_layer0"
+    "tests/test_cuda_ops.py::test_gumbel_quantizer_philox_noise_finite_at_real_size"
+    "tests/test_attention.py::test_dropout_gpu"
+    "tests/test_gumbel_quantizer.py::test_gpu_memory_and_philox_statistics_at_real_size"
+    "tests/test_triton_common.py"
+)
+step issue16 240 gpu_issue16.log "$BIN/pytest" -q "${ISSUE16[@]}" -p no:cacheprovider -rfE \
+    --junitxml="$OUT/gpu_issue16.xml"
+# The int64 paths at real lengths (22-minute rows, 50k-frame attention, 2^31 Gumbel logits): gpu + slow.
+step int64 300 gpu_int64.log "$BIN/pytest" -q -m "gpu and slow" tests -p no:cacheprovider -rfE \
+    --junitxml="$OUT/gpu_int64.xml"
+
+# The other gpu-marked tests (real sizes, bf16, CUDA kernels).
+step gpu-tests 300 gpu_tests.log "$BIN/pytest" -q -m "gpu and not slow" tests -p no:cacheprovider -rfE \
     --junitxml="$OUT/gpu_tests.xml"
 
 # The op benchmarks on the GPU grid (fp16 by default on CUDA), JSON/CSV/PNG under $OUT/bench.
@@ -50,6 +68,8 @@ step bench 360 bench.log "$BIN/unispeech-fast" bench --op attention --op pos_con
     --op feature_extractor --op gumbel_quantizer --out "$OUT/bench"
 
 echo "== env";        head -n 20 "$OUT/env.txt" | grep -E "H100|H200|torch|triton|release" || true
+echo "== issue 16";   tail -n 15 "$OUT/gpu_issue16.log" 2>/dev/null || true
+echo "== int64";      tail -n 10 "$OUT/gpu_int64.log" 2>/dev/null || true
 echo "== gpu tests";  tail -n 15 "$OUT/gpu_tests.log" 2>/dev/null || true
 echo "== bench";      tail -n 40 "$OUT/bench.log" 2>/dev/null || true
 echo "== steps";      printf '%s\n' "${summary[@]}"

@@ -21,6 +21,7 @@ torch.backends.cudnn.allow_tf32 = False
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where none exists")
+    config.addinivalue_line("markers", "slow: long run at real (int64-index) sizes; deselect with -m 'not slow'")
 
 
 def pytest_collection_modifyitems(config, items):

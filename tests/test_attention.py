@@ -97,6 +97,30 @@ def test_padded_batch_equals_per_sample():
     torch.testing.assert_close(padded[:, :19], alone, atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_row_gives_the_references_uniform_attention(dtype):
+    """Issue 16 item 1: a batch row without valid keys (which dispatch refuses, but torch.compile skips that
+    data-dependent check) gives the reference's uniform average over all keys and zero dQ/dK, not NaN.
+    The kernels are called directly, as a compiled graph calls them; the eager error is the reference's in
+    ``dtype`` (SDPA, the eager backend, returns zeros for such rows instead)."""
+    frames = 37
+    q, k, v = make_qkv(3, frames, 2, 32, dtype)
+    mask = right_padded_mask([frames, 0, 5], frames)
+    dout = torch.randn(q.shape, device=DEVICE, dtype=torch.float64)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), dout, key_padding_mask=mask)
+    eager = _run(attention_ref, q, k, v, dout, key_padding_mask=mask)
+    got = _run(_attention_triton, q, k, v, dout, key_padding_mask=mask)
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, eager, ref):
+        assert torch.isfinite(g).all(), name
+        err, eager_err = (g.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + _FLOOR[dtype], f"{name}: error {err:.3e}, eager error {eager_err:.3e}"
+    out, dq, dk, dv = got
+    assert torch.all(dq[1] == 0) and torch.all(dk[1] == 0)
+    torch.testing.assert_close(out[1].double(), v[1].double().mean(0, keepdim=True).expand_as(out[1]),
+                               atol=_FLOOR[dtype] * 10, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------- dropout
 def _one_hot_v(batch, frames, heads, dtype, device=DEVICE):
     # v[b, j, h, :] = e_j, so out[b, i, h, :] = row i of the (dropped, scaled) probability matrix.
@@ -104,10 +128,11 @@ def _one_hot_v(batch, frames, heads, dtype, device=DEVICE):
     return eye[None, :, None, :].expand(batch, frames, heads, frames).contiguous()
 
 
-def _dropout_case(dtype=torch.float32, device=DEVICE):
-    frames, heads, p = 24, 2, 0.3
+def _dropout_case(dtype=torch.float32, device=DEVICE, frames=24):
+    # head_dim = frames (the one-hot V recovers the mask), so frames <= 128.
+    heads, p = 2, 0.3
     q, k, v = make_qkv(2, frames, heads, frames, dtype, device=device)
-    mask = right_padded_mask([frames, 9], frames, device=device)
+    mask = right_padded_mask([frames, 9 if frames < 40 else frames - 43], frames, device=device)
     head_mask = torch.tensor([1.0, 0.5], device=device)
     return q, k, v, dict(key_padding_mask=mask, head_mask=head_mask, dropout_p=p)
 
@@ -318,5 +343,70 @@ def test_head_dims_gpu(dtype, head_dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dropout_gpu(dtype):
-    q, k, v, kw = _dropout_case(dtype, device="cuda")
+    """113 frames (head dim 113 for the one-hot V): at the GPU block sizes (BLOCK_M 32..128, BLOCK_N 32..64)
+    every kernel crosses several query or key blocks with a ragged tail, and row 1 (70 valid keys) ends
+    inside a key block."""
+    q, k, v, kw = _dropout_case(dtype, device="cuda", frames=113)
     check_dropout_mask_and_gradients(q, k, v, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_beyond_46340_frames_gpu(dtype):
+    """Past 46,340 frames, ``frames**2`` and ``pid_bh * frames`` leave int32: the kernels must use their int64
+    offsets. 50,000 frames (two batch rows, one padded), checked against fp64 on sampled query rows (the
+    reference for all rows would be an N x N matrix per head); gradients must be finite."""
+    frames, heads = 50_000, 2
+    q, k, v = make_qkv(2, frames, heads, 64, dtype)
+    mask = right_padded_mask([frames, frames - 1234], frames)
+    with dispatch.backend("triton"):
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        out, _ = attention(*qkv.unbind(2), key_padding_mask=mask)
+        out.float().square().sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+    rows = torch.tensor([0, 1, 4097, 46_339, 46_340, 46_341, frames - 1235, frames - 1], device=DEVICE)
+    for b in range(2):
+        valid = mask[b]
+        args = (q[b:b + 1, rows], k[b:b + 1, valid], v[b:b + 1, valid])
+        expected = attention_ref(*(t.double() for t in args))[0]
+        eager = attention_ref(*args)[0]
+        got = out[b:b + 1, rows].detach()
+        err, eager_err = (got.double() - expected).abs().max().item(), (eager.double() - expected).abs().max().item()
+        assert err <= 2 * eager_err + _FLOOR[dtype], (b, err, eager_err)
+
+
+def test_padding_checks_run_once_per_encoder_forward(monkeypatch):
+    """Issue 16 item 13: the kernels' padding check (two host syncs) and the mask's lengths are computed
+    once per encoder forward, not once per layer; a new forward (or a changed mask) checks again."""
+    import importlib
+
+    attention_mod = importlib.import_module("unispeech_fast.ops.attention")
+    calls = []
+    original = attention_mod.right_padded_lengths
+    monkeypatch.setattr(attention_mod, "right_padded_lengths", lambda m: calls.append(1) or original(m))
+    config = uf.UniSpeechSatConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=8,
+                                   conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),
+                                   num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+    model = uf.UniSpeechSatModel(config).eval()
+    x = torch.randn(2, 400)
+    mask = torch.ones(2, 400, dtype=torch.long)
+    mask[1, 250:] = 0
+    with dispatch.backend("triton"), torch.no_grad():
+        out = model(x, attention_mask=mask).last_hidden_state
+        assert len(calls) == 1, f"{len(calls)} padding checks for 3 layers"
+        model(x, attention_mask=mask)
+        assert len(calls) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-4)
+    # Outside a scope every call checks; inside one, a mask modified in place is checked again.
+    kpm = right_padded_mask([6, 3], 6)
+    q, k, v = make_qkv(2, 6, 2, 8, torch.float32)
+    calls.clear()
+    with attention_mod.padding_checked_once(kpm), dispatch.backend("triton"):
+        attention(q, k, v, key_padding_mask=kpm)
+        attention(q, k, v, key_padding_mask=kpm)
+        assert len(calls) == 1
+        kpm[1, 3] = True
+        attention(q, k, v, key_padding_mask=kpm)
+        assert len(calls) == 2

@@ -139,3 +139,28 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
     # An order measured on another CPU kind does not apply here.
     monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cpu:OTHER_ISA", "attention", "float32", "fwd"): ("eager", "cpp")})
     assert dispatch.select("attention", inputs).backend == "cpp"
+
+
+def test_auto_on_gpu_prefers_triton_then_eager_until_measured(monkeypatch):
+    """Issue 16 item 5: no GPU benchmark exists, so auto on CUDA tensors tries the validated Triton kernels,
+    then eager (cuDNN/SDPA), and the unmeasured CUDA kernels only after them; info says so."""
+    import types
+
+    assert dispatch.auto_order("pos_conv", "cuda", torch.float32) == (("triton", "eager", "cuda", "cpp"), False)
+    assert dispatch.auto_order("attention", "cuda", torch.float16, needs_grad=True)[0][:3] == ("triton", "eager", "cuda")
+    assert dispatch.auto_order("attention", "cpu", torch.float64)[0] == dispatch.BACKENDS  # CPU order unchanged
+    # Every backend usable: the GPU call goes to triton; without triton, to eager, never to cuda first.
+    fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    monkeypatch.setattr(dispatch, "_first_tensor", lambda inputs: fake)
+    usable = {"triton", "eager", "cuda", "cpp"}
+    monkeypatch.setattr(dispatch, "_reasons_for",
+                        lambda op, name, inputs, device, auto=False: [] if name in usable else ["unusable"])
+    assert dispatch.select("attention", {}).backend == "triton"
+    usable.discard("triton")
+    assert dispatch.select("pos_conv", {}).backend == "eager"
+    # A measured GPU order overrides the default one.
+    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cuda", "attention", "float16", "fwd"): ("cuda",)})
+    assert dispatch.auto_order("attention", "cuda", torch.float16) == (("cuda", "triton", "eager", "cpp"), True)
+    assert dispatch.select("attention", {}).backend == "cuda"
+    text = dispatch.format_backend_table(("cpu",))
+    assert "on CUDA tensors auto tries triton, eager, cuda, cpp until GPU benchmarks measure an order" in text

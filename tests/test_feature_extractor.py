@@ -217,6 +217,34 @@ def test_real_config_on_gpu(dtype, norm_type, seconds):
     _check(x, params, list(REAL_STRIDES), norm_type, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_type", ["layer", "group"])
+def test_layer0_beyond_22_minutes_gpu(norm_type):
+    """Past about 22 minutes in one row, layer 0's output [B, 512, T] has a batch stride above 2^31 (Triton
+    specialises it as int64) and element offsets past 2^31: 2 x 22.4 minutes, fp16, inference. The last
+    frames of row 1 (the offsets furthest past 2^31) and the first of row 0 are checked against fp64 with
+    the 2x-eager policy."""
+    from _tolerance import assert_within_2x_eager
+
+    frames = 4_300_000
+    x = torch.randn(2, 5 * frames + 5, device="cuda", dtype=torch.float16)
+    ws, bs, gs, betas = (list(g) for g in _params(512, (10,), norm_type, True, device="cuda"))
+    with torch.no_grad(), uf.backend("triton"):
+        got = feature_extractor(x, [w.half() for w in ws], [b.half() for b in bs], [g.half() for g in gs],
+                                [b.half() for b in betas], [5], norm_type)
+    assert got.shape == (2, 512, frames + 1) and got.stride(0) > 2**31
+    for row, window in ((1, slice(-2000, None)), (0, slice(0, 2000))):
+        def ref(dtype):
+            # Layer norm is per frame: a slice of the input suffices. Group norm needs the whole row's statistics.
+            xs = x[row:row + 1].to(dtype)
+            cast = [[t.to(dtype) for t in group] for group in (ws, bs, gs, betas)]
+            with torch.no_grad():
+                return feature_extractor_ref(xs, *cast, [5], norm_type)[..., window]
+        assert_within_2x_eager(f"row {row} ({norm_type})", got[row:row + 1, :, window], ref(torch.float16),
+                               ref(torch.float64))
+
+
 def test_strided_waveform_and_no_grad():
     """A non-contiguous waveform view is read through its strides; no-grad calls save nothing."""
     ws, bs, gs, betas = [[None if t is None else t.float() for t in group]
@@ -228,3 +256,30 @@ def test_strided_waveform_and_no_grad():
     y_ref = feature_extractor_ref(x.contiguous(), ws, bs, gs, betas, list(SMALL_STRIDES), "group")
     assert y.grad_fn is None
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_aot_variants_cover_the_gpu_launch_table(monkeypatch):
+    """Every forward/backward-norm config the GPU launcher picks (per dtype: fp32 has its own, non-spilling
+    settings) is an AOT variant, so the CPU compile check covers what a GPU would launch; and the int64
+    batch-stride forward variants exist for the layer-0 shapes."""
+    from unispeech_fast.kernels import feature_extractor as kernels
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    variants = kernels.aot_variants()
+    seen = {(v.name.split("_fp")[0].split("_bf")[0], v.signature.get("X"), v.constexprs.get("NORM"),
+             tuple(sorted((k, c) for k, c in v.constexprs.items() if k.startswith("BLOCK"))), v.num_warps,
+             v.num_stages, v.signature.get("stride_yb")) for v in variants}
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    for dtype in ptr:
+        for norm, kernel_norms in ((kernels.NORM_NONE, [0]), (kernels.NORM_GROUP, [2, 3]), (kernels.NORM_LAYER, [1])):
+            for c_out in (37, 512):
+                cfg = kernels._fwd_blocks(norm, c_out, dtype)
+                blocks = tuple(sorted((k, c) for k, c in cfg.items() if k.startswith("BLOCK")))
+                for kn in kernel_norms:
+                    for stride_yb in ("i32", "i64"):
+                        if stride_yb == "i64" and norm == kernels.NORM_LAYER and c_out != 512:
+                            continue
+                        key = ("fe_layer_fwd", ptr[dtype], kn, blocks, cfg["num_warps"], cfg["num_stages"], stride_yb)
+                        assert key in seen, key
+    fp32 = kernels._fwd_blocks(kernels.NORM_LAYER, 512, torch.float32)
+    assert fp32["num_stages"] == 1 and fp32["BLOCK_J"] == 16

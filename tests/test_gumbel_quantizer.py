@@ -290,6 +290,22 @@ def test_gpu_real_sizes(dtype, width):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_rows_x_codes_past_2_31():
+    """N * G * V = 3.4e6 * 2 * 320 = 2.18e9 > 2^31: the logits offsets need int64. Eval picks exactly the
+    reference's codes in every row (the last rows are past 2^31); sampling stays finite."""
+    rows, groups, codes, width = 3_400_000, 2, 320, 128  # width: D / G
+    logits = torch.randn(1, rows, groups * codes, device="cuda", dtype=torch.float16)
+    codevectors = torch.randn(1, groups * codes, width, device="cuda", dtype=torch.float16)
+    q, ppl = triton_impl(logits, codevectors, groups, 2.0, False)
+    index = logits.view(rows, groups, codes).argmax(-1)  # [rows, groups]
+    expected = codevectors.view(groups, codes, width)[torch.arange(groups, device="cuda"), index]
+    assert torch.equal(q.view(rows, groups, width), expected)
+    q, ppl = triton_impl(logits, codevectors, groups, 2.0, True)
+    assert torch.isfinite(q).all() and torch.isfinite(ppl).all()
+
+
+@pytest.mark.gpu
 def test_gpu_memory_and_philox_statistics_at_real_size():
     rows, groups, codes, width = 50_000, 2, 320, 384
     base = torch.randn(groups * codes, device="cuda")
@@ -302,6 +318,9 @@ def test_gpu_memory_and_philox_statistics_at_real_size():
     q, ppl = triton_impl(logits, codevectors, groups, 2.0, True)
     (q.float().sum() + ppl).backward()
     torch.cuda.synchronize()
+    for name, t in (("quantized", q), ("perplexity", ppl), ("grad logits", logits.grad),
+                    ("grad codevectors", codevectors.grad)):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
     peak = torch.cuda.max_memory_allocated() - start
     assert peak < rows * groups * codes * width * 4 / 8  # far below one fp32 [N, G, V, D/G] product
     chosen = q.detach().view(rows, groups, width)[..., 0].long()

@@ -1,7 +1,8 @@
 """Every Triton kernel variant a launcher can choose compiles for sm_80 and sm_90, without a GPU.
 
 ``python -m unispeech_fast.kernels.aot`` runs Triton's whole pipeline down to ptxas for real GPU
-targets and fails variants that do not compile or exceed the target's shared memory. It needs a
+targets and fails variants that do not compile, exceed the target's shared memory or spill registers
+beyond ``aot.SPILL_BUDGET_BYTES``; it prints registers and spills for every variant. It needs a
 process without ``TRITON_INTERPRET`` (the test session sets it), hence the subprocess.
 """
 
@@ -26,6 +27,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(module):
     assert proc.returncode == 0, f"AOT compile failed for {module}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert "variants compiled" in proc.stdout
     assert " sm_80 " in proc.stdout and " sm_90 " in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    assert rows and all(" regs " in line and " spill " in line for line in rows)
 
 
 def test_checker_fails_a_kernel_that_does_not_fit(tmp_path):
@@ -50,3 +53,49 @@ def test_checker_fails_a_kernel_that_does_not_fit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bytes of shared memory, sm_80 allows 166912" in proc.stdout
+
+
+def test_ptxas_log_parser():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for k\n"
+           "    1032 bytes stack frame, 1020 bytes spill stores, 1016 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 41472 bytes smem, 400 bytes cmem[0]\n")
+    assert aot.parse_ptxas_log(log) == {"registers": 255, "spill_stores": 1020, "spill_loads": 1016}
+    with pytest.raises(ValueError, match="no register/spill report"):
+        aot.parse_ptxas_log("ptxas fatal: nothing")
+
+
+def test_checker_fails_a_kernel_that_spills(tmp_path):
+    """Issue 16 item 8: the checker reports registers and spills, and fails a variant over the budget (one
+    warp holding 16384 fp32 values live across a reduction: 512 per thread; ptxas spilled about 6 KB)."""
+    src = tmp_path / "spills.py"
+    src.write_text(
+        "import triton, triton.language as tl\n"
+        "@triton.jit\n"
+        "def spill(X, Y, BLOCK: tl.constexpr):\n"
+        "    r = tl.arange(0, BLOCK)\n"
+        "    x = tl.load(X + r)\n"
+        "    tl.store(Y + r, x * tl.sum(x * x) + tl.exp(x))\n"
+    )
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from spills import spill\n"
+        "from unispeech_fast.kernels.aot import AotVariant, compile_variant\n"
+        "v = AotVariant('spill', spill, {'X': '*fp32', 'Y': '*fp32', 'BLOCK': 'constexpr'}, {'BLOCK': 16384}, 1, 1)\n"
+        "row = compile_variant(v, 90); print(row); sys.exit(0 if not row['ok'] else 1)\n"
+    ) % str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bytes of registers" in proc.stdout and "'ok': False" in proc.stdout and "'registers': " in proc.stdout
+
+
+def test_known_spills_name_existing_variants():
+    """Every allowance in aot.KNOWN_SPILLS names a variant the launchers can pick (stale ones must go)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from unispeech_fast.kernels import aot\n"
+            "names = {v.name for v in aot._variants(aot.KERNEL_MODULES)}\n"
+            "stale = [k for k in aot.KNOWN_SPILLS if k[0] not in names or k[1] not in aot.SMEM_LIMIT_BYTES]\n"
+            "print(stale); raise SystemExit(1 if stale else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -32,6 +32,7 @@ from ._auto_order import ORDERS as _MEASURED_ORDERS
 __all__ = [
     "auto_order",
     "BACKENDS",
+    "GPU_DEFAULT_ORDER",
     "OPS",
     "BackendNotSupportedError",
     "VerificationError",
@@ -48,8 +49,18 @@ __all__ = [
 
 logger = logging.getLogger("unispeech_fast")
 
-#: All backend names, in the order ``"auto"`` tries them where no measured order exists (:func:`auto_order`).
+#: All backend names, in the order ``"auto"`` tries them on CPU tensors where no measured order exists
+#: (:func:`auto_order`).
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpp", "eager")
+#: The order ``"auto"`` tries on CUDA tensors where no measured order exists. No GPU benchmark has run yet,
+#: so the validated Triton designs come first and eager (cuDNN, SDPA) before the hand-written CUDA kernels,
+#: whose designs are estimated slower than cuDNN (pos_conv: fp32 CUDA cores, uncoalesced weight loads) and
+#: SDPA (attention: a serial per-row softmax); a measured ``cuda`` row in ``_auto_order.py`` overrides this.
+GPU_DEFAULT_ORDER: tuple[str, ...] = ("triton", "eager", "cuda", "cpp")
+GPU_ORDER_REASON = (
+    "on CUDA tensors auto tries " + ", ".join(GPU_DEFAULT_ORDER) + " until GPU benchmarks measure an order: "
+    "the CUDA kernels are unmeasured and estimated slower than Triton and cuDNN/SDPA"
+)
 #: The ops that go through dispatch.
 OPS: tuple[str, ...] = (
     "feature_extractor", "pos_conv", "attention", "gumbel_quantizer", "linear", "contrastive_loss",
@@ -261,14 +272,21 @@ def auto_order(
 
     Measured orders (fastest first; mode ``fwd_bwd`` when ``needs_grad``, else ``fwd``) come from
     ``unispeech_fast/_auto_order.py``, which ``python -m unispeech_fast.bench.auto_order`` generates
-    from benchmark results; backends they do not rank follow in the default order :data:`BACKENDS`.
+    from benchmark results; backends they do not rank follow in the default order: :data:`GPU_DEFAULT_ORDER`
+    for CUDA devices, :data:`BACKENDS` elsewhere.
     """
+    default = default_order(device)
     if device is not None and dtype is not None:
         key = (device_key(device), op, str(dtype).replace("torch.", ""), "fwd_bwd" if needs_grad else "fwd")
         measured = _MEASURED_ORDERS.get(key)
         if measured:
-            return tuple(measured) + tuple(b for b in BACKENDS if b not in measured), True
-    return BACKENDS, False
+            return tuple(measured) + tuple(b for b in default if b not in measured), True
+    return default, False
+
+
+def default_order(device: torch.device | str | None) -> tuple[str, ...]:
+    """The unmeasured order of ``"auto"``: :data:`GPU_DEFAULT_ORDER` on CUDA devices, else :data:`BACKENDS`."""
+    return GPU_DEFAULT_ORDER if device is not None and torch.device(device).type == "cuda" else BACKENDS
 
 
 def select(op: str, inputs: dict[str, Any]) -> OpImpl:
@@ -475,7 +493,9 @@ def format_backend_table(devices: Sequence[str] = ("cpu",)) -> str:
                 lines.append(f"  {name}: " + "; ".join(why))
         lines.append("  auto picks for float32 inference: " + (
             "fastest first where benchmarks measured the op here (unispeech_fast/_auto_order.py), else "
-            if measured_any else "no measured order for this device; ") + "the default order " + ", ".join(BACKENDS))
+            if measured_any else "no measured order for this device; ") + "the default order "
+            + ", ".join(default_order(dev)))
+    lines.append("  " + GPU_ORDER_REASON)
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import dispatch, ops, tiling
 from .activations import get_activation
 from .configuration import _BaseConfig
+from .ops.attention import padding_checked_once
 
 __all__ = [
     "ConvLayer",
@@ -373,23 +374,26 @@ class Encoder(nn.Module):
         all_hidden: list[torch.Tensor] = []
         all_attn: list[torch.Tensor] = []
         layerdrop = self.config.layerdrop
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            # LayerDrop draws torch.rand([]) per layer exactly as transformers does (same RNG stream),
-            # unless seed_layerdrop gave the encoder its own generator.
-            drop = self.training and layerdrop > 0.0
-            if drop and bool(torch.rand([], generator=self.layerdrop_generator) < layerdrop):
-                continue  # a skipped layer records its unchanged input as its output (transformers 4.x)
-            layer_head_mask = None if head_mask is None else head_mask[i]
-            if self.gradient_checkpointing and self.training:
-                hidden_states, weights = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False
-                )
-            else:
-                hidden_states, weights = layer(hidden_states, key_padding_mask, layer_head_mask, output_attentions)
-            if output_attentions:
-                all_attn.append(weights)
+        # The kernels' padding checks and lengths of key_padding_mask: once per forward, not per layer.
+        with padding_checked_once(key_padding_mask):
+            for i, layer in enumerate(self.layers):
+                if output_hidden_states:
+                    all_hidden.append(hidden_states)
+                # LayerDrop draws torch.rand([]) per layer exactly as transformers does (same RNG stream),
+                # unless seed_layerdrop gave the encoder its own generator.
+                drop = self.training and layerdrop > 0.0
+                if drop and bool(torch.rand([], generator=self.layerdrop_generator) < layerdrop):
+                    continue  # a skipped layer records its unchanged input as its output (transformers 4.x)
+                layer_head_mask = None if head_mask is None else head_mask[i]
+                if self.gradient_checkpointing and self.training:
+                    hidden_states, weights = torch.utils.checkpoint.checkpoint(
+                        layer, hidden_states, key_padding_mask, layer_head_mask, output_attentions,
+                        use_reentrant=False,
+                    )
+                else:
+                    hidden_states, weights = layer(hidden_states, key_padding_mask, layer_head_mask, output_attentions)
+                if output_attentions:
+                    all_attn.append(weights)
         last = self.layer_norm(hidden_states) if self.stable else hidden_states
         if output_hidden_states:
             tie = bool(getattr(self.config, "tie_last_hidden_states", False))

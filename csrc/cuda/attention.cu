@@ -9,8 +9,9 @@
 //   out[b, t, h] = head_mask[h] * sum_{j < L} softmax_j(s[t, :L]) v[b, j, h]
 // computed blockwise with the online softmax: per key block, m' = max(m, max_j s), l' = l e^{m - m'} +
 // sum_j e^{s_j - m'}, acc' = acc e^{m - m'} + e^{s - m'} V, and out = acc / l at the end (exp2 with the
-// scale folded into log2(e)). Key blocks at or past L are never loaded. A row with L = 0 attends to
-// all T keys uniformly, which is what the eager reference (masked_fill with finfo.min) computes.
+// scale folded into log2(e)). Key blocks at or past L are never loaded, and the padded rows of the
+// last partial block are zero-filled (not read). A row with L = 0 uses L = T and score scale 0: it
+// attends to all T keys uniformly, which is what the reference (masked_fill with finfo.min) computes.
 // Padded query rows are computed like any other row (their values carry no meaning).
 //
 // Work split: a block of 4 warps owns 64 queries of one (b, h); each warp owns 16 query rows. Per key
@@ -109,10 +110,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
 
+  // L = 0: every key is padding; the reference (masked_fill with the dtype's min on every key) then
+  // averages all T keys uniformly, which is L = T with score scale 0.
   int64_t kv_len = seq;
   if (Seqlens != nullptr) {
     const int64_t L = Seqlens[b];
-    kv_len = (L <= 0) ? seq : (L < seq ? L : seq);  // L = 0: uniform over all keys, like the reference
+    kv_len = (L <= 0) ? seq : (L < seq ? L : seq);
+    if (L <= 0) scale_log2 = 0.f;
   }
 
   const T* q_base = Q + b * stride_qb + h * stride_qh;
@@ -135,8 +139,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(
 
   for (int64_t n0 = 0; n0 < kv_len; n0 += kBlockN) {
     __syncthreads();  // everyone is done with the previous K/V tiles (and Q/O are initialised)
-    load_rows<T, D, kBlockN>(Ks, Smem::ld_qkv, k_base, stride_kt, n0, seq, vec);
-    load_rows<T, D, kBlockN>(Vs, Smem::ld_qkv, v_base, stride_vt, n0, seq, vec);
+    // Keys at or past kv_len are padding: zero-filled, never read, so a NaN there cannot reach P V as 0 * NaN.
+    load_rows<T, D, kBlockN>(Ks, Smem::ld_qkv, k_base, stride_kt, n0, kv_len, vec);
+    load_rows<T, D, kBlockN>(Vs, Smem::ld_qkv, v_base, stride_vt, n0, kv_len, vec);
     __syncthreads();
 
     // S_w = Q_w K^T (16 x 64), fp32.

@@ -18,9 +18,16 @@
 //     warps to channels. Norm kind 2 first runs the conv once for per-frame Welford statistics (merged
 //     across warps with Chan's formula), then recomputes, normalises, applies GELU and stores
 //     (coalesced along time).
-//   * group-norm kernels (norm_kind 1), two passes: `gn_stats` writes Welford partials (count, mean,
-//     M2) per (batch, channel, chunk of 1024 frames); `gn_apply` merges a channel's partials with Chan's
-//     formula, recomputes the conv, normalises, applies GELU and stores.
+//   * group-norm kernels (norm_kind 1), three passes: `gn_stats` writes Welford partials (count, mean,
+//     M2) per (batch, channel, chunk of 1024 frames); `gn_finalize` (one block per (batch, channel))
+//     merges a channel's partials with Chan's formula into (mean, rstd); `gn_apply` reads those two
+//     floats, recomputes the conv exactly as `gn_stats` did (from the bias, same order, so v - mean is
+//     the same value the statistics saw: with near-zero variance a different rounding would be
+//     multiplied by up to 1/sqrt(eps)), applies (v - mean) * rstd * gamma + beta, GELU and stores.
+// Shared memory per block (floats; `layer0_smem_bytes` in unispeech_fast/ops/_cuda.py restates it for
+// dispatch, which compares it with the device's opt-in limit; keep the two in step):
+//   frames kernel: (31 * stride + K) + C_out * (K + 3) + 8 * 32 * 3 + 32 * 2
+//   gn_stats: (1023 * stride + K) + 16 * K;  gn_apply: that + 3 * 16
 // C_in != 1 is refused: the 512-channel layers run on Triton/cuDNN (the Python side picks them).
 
 #include <torch/library.h>
@@ -155,50 +162,72 @@ __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const T* __restrict_
   }
 }
 
-// Group norm pass 2. Same grid as gn_stats_kernel.
+// Group norm pass 2. Grid (C, B), one block per (batch, channel): merges that channel's chunk partials
+// (Chan) into Stats [B, C, 2] = (mean, rstd), so the apply pass reads two floats instead of re-merging
+// every chunk in every block (quadratic in the number of chunks).
+__global__ void __launch_bounds__(kThreads) gn_finalize_kernel(const float* __restrict__ Partial,
+                                                               float* __restrict__ Stats, int64_t n_chunks,
+                                                               int channels, float eps) {
+  __shared__ float part[kWarps][3];
+  const int64_t bc = static_cast<int64_t>(blockIdx.y) * channels + blockIdx.x;
+  const float* p = Partial + bc * n_chunks * 3;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  Welford wel;
+  for (int64_t i = threadIdx.x; i < n_chunks; i += blockDim.x) wel.merge(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]);
+  wel.warp_merge();
+  if (lane == 0) {
+    part[warp][0] = wel.n;
+    part[warp][1] = wel.mean;
+    part[warp][2] = wel.m2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Welford total;
+    for (int w = 0; w < kWarps; ++w) total.merge(part[w][0], part[w][1], part[w][2]);
+    Stats[bc * 2] = total.mean;
+    Stats[bc * 2 + 1] = rsqrtf(total.m2 / total.n + eps);
+  }
+}
+
+// Group norm pass 3. Same grid as gn_stats_kernel. The conv is recomputed exactly as gn_stats_kernel
+// computed it (conv_at from the bias, same shared-memory inputs): then y = gelu((v - mean) * s + beta).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gn_apply_kernel(const T* __restrict__ X, const T* __restrict__ W,
                                                             const T* __restrict__ Bias, const T* __restrict__ Gamma,
-                                                            const T* __restrict__ Beta, const float* __restrict__ Partial,
+                                                            const T* __restrict__ Beta, const float* __restrict__ Stats,
                                                             T* __restrict__ Y, int64_t t_in, int64_t t_out, int channels,
-                                                            int kernel, int stride, float eps) {
+                                                            int kernel, int stride) {
   extern __shared__ float smem[];
   const int n_samples = (kChunk - 1) * stride + kernel;
-  float* xs = smem;                        // [n_samples]
-  float* ws = xs + n_samples;              // [kGnChannels * kernel]
-  float* scale = ws + kGnChannels * kernel;  // [kGnChannels]: gamma * rstd
-  float* shift = scale + kGnChannels;      // [kGnChannels]: beta - mean * gamma * rstd + bias * gamma * rstd
+  float* xs = smem;                          // [n_samples]
+  float* ws = xs + n_samples;                // [kGnChannels * kernel]
+  float* means = ws + kGnChannels * kernel;  // [kGnChannels]
+  float* scale = means + kGnChannels;        // [kGnChannels]: gamma * rstd
+  float* shift = scale + kGnChannels;        // [kGnChannels]: beta
   const int64_t b = blockIdx.z;
   const int c0 = blockIdx.y * kGnChannels;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int n_ch = min(kGnChannels, channels - c0);
-  const int n_chunks = gridDim.x;
 
   load_samples(xs, X + b * t_in, t0 * stride, n_samples, t_in);
   for (int i = threadIdx.x; i < n_ch * kernel; i += blockDim.x) ws[i] = to_float(W[c0 * kernel + i]);
-  for (int cl = warp; cl < n_ch; cl += kWarps) {
-    const float* p = Partial + (b * channels + c0 + cl) * n_chunks * 3;
-    Welford wel;
-    for (int i = lane; i < n_chunks; i += kWarp) wel.merge(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]);
-    wel.warp_merge();
-    if (lane == 0) {
-      const float bias = Bias != nullptr ? to_float(Bias[c0 + cl]) : 0.f;
-      const float s = rsqrtf(wel.m2 / wel.n + eps) * to_float(Gamma[c0 + cl]);
-      scale[cl] = s;
-      // (conv + bias - mean) * s + beta with conv computed without the bias below.
-      shift[cl] = (bias - wel.mean) * s + to_float(Beta[c0 + cl]);
-    }
+  for (int cl = threadIdx.x; cl < n_ch; cl += blockDim.x) {
+    const float* st = Stats + (b * channels + c0 + cl) * 2;
+    means[cl] = st[0];
+    scale[cl] = st[1] * to_float(Gamma[c0 + cl]);
+    shift[cl] = to_float(Beta[c0 + cl]);
   }
   __syncthreads();
 
   const int frames = static_cast<int>(min64(kChunk, t_out - t0));
   for (int cl = warp; cl < n_ch; cl += kWarps) {
     T* yrow = Y + (b * channels + c0 + cl) * t_out + t0;
-    const float s = scale[cl], sh = shift[cl];
+    const float bias = Bias != nullptr ? to_float(Bias[c0 + cl]) : 0.f;
+    const float mean = means[cl], s = scale[cl], sh = shift[cl];
     for (int i = lane; i < frames; i += kWarp) {
-      const float v = conv_at(xs, ws + cl * kernel, 0.f, i, stride, kernel);
-      yrow[i] = from_float<T>(gelu(fmaf(v, s, sh)));
+      const float v = conv_at(xs, ws + cl * kernel, bias, i, stride, kernel);
+      yrow[i] = from_float<T>(gelu((v - mean) * s + sh));
     }
   }
 }
@@ -248,6 +277,8 @@ at::Tensor conv_norm_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& weight
 
   c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  int smem_limit = 0;  // the device's opt-in maximum of dynamic shared memory per block
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor gc = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
@@ -270,19 +301,26 @@ at::Tensor conv_norm_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& weight
       const int64_t n_chunks = ceil_div(t_out, kChunk);
       TORCH_CHECK(n_chunks <= 65535, "x is too long: ", t_out, " frames");
       at::Tensor partial = at::empty({batch, channels, n_chunks, 3}, x.options().dtype(at::kFloat));
+      at::Tensor stats = at::empty({batch, channels, 2}, x.options().dtype(at::kFloat));
       const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(ceil_div(channels, kGnChannels)),
                       static_cast<unsigned>(batch));
       const size_t n_samples = static_cast<size_t>((kChunk - 1) * s + k);
       const size_t smem_stats = (n_samples + kGnChannels * k) * sizeof(float);
-      const size_t smem_apply = smem_stats + 2 * kGnChannels * sizeof(float);
-      TORCH_CHECK(smem_apply <= 200 * 1024, "stride ", s, " is too large for the CUDA group-norm kernels");
+      const size_t smem_apply = smem_stats + 3 * kGnChannels * sizeof(float);
+      TORCH_CHECK(smem_apply <= static_cast<size_t>(smem_limit), "stride ", s, " and kernel size ", k,
+                  " need ", smem_apply, " bytes of shared memory in the CUDA group-norm kernels; the device allows ",
+                  smem_limit);
       set_smem(reinterpret_cast<const void*>(&gn_stats_kernel<scalar_t>), smem_stats);
       set_smem(reinterpret_cast<const void*>(&gn_apply_kernel<scalar_t>), smem_apply);
       gn_stats_kernel<scalar_t><<<grid, kThreads, smem_stats, stream>>>(X, W, Bias, partial.data_ptr<float>(), t_in,
                                                                         t_out, c, k, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gn_apply_kernel<scalar_t><<<grid, kThreads, smem_apply, stream>>>(
-          X, W, Bias, Gamma, Beta, partial.data_ptr<float>(), Y, t_in, t_out, c, k, s, static_cast<float>(eps));
+      gn_finalize_kernel<<<dim3(static_cast<unsigned>(c), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
+          partial.data_ptr<float>(), stats.data_ptr<float>(), n_chunks, c, static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gn_apply_kernel<scalar_t><<<grid, kThreads, smem_apply, stream>>>(X, W, Bias, Gamma, Beta,
+                                                                        stats.data_ptr<float>(), Y, t_in, t_out, c,
+                                                                        k, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const int64_t n_tiles = ceil_div(t_out, kFrameTile);
@@ -291,7 +329,8 @@ at::Tensor conv_norm_gelu_fwd_cuda(const at::Tensor& x, const at::Tensor& weight
       const size_t smem = (static_cast<size_t>((kFrameTile - 1) * s + k) + static_cast<size_t>(c) * (k + 3) +
                            kWarps * kFrameTile * 3 + kFrameTile * 2) *
                           sizeof(float);
-      TORCH_CHECK(smem <= 200 * 1024, "weight too large for the CUDA feature-extractor kernel: C_out * K = ", c * k);
+      TORCH_CHECK(smem <= static_cast<size_t>(smem_limit), "weight [", c, ", 1, ", k, "] with stride ", s, " needs ",
+                  smem, " bytes of shared memory in the CUDA feature-extractor kernel; the device allows ", smem_limit);
       if (norm_kind == 2) {
         set_smem(reinterpret_cast<const void*>(&frames_kernel<scalar_t, true>), smem);
         frames_kernel<scalar_t, true><<<grid, kThreads, smem, stream>>>(X, W, Bias, Gamma, Beta, Y, t_in, t_out, c, k,

@@ -11,7 +11,7 @@
 //   perplexity = sum_g exp(-sum_v m log m)   (0 log 0 = 0)
 // Noise: the given gumbels, or, when None, n = -log(-log(u)) with u in (0, 1) from Philox4x32-10 keyed by
 // `seed` with the counter (element index n*G*V + g*V + v as two 32-bit words, `offset` as two words);
-// u = (top 24 bits + 0.5) / 2^24. (The CI toolkit has no curand headers, so Philox is written out here;
+// u = (2 (top 23 bits) + 1) / 2^24 in [2^-24, 1 - 2^-24] (uniform.h). (The CI toolkit has no curand headers, so Philox is written out here;
 // the stream is deterministic in (seed, offset) but not the same numbers as torch's or curand's.)
 // Backward (straight-through: y = onehot - soft.detach() + soft, so y = onehot in value):
 //   gs[n, g, v] = grad_q[n, g] . codevectors[g*V + v]                      (ATen bmm, fp32)
@@ -32,6 +32,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include "common.cuh"
+#include "uniform.h"
 
 namespace unispeech_fast {
 namespace cuda {
@@ -63,7 +64,7 @@ __device__ __forceinline__ uint32_t philox_first(uint64_t seed, uint64_t counter
 
 __device__ __forceinline__ float gumbel_noise(uint64_t seed, uint64_t offset, uint64_t element) {
   const uint32_t bits = philox_first(seed, element, offset);
-  const float u = (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);  // in (0, 1)
+  const float u = uniform_open01(bits);  // in [2^-24, 1 - 2^-24]: the noise is finite
   return -logf(-logf(u));
 }
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension, dispatch
-from .attention import right_padded_lengths
+from .attention import mask_lengths, padding_mask_reasons
 
 __all__ = ["attention_cuda", "feature_extractor_cuda"]
 
@@ -74,14 +74,19 @@ def _attention_reasons(
         reasons.append(f"the CUDA attention has no dropout, got dropout_p={dropout_p}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
         reasons.append(_NO_BACKWARD)
-    if head_mask is not None and (head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]):
-        reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+    if head_mask is not None:
+        if head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]:
+            reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+        if torch.is_grad_enabled() and head_mask.requires_grad:
+            reasons.append("head_mask requires grad, but " + _NO_BACKWARD)
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
             reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
                            f"{tuple(key_padding_mask.shape)}")
-        elif not reasons and not torch.compiler.is_compiling() and right_padded_lengths(key_padding_mask) is None:
-            reasons.append("the CUDA attention needs a right-padded key_padding_mask (valid keys first)")
+        elif not reasons and not torch.compiler.is_compiling():
+            # Data-dependent (host syncs); under torch.compile the models' guarantee is relied on, and a row
+            # without valid keys still gets the reference's uniform attention from the kernel.
+            reasons.extend(padding_mask_reasons(key_padding_mask))
     return reasons
 
 
@@ -99,11 +104,11 @@ def attention_cuda(
     """Flash-attention forward (``torch.ops.unispeech_fast.attention_fwd``); inference only.
 
     ``out = head_mask[h] * softmax(scale q k^T + mask) v`` with the key padding given as lengths (the
-    mask must be right-padded). A row whose keys are all padded attends to every key uniformly, as the
-    eager reference does. Returns ``(out, None)``.
+    mask must be right-padded). Dispatch refuses a row whose keys are all padded; the kernel itself
+    gives such a row the reference's uniform attention over every key. Returns ``(out, None)``.
     """
     # Dispatch checked the mask is right-padded (_attention_reasons), so its row sums are the lengths.
-    seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    seqlens = None if key_padding_mask is None else mask_lengths(key_padding_mask)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out = _ops().attention_fwd(q, k, v, seqlens, head_mask, float(scale))
@@ -111,6 +116,30 @@ def attention_cuda(
 
 
 # ---------------------------------------------------------------------------------------------- feature extractor
+def layer0_smem_bytes(channels: int, kernel: int, stride: int, norm_type: str | None) -> int:
+    """Dynamic shared memory (bytes) of the CUDA layer-0 kernel for this shape: the formula of
+    ``csrc/cuda/conv_norm_gelu.cu`` (keep the two in step). ``norm_type`` ``"group"`` runs the group-norm
+    kernels (the larger of the stats/apply passes), anything else the frames kernel."""
+    if norm_type == "group":
+        return 4 * ((1023 * stride + kernel) + 16 * kernel + 3 * 16)
+    return 4 * ((31 * stride + kernel) + channels * (kernel + 3) + 8 * 32 * 3 + 32 * 2)
+
+
+def layer0_smem_reasons(weight_shape: tuple, stride: int, norm_type: str | None, limit: int) -> list[str]:
+    """Why the CUDA layer-0 kernel cannot run weight ``[C_out, 1, K]`` with ``stride`` within ``limit`` bytes."""
+    need = layer0_smem_bytes(weight_shape[0], weight_shape[2], stride, norm_type)
+    if need <= limit:
+        return []
+    return [f"layer 0 weight {weight_shape} with stride {stride} needs {need} bytes of shared memory in the CUDA "
+            f"kernel; this device allows {limit}"]
+
+
+def _smem_limit(device: torch.device) -> int:
+    """The device's opt-in maximum of shared memory per block (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
 def _feature_extractor_reasons(
     x: torch.Tensor,
     conv_weights: Sequence[torch.Tensor],
@@ -139,8 +168,13 @@ def _feature_extractor_reasons(
         w0 = conv_weights[0]
         if w0.dim() != 3 or w0.shape[1] != 1:
             reasons.append(f"layer 0 weight must be [C_out, 1, K], got {tuple(w0.shape)}")
-        elif w0.shape[2] > 64 or w0.shape[0] > 2048:
-            reasons.append(f"layer 0 must have K <= 64 and C_out <= 2048, got {tuple(w0.shape)}")
+        elif w0.shape[2] > 64 or w0.shape[0] > 2048 or not 1 <= conv_strides[0] <= 64:
+            reasons.append(f"layer 0 must have K <= 64, C_out <= 2048 and stride 1..64, got weight "
+                           f"{tuple(w0.shape)}, stride {conv_strides[0]}")
+        elif x.device.type == "cuda" and not reasons:
+            reasons.extend(layer0_smem_reasons(tuple(w0.shape), conv_strides[0],
+                                               norm_type if norm_weights[0] is not None else None,
+                                               _smem_limit(x.device)))
         if (norm_weights[0] is None) != (norm_biases[0] is None):
             reasons.append("layer 0 norm weight and bias must both be given or both be None")
         layer0 = [w0, conv_biases[0], norm_weights[0], norm_biases[0]]

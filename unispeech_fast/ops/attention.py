@@ -11,14 +11,16 @@ produces without transposes.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ._triton_common import device_guard, fp32_dot_precision
 
-__all__ = ["attention", "attention_ref"]
+__all__ = ["attention", "attention_ref", "padding_checked_once"]
 
 
 def attention_ref(
@@ -64,14 +66,75 @@ def attention_ref(
     return out.to(dtype), (probs.to(dtype) if need_weights else None)
 
 
+_padding_scope: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("unispeech_fast_padding", default=None)
+
+
+@contextlib.contextmanager
+def padding_checked_once(key_padding_mask: torch.Tensor | None) -> Iterator[None]:
+    """The scope of one encoder forward: attention calls inside it that get this same mask tensor
+    (unmodified: same version counter) share one computation of its lengths and of the kernels' padding
+    checks (:func:`padding_mask_reasons`, two host syncs), instead of repeating them in every layer.
+    Computed lazily on first use, dropped when the scope ends; no effect while torch.compile traces."""
+    if key_padding_mask is None or torch.compiler.is_compiling():
+        yield
+        return
+    token = _padding_scope.set((key_padding_mask, key_padding_mask._version, {}))
+    try:
+        yield
+    finally:
+        _padding_scope.reset(token)
+
+
+def _scope_memo(key_padding_mask: torch.Tensor) -> dict | None:
+    if torch.compiler.is_compiling():
+        return None
+    scope = _padding_scope.get()
+    if scope is None or scope[0] is not key_padding_mask or scope[1] != key_padding_mask._version:
+        return None
+    return scope[2]
+
+
+def mask_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """int32 ``[batch]`` row sums of ``key_padding_mask`` (the valid lengths of a right-padded mask), once
+    per :func:`padding_checked_once` scope."""
+    memo = _scope_memo(key_padding_mask)
+    if memo is not None and "lengths" in memo:
+        return memo["lengths"]
+    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    if memo is not None:
+        memo["lengths"] = lengths
+    return lengths
+
+
 def right_padded_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
     """int32 ``[batch]`` valid lengths when ``key_padding_mask`` (bool ``[batch, frames]``, True = valid)
     is right-padded in every row (a run of True, then False), else None. One host sync."""
-    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
+    lengths = mask_lengths(key_padding_mask)
     positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
     if not torch.equal(positions[None, :] < lengths[:, None], key_padding_mask):
         return None
     return lengths
+
+
+def padding_mask_reasons(key_padding_mask: torch.Tensor) -> list[str]:
+    """Why the kernel backends (triton, cuda) refuse ``key_padding_mask`` (bool ``[batch, frames]``): it
+    must be right-padded, and every row needs a valid key. A row without one is refused by every kernel
+    backend alike, so auto gives it to eager; the kernels themselves (reached without this check under
+    torch.compile) give it the reference's uniform attention over all keys. Host syncs, once per
+    :func:`padding_checked_once` scope."""
+    memo = _scope_memo(key_padding_mask)
+    if memo is not None and "reasons" in memo:
+        return list(memo["reasons"])
+    lengths = right_padded_lengths(key_padding_mask)
+    if lengths is None:
+        reasons = ["key_padding_mask must be right-padded (a valid prefix, then padding) in every row"]
+    elif bool((lengths == 0).any()):
+        reasons = ["key_padding_mask has a batch row with no valid frame"]
+    else:
+        reasons = []
+    if memo is not None:
+        memo["reasons"] = list(reasons)
+    return reasons
 
 
 def _attention_eager(
@@ -110,6 +173,7 @@ dispatch.register("attention", "eager", is_stochastic=lambda dropout_p=0.0, **_:
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 _MAX_DROPOUT_FRAMES = 46340  # the Philox counter query * N + key must fit in int32
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, which carries batch * heads
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -117,8 +181,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_device_guard = device_guard
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    """Whether the fp32 dots stay IEEE fp32 (the package's policy; fp16/bf16 dots are never affected)."""
+    return q.dtype == torch.float32 and fp32_dot_precision(q.device) == "ieee"
 
 
 def _launch_settings(q: torch.Tensor, kernel: str) -> tuple[int, int, int, int, int]:
@@ -158,7 +226,7 @@ def _triton_fwd(q, k, v, lengths, head_mask, seed, dropout_p, scale):
             out.stride(0), out.stride(1), out.stride(2),
             heads, frames, head_dim, float(scale), float(dropout_p),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32,
+            HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=_ieee(q),
             num_warps=warps, num_stages=stages,
         )
     return out, lse
@@ -175,7 +243,7 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
     dv = torch.empty_like(dq)
     delta = torch.empty((batch, heads, frames), device=q.device, dtype=torch.float32)
     hm, sd = _placeholders(q, head_mask, seed)
-    flags = dict(HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
+    flags = dict(HAS_HEAD_MASK=head_mask is not None, HAS_DROPOUT=dropout_p > 0.0, IEEE=_ieee(q))
     with _device_guard(q.device):
         rows_args = (
             q, k, v, dout, lse, delta, dq, lengths, hm, sd,
@@ -303,6 +371,9 @@ def _triton_reasons(
         reasons.append("bfloat16 is computed incorrectly by the Triton interpreter (CPU tensors); use a GPU")
     if not 1 <= q.shape[-1] <= _MAX_HEAD_DIM:
         reasons.append(f"head_dim must be in 1..{_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.shape[0] * q.shape[2] > _MAX_GRID_Y:
+        reasons.append(f"batch * heads must be at most {_MAX_GRID_Y} (the kernels' grid axis 1), got "
+                       f"{q.shape[0]} * {q.shape[2]} = {q.shape[0] * q.shape[2]}")
     if not k.device == v.device == q.device:
         reasons.append(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not 0.0 <= dropout_p < 1.0:
@@ -320,13 +391,9 @@ def _triton_reasons(
             reasons.append(f"key_padding_mask must be bool [batch, frames] = {tuple(q.shape[:2])}, got "
                            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         elif not torch.compiler.is_compiling():
-            # Data-dependent checks (one host sync); skipped while torch.compile traces, where the
-            # models' guarantee (right padding, at least one valid frame) is relied on.
-            lengths = right_padded_lengths(key_padding_mask)
-            if lengths is None:
-                reasons.append("key_padding_mask must be right-padded (a valid prefix, then padding) in every row")
-            elif bool((lengths == 0).any()):
-                reasons.append("key_padding_mask has a batch row with no valid frame")
+            # Data-dependent checks (host syncs); skipped while torch.compile traces, where the models'
+            # guarantee (right padding) is relied on and an empty row gets the reference's value.
+            reasons.extend(padding_mask_reasons(key_padding_mask))
     return reasons
 
 
@@ -353,7 +420,7 @@ def _attention_triton(
     if key_padding_mask is None:
         lengths = torch.full((batch,), frames, device=q.device, dtype=torch.int32)
     else:
-        lengths = key_padding_mask.sum(1, dtype=torch.int32)
+        lengths = mask_lengths(key_padding_mask)
     hm = None if head_mask is None else head_mask.detach().to(device=q.device, dtype=torch.float32).contiguous()
     seed = None
     if dropout_p > 0.0:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ._triton_common import device_guard
 from ..activations import get_activation
 
 __all__ = ["feature_extractor", "feature_extractor_ref"]
@@ -100,7 +101,8 @@ def _triton_layer(
     ``x [B, C_in, L]``; the statistics (fp32) are the norm's mean and rstd (``[B, T]`` for layer norm,
     ``[B, C_out]`` for group norm, empty without a norm) that the backward reuses.
     """
-    return _kernels().layer_forward(x, weight, bias, norm_weight, norm_bias, stride, norm, eps)
+    with device_guard(x.device):
+        return _kernels().layer_forward(x, weight, bias, norm_weight, norm_bias, stride, norm, eps)
 
 
 @_triton_layer.register_fake
@@ -136,9 +138,10 @@ def _triton_layer_backward(
 
     Tensors for absent inputs (no bias, no norm, ``need_input_grad=False``) come back empty.
     """
-    dx, dw, db, dg, dbeta = _kernels().layer_backward(
-        grad_y, x, weight, bias, norm_weight, norm_bias, stat0, stat1, stride, norm, need_input_grad
-    )
+    with device_guard(x.device):
+        dx, dw, db, dg, dbeta = _kernels().layer_backward(
+            grad_y, x, weight, bias, norm_weight, norm_bias, stat0, stat1, stride, norm, need_input_grad
+        )
     empty = x.new_empty(0)
     return (
         dx if dx is not None else empty,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ._triton_common import device_guard
 
 __all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
 
@@ -257,7 +258,8 @@ def _triton_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(quantized, perplexity, soft [N,G,V] fp32 or empty, index [N,G] int32, marginal [G,V])``;
     ``mask`` (bool ``[batch, frames]`` or None) selects the frames of the marginal."""
-    return _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask)
+    with device_guard(logits.device):
+        return _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask)
 
 
 @_triton_fwd_op.register_fake
@@ -289,8 +291,9 @@ def _triton_bwd_op(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(grad_logits or empty, grad_codevectors or empty)``; ``need_logits`` needs ``sample``."""
-    return _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
-                            temperature, sample, need_logits, need_codevectors, mask)
+    with device_guard(logits.device):
+        return _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
+                                temperature, sample, need_logits, need_codevectors, mask)
 
 
 @_triton_bwd_op.register_fake

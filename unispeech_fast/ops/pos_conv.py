@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..activations import get_activation
+from ._triton_common import device_guard, fp32_dot_precision
 
 __all__ = ["pos_conv", "pos_conv_ref"]
 
@@ -77,10 +78,8 @@ def _interpreting(device: torch.device) -> bool:
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    # fp32 follows eager conv1d: TF32 only where cuDNN may use it (torch.backends.cudnn.allow_tf32).
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # fp32 follows the one policy of the Triton kernels (torch.get_float32_matmul_precision; README).
+    return fp32_dot_precision(device) if dtype == torch.float32 else "ieee"
 
 
 def _configs(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, ...]]:
@@ -193,7 +192,8 @@ def _triton_pos_conv_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + gelu(conv(x) + bias), pre)`` with the packed weight ``[groups, K * C, C]``; ``pre`` is the
     fp32 pre-activation ``[B, T, H]`` when ``save_pre`` (needed by the backward), else empty."""
-    return _forward(x, weight, bias, save_pre)
+    with device_guard(x.device):
+        return _forward(x, weight, bias, save_pre)
 
 
 @_triton_pos_conv_fwd.register_fake
@@ -208,7 +208,8 @@ def _triton_pos_conv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_weight, grad_bias)`` of the forward op; the last two are empty unless
     ``weight_grad`` (and ``grad_bias`` also without a bias)."""
-    return _backward(grad_out, x, weight, pre, has_bias, weight_grad)
+    with device_guard(x.device):
+        return _backward(grad_out, x, weight, pre, has_bias, weight_grad)
 
 
 @_triton_pos_conv_bwd.register_fake
