@@ -41,6 +41,31 @@ def cpu_forward() -> list[str]:
     return lines
 
 
+def cpu_peers() -> list[str]:
+    """``benchmarks/cpu_peers.py`` files: every provider at every audio length, against transformers fp32."""
+    lines = []
+    for path, doc in _load("cpu_peers_*.json"):
+        if doc.get("quick_smoke_run"):
+            continue
+        dev, peak = doc["device"], doc["matmul_peak_gflops"]
+        lines.append(f"CPU inference against the peers, {doc['model']}, batch {doc['batch']}, {dev['threads']} threads, "
+                     f"median of {doc['reps']} interleaved runs, one process per provider. Device: {dev['cpu_model']}, "
+                     f"{dev['logical_cpus']} logical cores, {dev['torch_cpu_capability']} ({', '.join(dev['isa_flags'])}); "
+                     f"oneDNN matmul peak measured there: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s; "
+                     f"torch {doc['versions']['torch']}; {doc['date'][:19]}, commit {doc['versions']['git_commit'][:7]} (`{path}`).")
+        lines.append("")
+        lines.append("| audio | provider | median ms | vs transformers | max abs diff | normwise error | peak RSS MiB | GFLOP/s (% of peak) |")
+        lines.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for row in doc["rows"]:
+            if "median_s" not in row:
+                continue
+            lines.append(f"| {row['seconds']:g} s | {row['provider']} | {row['median_s'] * 1e3:.0f} | "
+                         f"{row['speedup_vs_transformers']:.2f}x | {row['max_abs_diff']:.1e} | {row['normwise_rel_err']:.1e} | "
+                         f"{row['peak_rss_mib']:.0f} | {row['gflops_per_s']:.0f} ({row['pct_of_matmul_peak']:.0f}% {row['matmul_peak_used']}) |")
+        lines.append("")
+    return lines
+
+
 def long_audio() -> list[str]:
     lines = []
     for path, doc in _load("long_audio_memory_*.json"):
@@ -118,4 +143,4 @@ def op_benchmarks() -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(cpu_forward() + long_audio() + op_benchmarks()))
+    print("\n".join(cpu_forward() + cpu_peers() + long_audio() + op_benchmarks()))
