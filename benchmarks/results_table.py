@@ -125,8 +125,9 @@ def op_benchmarks() -> list[str]:
                      f"{first['device_name']}; torch {first['torch']}, triton {first['triton']}, transformers "
                      f"{first['transformers']}; {first['date']}, commit {str(first['git_commit'])[:7]} (`{path}`).")
         lines.append("")
-        lines.append("| op | shape | dtype | mode | provider | median ms | vs eager |")
-        lines.append("| --- | --- | --- | --- | --- | ---: | ---: |")
+        memory = any(r.get("peak_mem_mb") is not None for r in ok)  # --cpu-memory runs record the RSS peak
+        lines.append("| op | shape | dtype | mode | provider | median ms | vs eager |" + (" peak MiB |" if memory else ""))
+        lines.append("| --- | --- | --- | --- | --- | ---: | ---: |" + (" ---: |" if memory else ""))
         for op in dict.fromkeys(r["op"] for r in ok):
             op_rows = [r for r in ok if r["op"] == op]
             largest = max(op_rows, key=lambda r: (r["params"].get(r["x_key"], 0), r["shape"]))["shape"]
@@ -136,8 +137,9 @@ def op_benchmarks() -> list[str]:
                 for r in sel:
                     base = eager.get(r["dtype"])
                     ratio = f"{base / r['median_ms']:.2f}x" if base else "n/a"
+                    mem = f" {r['peak_mem_mb']:.1f} |" if memory and r.get("peak_mem_mb") is not None else (" n/a |" if memory else "")
                     lines.append(f"| {op} | {largest} | {r['dtype']} | {mode} | {r['provider']} | "
-                                 f"{r['median_ms']:.2f} | {ratio} |")
+                                 f"{r['median_ms']:.2f} | {ratio} |" + mem)
         lines.append("")
     return lines
 
