@@ -78,18 +78,24 @@ def padding_checked_once(key_padding_mask: torch.Tensor | None) -> Iterator[None
     if key_padding_mask is None or torch.compiler.is_compiling():
         yield
         return
-    token = _padding_scope.set((key_padding_mask, key_padding_mask._version, {}))
+    token = _padding_scope.set((key_padding_mask, _version_of(key_padding_mask), {}))
     try:
         yield
     finally:
         _padding_scope.reset(token)
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t._version``, or None for an inference tensor (made under ``torch.inference_mode``), which has no
+    version counter (reading it raises): such a mask is recognised by identity alone."""
+    return None if t.is_inference() else t._version
+
+
 def _scope_memo(key_padding_mask: torch.Tensor) -> dict | None:
     if torch.compiler.is_compiling():
         return None
     scope = _padding_scope.get()
-    if scope is None or scope[0] is not key_padding_mask or scope[1] != key_padding_mask._version:
+    if scope is None or scope[0] is not key_padding_mask or scope[1] != _version_of(key_padding_mask):
         return None
     return scope[2]
 
