@@ -9,6 +9,8 @@
 //   quantized[n, g] = codevectors[g*V + idx];  soft[n, g] = softmax(z / tau) (fp32, sample only)
 //   m[g] = mean_n softmax(l[n, g]) (sample) or mean_n onehot(idx) (eval)
 //   perplexity = sum_g exp(-sum_v m log m)   (0 log 0 = 0)
+//   With mask (bool [N]) the mean runs over the rows where it is true: m = (sum of those rows) / count,
+//   as csrc/cpu/gumbel_quantizer.cpp; count = 0 gives a NaN perplexity (and no perplexity gradient).
 // Noise: the given gumbels, or, when None, n = -log(-log(u)) with u in (0, 1) from Philox4x32-10 keyed by
 // `seed` with the counter (element index n*G*V + g*V + v as two 32-bit words, `offset` as two words);
 // u = (2 (top 23 bits) + 1) / 2^24 in [2^-24, 1 - 2^-24] (uniform.h). (The CI toolkit has no curand headers, so Philox is written out here;
@@ -17,7 +19,8 @@
 //   gs[n, g, v] = grad_q[n, g] . codevectors[g*V + v]                      (ATen bmm, fp32)
 //   grad_l = soft (gs - sum_v soft gs) / tau + p (c - sum_v p c),  p = softmax(l[n, g]),
 //   c[g, v] = grad_perplexity * exp(H_g) * (-(log m[g, v] + 1)) / N  with H_g = -sum_v m log m
-//            (c = 0 where m = 0: such a v has p = 0 in every row)
+//            (c = 0 where m = 0: such a v has p = 0 in every row); with mask, N is its count and the
+//            second term is added on the rows in the mask only
 //   grad_codevectors[g*V + idx[n, g]] += grad_q[n, g]   (fp32 atomics);  eval: grad_l = 0.
 //
 // Kernels: one warp per (row, group), lanes striding over V and Dg. The marginal is accumulated per
@@ -28,8 +31,11 @@
 
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+
+#include <limits>
 
 #include "common.cuh"
 #include "uniform.h"
@@ -127,11 +133,12 @@ __global__ void __launch_bounds__(kGqThreads) select_kernel(const T* __restrict_
   }
 }
 
-// Marg[g, v] += sum over rows of softmax(l[n, g])_v (sample) or onehot(idx[n, g])_v (eval).
-// Grid (row blocks, G); dynamic shared memory: V floats.
+// Marg[g, v] += sum over rows of softmax(l[n, g])_v (sample) or onehot(idx[n, g])_v (eval), over the rows
+// where Keep is true (every row when Keep is nullptr). Grid (row blocks, G); dynamic shared memory: V floats.
 template <typename T>
 __global__ void __launch_bounds__(kGqThreads) marginal_kernel(const T* __restrict__ Logits,
                                                               const int64_t* __restrict__ Indices,
+                                                              const bool* __restrict__ Keep,
                                                               float* __restrict__ Marg, int64_t rows, int groups,
                                                               int codes, bool sample) {
   extern __shared__ float marg[];
@@ -142,6 +149,7 @@ __global__ void __launch_bounds__(kGqThreads) marginal_kernel(const T* __restric
   const int64_t gv = static_cast<int64_t>(groups) * codes;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGqWarps + warp; n < rows;
        n += static_cast<int64_t>(gridDim.x) * kGqWarps) {
+    if (Keep != nullptr && !Keep[n]) continue;  // one row per warp: the whole warp skips it
     if (sample) {
       const T* l = Logits + n * gv + static_cast<int64_t>(g) * codes;
       float mx = -INFINITY;
@@ -161,12 +169,21 @@ __global__ void __launch_bounds__(kGqThreads) marginal_kernel(const T* __restric
 
 // One block of G warps: perplexity = sum_g exp(H_g) with m = Marg / rows; when Coef is given, also the
 // backward coefficients Coef[g, v] = grad_perp * exp(H_g) * (-(log m + 1)) / rows (0 where m = 0).
+// With Count (the number of rows in the mask, int64 on the device) it replaces rows; a count of 0 gives
+// a NaN perplexity and zero coefficients (the CPU kernel's rule).
 __global__ void perplexity_kernel(const float* __restrict__ Marg, float* __restrict__ Perp,
-                                  const float* __restrict__ GradPerp, float* __restrict__ Coef, int64_t rows,
-                                  int groups, int codes) {
+                                  const float* __restrict__ GradPerp, float* __restrict__ Coef,
+                                  const int64_t* __restrict__ Count, int64_t rows, int groups, int codes) {
   __shared__ float per_group[kMaxGroups];
   const int g = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const float inv_rows = 1.f / static_cast<float>(rows);
+  const int64_t count = Count != nullptr ? Count[0] : rows;
+  if (count == 0) {
+    if (Coef != nullptr)
+      for (int v = lane; v < codes; v += kWarp) Coef[static_cast<int64_t>(g) * codes + v] = 0.f;
+    if (threadIdx.x == 0 && Perp != nullptr) Perp[0] = NAN;
+    return;
+  }
+  const float inv_rows = 1.f / static_cast<float>(count);
   const float* m = Marg + static_cast<int64_t>(g) * codes;
   float acc = 0.f;
   for (int v = lane; v < codes; v += kWarp) {
@@ -190,12 +207,13 @@ __global__ void perplexity_kernel(const float* __restrict__ Marg, float* __restr
   }
 }
 
-// grad_codevectors (all modes) and grad_logits (sample). Grid (row blocks, G).
+// grad_codevectors (all modes) and grad_logits (sample; the perplexity term only on rows where Keep is
+// true, every row when Keep is nullptr). Grid (row blocks, G).
 template <typename T>
 __global__ void __launch_bounds__(kGqThreads) backward_kernel(
     const T* __restrict__ GradQ, const T* __restrict__ Logits, const int64_t* __restrict__ Indices,
     const float* __restrict__ Soft, const float* __restrict__ Gs, const float* __restrict__ Coef,
-    float* __restrict__ GradCode, T* __restrict__ GradLogits, int64_t rows, int groups, int codes, int dg,
+    const bool* __restrict__ Keep, float* __restrict__ GradCode, T* __restrict__ GradLogits, int64_t rows, int groups, int codes, int dg,
     float inv_tau, bool sample) {
   const int g = blockIdx.y;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -219,6 +237,11 @@ __global__ void __launch_bounds__(kGqThreads) backward_kernel(
     }
     sg = warp_sum(sg);
     mx = warp_max(mx);
+    if (Keep != nullptr && !Keep[n]) {  // warp-uniform: no perplexity term on rows outside the mask
+      for (int v = lane; v < codes; v += kWarp)
+        GradLogits[base + v] = from_float<T>(soft[v] * (gs[v] - sg) * inv_tau);
+      continue;
+    }
     float se = 0.f, sec = 0.f;
     for (int v = lane; v < codes; v += kWarp) {
       const float e = expf(to_float(l[v]) - mx);
@@ -259,6 +282,17 @@ GqShape check_gq(const at::Tensor& logits, const at::Tensor& codevectors, int64_
   return {logits.size(0), num_groups, codes, codevectors.size(1)};
 }
 
+// The perplexity mask: bool [rows] on the device of logits, made contiguous; undefined when not given.
+at::Tensor check_row_mask(const std::optional<at::Tensor>& mask, const at::Tensor& logits, int64_t rows,
+                          const char* op) {
+  if (!mask.has_value()) return at::Tensor();
+  TORCH_CHECK(mask->device() == logits.device() && mask->scalar_type() == at::kBool && mask->dim() == 1 &&
+                  mask->size(0) == rows,
+              op, ": mask must be a bool tensor of shape [", rows, "] on ", logits.device(), ", got ",
+              mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
+  return mask->contiguous();
+}
+
 unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kGqWarps), 4096)));
 }
@@ -266,9 +300,9 @@ unsigned row_blocks(int64_t rows) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& codevectors, int64_t num_groups, double temperature, bool sample,
     const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset, const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(!mask.has_value(), "gumbel_quantizer_fwd: the perplexity mask is not implemented on CUDA yet");
   const GqShape s = check_gq(logits, codevectors, num_groups);
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
+  const at::Tensor keep = check_row_mask(mask, logits, s.rows, "gumbel_quantizer_fwd");
   at::Tensor noise;
   if (sample && gumbels.has_value()) {
     USF_CHECK_SAME_DEVICE(*gumbels, logits, "gumbels", "logits");
@@ -284,8 +318,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_
   at::Tensor soft = sample ? at::empty({s.rows, s.groups, s.codes}, logits.options().dtype(at::kFloat))
                            : at::empty({0}, logits.options());  // empty, in the dtype the fake function gives
   at::Tensor perplexity = at::zeros({}, logits.options().dtype(at::kFloat));
-  if (s.rows == 0) return {quantized, indices, soft, perplexity};
+  if (s.rows == 0) {
+    if (keep.defined()) perplexity.fill_(std::numeric_limits<double>::quiet_NaN());  // a mask of no row
+    return {quantized, indices, soft, perplexity};
+  }
   at::Tensor marg = at::zeros({s.groups, s.codes}, logits.options().dtype(at::kFloat));
+  const at::Tensor count = keep.defined() ? at::sum(keep, at::kLong) : at::Tensor();  // stays on the device
   const NoiseSource src{noise.defined() ? noise.data_ptr<float>() : nullptr, static_cast<uint64_t>(seed),
                         static_cast<uint64_t>(offset)};
   const dim3 grid(row_blocks(s.rows), static_cast<unsigned>(s.groups));
@@ -296,12 +334,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_
         static_cast<int>(s.dg), static_cast<float>(1.0 / temperature), sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     marginal_kernel<scalar_t><<<grid, kGqThreads, s.codes * sizeof(float), stream>>>(
-        lc.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), marg.data_ptr<float>(), s.rows,
-        static_cast<int>(s.groups), static_cast<int>(s.codes), sample);
+        lc.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), keep.defined() ? keep.data_ptr<bool>() : nullptr,
+        marg.data_ptr<float>(), s.rows, static_cast<int>(s.groups), static_cast<int>(s.codes), sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   perplexity_kernel<<<1, static_cast<unsigned>(s.groups * kWarp), 0, stream>>>(
-      marg.data_ptr<float>(), perplexity.data_ptr<float>(), nullptr, nullptr, s.rows, static_cast<int>(s.groups),
+      marg.data_ptr<float>(), perplexity.data_ptr<float>(), nullptr, nullptr,
+      count.defined() ? count.data_ptr<int64_t>() : nullptr, s.rows, static_cast<int>(s.groups),
       static_cast<int>(s.codes));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {quantized, indices, soft, perplexity};
@@ -313,9 +352,9 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cuda(const at::Tensor& g
                                                              const at::Tensor& indices, const at::Tensor& soft,
                                                              int64_t num_groups, double temperature, bool sample,
                                                              const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(!mask.has_value(), "gumbel_quantizer_bwd: the perplexity mask is not implemented on CUDA yet");
   const GqShape s = check_gq(logits, codevectors, num_groups);
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
+  const at::Tensor keep = check_row_mask(mask, logits, s.rows, "gumbel_quantizer_bwd");
   USF_CHECK_SAME_DEVICE(grad_quantized, logits, "grad_quantized", "logits");
   TORCH_CHECK(grad_quantized.dim() == 2 && grad_quantized.size(0) == s.rows && grad_quantized.size(1) == s.groups * s.dg,
               "grad_quantized must be [", s.rows, ", ", s.groups * s.dg, "], got shape ", grad_quantized.sizes());
@@ -354,22 +393,25 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cuda(const at::Tensor& g
     at::Tensor marg = at::zeros({s.groups, s.codes}, lc.options().dtype(at::kFloat));
     coef = at::empty({s.groups, s.codes}, lc.options().dtype(at::kFloat));
     const at::Tensor gp = grad_perplexity.to(at::kFloat).contiguous();
+    const at::Tensor count = keep.defined() ? at::sum(keep, at::kLong) : at::Tensor();  // stays on the device
     USF_DISPATCH_FLOATING(lc.scalar_type(), "gumbel_quantizer_marginal_cuda", [&] {
       marginal_kernel<scalar_t><<<grid, kGqThreads, s.codes * sizeof(float), stream>>>(
-          lc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), marg.data_ptr<float>(), s.rows, static_cast<int>(s.groups),
-          static_cast<int>(s.codes), true);
+          lc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), keep.defined() ? keep.data_ptr<bool>() : nullptr,
+          marg.data_ptr<float>(), s.rows, static_cast<int>(s.groups), static_cast<int>(s.codes), true);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     perplexity_kernel<<<1, static_cast<unsigned>(s.groups * kWarp), 0, stream>>>(
-        marg.data_ptr<float>(), nullptr, gp.data_ptr<float>(), coef.data_ptr<float>(), s.rows,
-        static_cast<int>(s.groups), static_cast<int>(s.codes));
+        marg.data_ptr<float>(), nullptr, gp.data_ptr<float>(), coef.data_ptr<float>(),
+        count.defined() ? count.data_ptr<int64_t>() : nullptr, s.rows, static_cast<int>(s.groups),
+        static_cast<int>(s.codes));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   USF_DISPATCH_FLOATING(lc.scalar_type(), "gumbel_quantizer_bwd_cuda", [&] {
     backward_kernel<scalar_t><<<grid, kGqThreads, 0, stream>>>(
         gq.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
         sample ? sc.data_ptr<float>() : nullptr, sample ? gs.data_ptr<float>() : nullptr,
-        sample ? coef.data_ptr<float>() : nullptr, grad_code32.data_ptr<float>(), grad_logits.data_ptr<scalar_t>(),
+        sample ? coef.data_ptr<float>() : nullptr, keep.defined() ? keep.data_ptr<bool>() : nullptr,
+        grad_code32.data_ptr<float>(), grad_logits.data_ptr<scalar_t>(),
         s.rows, static_cast<int>(s.groups), static_cast<int>(s.codes), static_cast<int>(s.dg),
         static_cast<float>(1.0 / temperature), sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
