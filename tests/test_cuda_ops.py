@@ -470,8 +470,12 @@ def test_pos_conv_fwd_bwd(ops, dtype, hidden, groups, kernel, seq):
 
 
 # ================================================================================================ GPU: gumbel quantizer
-def _gumbel_oracle(logits, codevectors, groups, tau, gumbels):
-    """Test oracle of the raw sampling op with given noise (straight-through, perplexity of softmax(l))."""
+def _gumbel_oracle(logits, codevectors, groups, tau, gumbels, mask=None):
+    """Test oracle of the raw sampling op with given noise (straight-through, perplexity of softmax(l)).
+
+    With ``mask`` (bool ``[N]``) the marginal is the sum of softmax(l) over the rows in the mask divided by
+    their count: the formula of csrc/cpu/gumbel_quantizer.cpp, which the CPU test below checks the C++
+    kernel against in float64 and the gpu tests check the CUDA kernel against."""
     n, gv = logits.shape
     v = gv // groups
     z = (logits + gumbels).view(n, groups, v)
@@ -479,7 +483,11 @@ def _gumbel_oracle(logits, codevectors, groups, tau, gumbels):
     hard = F.one_hot(z.argmax(-1), v).to(soft.dtype)
     y = hard - soft.detach() + soft
     quantized = torch.einsum("ngv,gvd->ngd", y, codevectors.view(groups, v, -1)).reshape(n, -1)
-    marginal = torch.softmax(logits.view(n, groups, v), dim=-1).mean(0)
+    probs = torch.softmax(logits.view(n, groups, v), dim=-1)
+    if mask is None:
+        marginal = probs.mean(0)
+    else:
+        marginal = (probs * mask.to(probs.dtype)[:, None, None]).sum(0) / mask.sum()
     perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
     return quantized, z.argmax(-1), soft, perplexity
 
@@ -567,3 +575,199 @@ def test_gumbel_quantizer_philox_noise_finite_at_real_size(ops):
     grad_l, grad_c = ops.gumbel_quantizer_bwd(torch.randn_like(q), torch.ones((), device="cuda"), logits, code, idx,
                                               soft, groups, 2.0, True)
     assert torch.isfinite(grad_l).all() and torch.isfinite(grad_c).all()
+
+
+# ------------------------------------------------------------------------------------ gumbel quantizer: perplexity mask
+def _row_mask(rows, device, seed=3):
+    """A bool ``[rows]`` mask with about half the rows, at least the first one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, generator=g) < 0.5
+    mask[0] = True
+    return mask.to(device)
+
+
+def test_gumbel_cuda_reasons_let_a_masked_call_through():
+    """The cuda backend's reasons give a masked call exactly the answer they give an unmasked one (on fake
+    CUDA tensors: here that the extension was built without CUDA; with a CUDA build, no reason at all)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unispeech_fast.ops import _extension_ops as ext
+
+    ext.ensure_registered()  # load the extension outside the fake mode
+    with FakeTensorMode():
+        logits = torch.empty(2, 5, 2 * 320, device="cuda")
+        codevectors = torch.empty(1, 2 * 320, 128, device="cuda")
+        mask = torch.empty(2, 5, dtype=torch.bool, device="cuda")
+    for sample in (False, True):
+        plain = ext._gumbel_cuda_reasons(logits, codevectors, 2, 2.0, sample)
+        masked = ext._gumbel_cuda_reasons(logits, codevectors, 2, 2.0, sample, mask=mask, return_indices=True)
+        assert masked == plain, (masked, plain)
+        assert not any("mask" in r for r in masked), masked
+        if not _extension.status().has_cuda:
+            assert masked == ["the extension has no CUDA kernel for gumbel_quantizer_fwd"], masked
+    # Every other check stays: a masked call with too many groups is still refused for that reason.
+    with FakeTensorMode():
+        many = torch.empty(2, 5, 33 * 4, device="cuda")
+        many_cv = torch.empty(1, 33 * 4, 8, device="cuda")
+    reasons = ext._gumbel_cuda_reasons(many, many_cv, 33, 2.0, True, mask=mask)
+    assert any("at most 32 groups" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_gumbel_cpu_kernel_mask_is_the_oracle_formula(sample):
+    """The C++ CPU kernel with a mask equals the masked float64 oracle the gpu tests hold the CUDA kernel to
+    (one formula for both kernels); rows outside the mask get no perplexity gradient."""
+    from unispeech_fast.ops import _extension_ops as ext
+
+    assert ext.ensure_registered(), "the C++ extension is not built"
+    ops = torch.ops.unispeech_fast
+    rows, groups, codes, dg, tau = 23, 2, 7, 5, 0.7
+    logits = 2 * torch.randn(rows, groups * codes, dtype=torch.float64)
+    code = torch.randn(groups * codes, dg, dtype=torch.float64)
+    gumbels = -torch.empty(rows, groups * codes, dtype=torch.float64).exponential_().log()
+    mask = _row_mask(rows, "cpu")
+    gq, g_perp = torch.randn(rows, groups * dg, dtype=torch.float64), torch.tensor(0.37, dtype=torch.float64)
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, tau, sample, gumbels if sample else None,
+                                                  0, 0, mask)
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, sample, mask)
+    if sample:
+        ls, cs = logits.clone().requires_grad_(), code.clone().requires_grad_()
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels, mask)
+        ((oq * gq).sum() + operp * g_perp).backward()
+        torch.testing.assert_close(idx, oidx)
+        torch.testing.assert_close(soft, osoft.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad_l, ls.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_c, cs.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(q, oq.detach(), rtol=0, atol=0)
+        _, _, _, unmasked_perp = _gumbel_oracle(logits, code, groups, tau, gumbels)
+        assert not torch.isclose(perp, unmasked_perp)  # the mask does change the number
+        # Rows outside the mask: exactly the gradient without the perplexity term.
+        no_perp, _ = ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau,
+                                              sample, mask)
+        assert torch.equal(grad_l[~mask], no_perp[~mask]) and not torch.equal(grad_l[mask], no_perp[mask])
+    else:
+        _, operp = gumbel_quantizer_ref(logits[None], code[None], groups, tau, False, mask=mask[None])
+        assert (grad_l == 0).all()
+    torch.testing.assert_close(perp, operp.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128), (300, 2, 33, 17)])
+def test_gumbel_quantizer_masked_sample_with_given_noise(ops, dtype, rows, groups, codes, dg):
+    tau = 0.7
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
+    mask = _row_mask(rows, "cuda")
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0, mask)
+    gq = torch.randn_like(q)
+    g_perp = torch.tensor(0.37, device="cuda")
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True, mask)
+
+    def run(t):
+        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t), mask)
+        ((oq * gq.to(t)).sum() + operp * g_perp.to(t)).backward()
+        return oq.detach(), oidx, osoft.detach(), operp.detach(), ls.grad, cs.grad
+
+    ref, eager = run(torch.float64), run(dtype)
+    fp32 = run(torch.float32)  # soft and perplexity are fp32 outputs: their eager peer is the fp32 computation
+    torch.testing.assert_close(idx, ref[1])
+    _assert_close("masked gumbel quantized", q, eager[0], ref[0])
+    _assert_close("masked gumbel soft", soft, fp32[2], ref[2])
+    _assert_close("masked gumbel perplexity", perp, fp32[3], ref[3])
+    _assert_close("masked gumbel grad_logits", grad_l, eager[4], ref[4])
+    _assert_close("masked gumbel grad_codevectors", grad_c, eager[5], ref[5])
+    # Rows outside the mask: exactly the gradient without the perplexity term.
+    no_perp, _ = ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau, True,
+                                          mask)
+    assert torch.equal(grad_l[~mask], no_perp[~mask])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gumbel_quantizer_masked_eval_perplexity(ops, dtype):
+    rows, groups, codes, dg = 300, 2, 33, 17
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    mask = _row_mask(rows, "cuda")
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, False, None, 0, 0, mask)
+    _, ref_perp = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False,
+                                       mask=mask[None])
+    torch.testing.assert_close(perp.double(), ref_perp, rtol=1e-5, atol=1e-5)
+    _, unmasked = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False)
+    assert not torch.isclose(perp.double(), unmasked, rtol=1e-5, atol=1e-5)
+    gq = torch.randn_like(q)
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups,
+                                              2.0, False, mask)
+    assert (grad_l == 0).all()
+    _, plain_c = ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups,
+                                          2.0, False)
+    assert torch.equal(grad_c, plain_c)  # the mask only concerns the perplexity
+
+
+@pytest.mark.gpu
+def test_gumbel_quantizer_mask_of_no_row_and_bad_mask(ops):
+    """A mask with no row gives a NaN perplexity and no perplexity gradient (the CPU kernel's rule); a mask of
+    the wrong shape, dtype or device is refused by name."""
+    rows, groups, codes, dg = 40, 2, 9, 4
+    logits = torch.randn(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, dg, device="cuda")
+    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
+    none = torch.zeros(rows, dtype=torch.bool, device="cuda")
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, gumbels, 0, 0, none)
+    assert torch.isnan(perp)
+    gq = torch.randn_like(q)
+    grad_l, _ = ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups, 1.0,
+                                         True, none)
+    no_perp, _ = ops.gumbel_quantizer_bwd(gq, torch.zeros((), device="cuda"), logits, code, idx, soft, groups, 1.0,
+                                          True, none)
+    assert torch.equal(grad_l, no_perp)
+    empty = ops.gumbel_quantizer_fwd(logits[:0], code, groups, 1.0, True, gumbels[:0], 0, 0, none[:0])
+    assert torch.isnan(empty[3])
+    for bad in (none.long(), none[:-1], none.cpu(), none[None]):
+        with pytest.raises(RuntimeError, match="mask must be a bool tensor of shape"):
+            ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, gumbels, 0, 0, bad)
+        with pytest.raises(RuntimeError, match="mask must be a bool tensor of shape"):
+            ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups, 1.0, True,
+                                     bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sample", [False, True])
+def test_gumbel_quantizer_cuda_backend_with_mask(sample):
+    """Through dispatch (forced cuda backend, autograd included) against the eager reference with the same
+    noise: outputs and gradients within 2x eager's float32 error."""
+    from unispeech_fast.ops import gumbel_quantizer
+
+    batch, frames, groups, codes, dg, tau = 3, 37, 2, 320, 128, 2.0
+    logits = 2 * torch.randn(batch, frames, groups * codes, device="cuda")
+    code = torch.randn(1, groups * codes, dg, device="cuda")
+    mask = torch.rand(batch, frames, device="cuda") < 0.4
+    mask[1] = False  # a fully padded utterance
+    mask[0, 0] = True
+    weight = torch.randn(batch, frames, groups * dg, device="cuda", dtype=torch.float64)
+    torch.manual_seed(11)
+    noise = -torch.empty(batch * frames * groups, codes, device="cuda").exponential_().log()
+    noise = noise.view(batch, frames, groups * codes)
+
+    def run(fn, t, **kw):
+        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
+        q, ppl = fn(ls, cs, groups, tau, sample, mask=mask, **kw)
+        ((q.double() * weight).sum() + 0.7 * ppl.double()).backward()
+        return q.detach(), ppl.detach(), ls.grad, cs.grad
+
+    kw = {"gumbels": noise} if sample else {}
+    ref = run(gumbel_quantizer_ref, torch.float64, **kw)
+    eager = run(gumbel_quantizer_ref, torch.float32, **kw)
+    torch.manual_seed(11)  # the cuda backend draws F.gumbel_softmax's noise from the same generator state
+    with dispatch.backend("cuda"):
+        assert dispatch.select("gumbel_quantizer", dict(logits=logits, codevectors=code, num_groups=groups,
+                                                        temperature=tau, sample=sample, mask=mask)).backend == "cuda"
+        ours = run(gumbel_quantizer, torch.float32)
+    for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), ours, eager, ref):
+        if r is None:
+            assert o is None and not sample, name
+            continue
+        _assert_close(f"cuda backend masked {name}", o, e, r)

@@ -290,8 +290,6 @@ def _gumbel_cpp_reasons(logits, codevectors, num_groups, temperature, sample, ma
 def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
                          return_indices=False) -> list[str]:
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
-    if mask is not None:
-        reasons.append("the CUDA gumbel_quantizer has no perplexity mask yet (csrc/cuda/gumbel_quantizer.cu)")
     if logits.device.type != "cuda":
         reasons.append(f"the CUDA gumbel_quantizer serves CUDA tensors, got {logits.device.type}")
     # The kernel's limits (csrc/cuda/gumbel_quantizer.cu: kMaxGroups, and V in one block's shared memory).
