@@ -704,7 +704,7 @@ def test_gumbel_quantizer_masked_eval_perplexity(ops, dtype):
     assert (grad_l == 0).all()
     _, plain_c = ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups,
                                           2.0, False)
-    assert torch.equal(grad_c, plain_c)  # the mask only concerns the perplexity
+    torch.testing.assert_close(grad_c, plain_c)  # the mask only concerns the perplexity (fp32 atomics: order)
 
 
 @pytest.mark.gpu

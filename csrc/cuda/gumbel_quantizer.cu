@@ -213,8 +213,8 @@ template <typename T>
 __global__ void __launch_bounds__(kGqThreads) backward_kernel(
     const T* __restrict__ GradQ, const T* __restrict__ Logits, const int64_t* __restrict__ Indices,
     const float* __restrict__ Soft, const float* __restrict__ Gs, const float* __restrict__ Coef,
-    const bool* __restrict__ Keep, float* __restrict__ GradCode, T* __restrict__ GradLogits, int64_t rows, int groups, int codes, int dg,
-    float inv_tau, bool sample) {
+    const bool* __restrict__ Keep, float* __restrict__ GradCode, T* __restrict__ GradLogits, int64_t rows,
+    int groups, int codes, int dg, float inv_tau, bool sample) {
   const int g = blockIdx.y;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t gv = static_cast<int64_t>(groups) * codes;
