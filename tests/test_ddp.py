@@ -2,6 +2,18 @@
 included, under the seeding rule of README "Training"; and find_unused_parameters=False suffices for
 every head's default config without LayerDrop.
 
+The pretraining heads follow the same rule: masks and UniSpeech's negatives per sample (the
+collator's ``mask_seed``), their summed losses scaled by ``world / (masked frames of the global
+batch)`` (fairseq's sample-size normalisation, so the averaged gradient is one process's). Gumbel
+noise is element-wise like dropout (each rank draws its own from the global torch RNG, equal in law):
+the equality cases turn it off as they turn dropout off (the quantizer in eval mode: argmax codes),
+set UniSpeech's CTC replace probability to 0 (an element-wise Bernoulli draw as well) and
+UniSpeech-SAT's utterance-contrastive weight to 0 (its candidates are drawn among a rank's own
+batch). The diversity term (the codebook perplexity of the batch's mean code distribution) and
+SAT's feature penalty (a mean over the batch's frames) are statistics of a rank's batch, as in
+fairseq, not sums over samples: their weights are 0 there too (the per-frame terms, contrastive,
+CTC and masked prediction, are compared). The find_unused_parameters=False cases keep all of it on.
+
 The two ranks are spawned once per module (torch.multiprocessing, 2 processes on 2 cores) and run every
 case; the one-process references run here in the test process.
 """
@@ -22,8 +34,8 @@ import torch.multiprocessing as mp
 
 import unispeech_fast as uf
 from conftest import tiny_config_kwargs
-from test_training import TRAINER_CASES as HEADS  # the six fine-tuning heads
-from test_training import _labels
+from test_training import TRAINER_CASES as HEADS  # the six fine-tuning heads and both pretraining heads
+from test_training import _labels, _num_negatives
 
 from unispeech_fast.training import SpeechDataCollator, sample_seed
 
@@ -40,9 +52,17 @@ for _family, _head in HEADS:
     # (element-wise dropout is equal in law only). Dropped layers leave their parameters unused on
     # every rank, so LayerDrop needs find_unused_parameters=True (their grads then stay None, as in
     # one process).
-    CASES[f"equal-{_family}{_head}"] = (_family, _head, dict(NO_DROPOUT, layerdrop=0.5), True, 1234)
+    _equal = dict(NO_DROPOUT, layerdrop=0.5)
+    if _head == "ForPreTraining":
+        _equal.update(feat_quantizer_dropout=0.0, diversity_loss_weight=0.0)  # a batch statistic (docstring)
+        if _family == "UniSpeechSat":
+            _equal.update(utterance_contrastive_loss_weight=0.0, feature_penalty_weight=0.0, proj_codevector_dim=24)
+        else:  # the CTC branch's h/q replace mix is an element-wise Bernoulli draw: p = 0 makes it fixed
+            _equal.update(replace_prob=0.0)
+    CASES[f"equal-{_family}{_head}"] = (_family, _head, _equal, True, 1234)
     # find_unused_parameters=False: the default config (dropout, in-model SpecAugment) without LayerDrop.
-    CASES[f"unused-{_family}{_head}"] = (_family, _head, dict(layerdrop=0.0), False, None)
+    _sat_pretraining = dict(proj_codevector_dim=24) if (_family, _head) == ("UniSpeechSat", "ForPreTraining") else {}
+    CASES[f"unused-{_family}{_head}"] = (_family, _head, dict(layerdrop=0.0, **_sat_pretraining), False, None)
 CASES["layerdrop-without-find-unused"] = ("UniSpeechSat", "ForCTC", dict(layerdrop=0.9), False, 1234)
 # Without SpecAugment, UniSpeechSat's masked_spec_embed (always present, as in transformers) is unused:
 # find_unused_parameters=False then needs it frozen (DDP skips parameters that do not require grad).
@@ -84,11 +104,18 @@ def _run(name, rank, world, dtype=torch.float32):
         model.seed_layerdrop(layerdrop_seed)  # the same seed on every rank
     if name == "sat-no-spec-augment-frozen-embed":
         model.base_model.masked_spec_embed.requires_grad_(False)
+    pretraining = head == "ForPreTraining"
+    if pretraining and name.startswith("equal-"):
+        model.quantizer.eval()  # no Gumbel noise (see the module docstring)
+    if pretraining and family == "UniSpeechSat" and not config.do_stable_layer_norm:
+        # transformers' layer_norm_for_extract is used by pre-LN models only: a post-LN model leaves it
+        # without a gradient, so find_unused_parameters=False needs it frozen (as masked_spec_embed above)
+        model.layer_norm_for_extract.requires_grad_(False)
     wrapped = model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
-    collate = SpeechDataCollator(config, pad_to_samples=PAD_TO)
+    collate = SpeechDataCollator(config, pad_to_samples=PAD_TO, num_negatives=_num_negatives(config, head))
     per_rank = WORLD * PER_RANK // world
     losses = []
     for step in range(STEPS):
@@ -96,7 +123,16 @@ def _run(name, rank, world, dtype=torch.float32):
         batch = collate([_example(head, config, i, seeded=name != "in-model-masks")
                          for i in range(first, first + per_rank)])
         batch["input_values"] = batch["input_values"].to(dtype)
+        if pretraining and family == "UniSpeechSat":  # cluster labels: one per frame of the padded batch
+            frames = batch["mask_time_indices"].shape[1]
+            batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, frames - batch["labels"].shape[1]),
+                                                      value=-100)
         loss = wrapped(**batch).loss
+        if pretraining:  # summed over masked frames: normalise by the global batch's count
+            masked = batch["mask_time_indices"].sum().to(torch.float64)
+            if world > 1:
+                dist.all_reduce(masked)
+            loss = loss * world / masked.to(loss.dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,5 +1,6 @@
-"""``unispeech-fast finetune``: manifests, bucketing, each task, exact resume (1 process and 2 gloo
-ranks under torchrun), bad files skipped and listed, a NaN loss stopping the run (tiny models, CPU)."""
+"""``unispeech-fast finetune`` and ``pretrain``: manifests, bucketing, each task and pre-training
+family, the pre-training draws and Gumbel schedule, exact resume (1 process and 2 gloo ranks under
+torchrun), bad files skipped and listed, a NaN loss stopping the run (tiny models, CPU)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ def _free_port() -> int:
 
 
 def _checkpoint(tmp_path, family="UniSpeechSat", **overrides) -> pathlib.Path:
-    """A tiny backbone checkpoint (dropout, LayerDrop and SpecAugment on) with vocab.json."""
+    """A tiny backbone checkpoint (dropout, LayerDrop and SpecAugment on) with vocab.json (and, for
+    UniSpeech-SAT, proj_codevector_dim == codevector_dim as its pre-training loss needs)."""
+    sat = {"proj_codevector_dim": 24} if family == "UniSpeechSat" else {}
     kw = tiny_config_kwargs(family, **{"mask_time_prob": 0.3, "mask_time_length": 2, "layerdrop": 0.5,
-                                       "hidden_dropout": 0.1, "vocab_size": len(VOCAB), **overrides})
+                                       "hidden_dropout": 0.1, "vocab_size": len(VOCAB), **sat, **overrides})
     torch.manual_seed(0)
     model = getattr(uf, family + "Model")(getattr(uf, family + "Config")(**kw))
     out = tmp_path / "base"
@@ -280,3 +283,205 @@ def test_nan_loss_stops_with_step_and_files_keeping_last_checkpoint(tmp_path, ca
     # the files skipped before the stop are listed all the same
     report = json.loads((out / "failures.json").read_text())
     assert [pathlib.Path(f["input"]).name for f in report["failed"]] == ["broken.wav"]
+
+
+# ============================================================================================ pretrain
+def _fairseq_corpus(tmp_path, family, extra_km=()) -> tuple[pathlib.Path, pathlib.Path]:
+    """The authors' format: a fairseq .tsv over the WAVs of ``_corpus`` plus a parallel label file
+    (.km frame cluster ids for UniSpeech-SAT, one per model frame; .phn phones for UniSpeech).
+    ``extra_km``: (name, samples, label count) rows appended with random audio."""
+    from unispeech_fast.training import _frames
+
+    _corpus(tmp_path)
+    rng = np.random.default_rng(1)
+    config = getattr(uf, family + "Config")(**tiny_config_kwargs(family))
+    rows, labels = [], []
+    for i, n in enumerate(LENGTHS):
+        rows.append(f"u{i}.wav\t{n}\n")
+        if family == "UniSpeechSat":
+            labels.append(" ".join(str(v) for v in rng.integers(0, config.num_clusters, _frames(config, n))) + "\n")
+        else:
+            labels.append(" ".join(TEXTS[i].replace(" ", "")) + "\n")
+    for name, n, count in extra_km:
+        sf.write(tmp_path / "audio" / name, (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
+        rows.append(f"{name}\t{n}\n")
+        labels.append(" ".join(str(v) for v in rng.integers(0, config.num_clusters, count)) + "\n")
+    tsv = tmp_path / "pt" / "train.tsv"
+    tsv.parent.mkdir(exist_ok=True)
+    tsv.write_text(f"{tmp_path / 'audio'}\n" + "".join(rows))
+    label_file = tsv.with_suffix(".km" if family == "UniSpeechSat" else ".phn")
+    label_file.write_text("".join(labels))
+    return tsv, label_file
+
+
+def _pretrain(model, manifest, out, *args, quiet=True) -> int:
+    return cli.main(["pretrain", "--model", str(model), "--manifest", str(manifest), "--output-dir", str(out),
+                     "--max-batch-seconds", "0.45", "--seed", "3", *(["--quiet"] if quiet else []), *args])
+
+
+@pytest.mark.parametrize("family,with_labels", [("UniSpeechSat", True), ("UniSpeech", True), ("UniSpeech", False)])
+def test_pretrain_trains_each_family(tmp_path, family, with_labels, capsys):
+    from unispeech_fast.train.pretrain import gumbel_temperature
+
+    model = _checkpoint(tmp_path, family)
+    tsv, labels = _fairseq_corpus(tmp_path, family)
+    out = tmp_path / "run"
+    schedule = ("2", "0.5", "0.8")  # a fast decay, so the floor is reached within the run
+    args = ["--max-steps", "8", "--gumbel-temperature", *schedule] + (["--labels", str(labels)] if with_labels else [])
+    assert _pretrain(model, tsv, out, *args, quiet=False) == 0
+    err = capsys.readouterr().err
+    assert "ppl=" in err  # the progress bar shows the codebook perplexity
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) and r["perplexity"] > 0 for r in records)
+    assert [r["gumbel_temperature"] for r in records] == [gumbel_temperature(s, (2, 0.5, 0.8)) for s in range(1, 9)]
+    assert records[0]["gumbel_temperature"] == 2 and records[-1]["gumbel_temperature"] == 0.5
+    cls = getattr(uf, family + "ForPreTraining")
+    final = cls.from_pretrained(out / "final")
+    torch.manual_seed(3)  # the run's --seed: the new pre-training parameters start from the same draws
+    base = cls.from_pretrained(model)
+    changed = {k for k, v in final.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    prefix = "unispeech_sat" if family == "UniSpeechSat" else "unispeech"
+    assert f"{prefix}.encoder.layers.0.attention.q_proj.weight" in changed
+    assert f"{prefix}.feature_extractor.conv_layers.0.conv.weight" in changed  # not frozen when pre-training
+    assert "quantizer.codevectors" in changed
+    if family == "UniSpeech":
+        assert ("ctc_proj.weight" in changed) == with_labels  # the CTC branch trains only with phone labels
+        assert (out / "final" / "vocab.json").is_file() == with_labels
+
+
+def test_gumbel_schedule_is_set_on_the_model_before_each_step(tmp_path):
+    from unispeech_fast.train.pretrain import PretrainObjective, gumbel_temperature
+
+    model = uf.UniSpeechForPreTraining(uf.UniSpeechConfig(**tiny_config_kwargs("UniSpeech", mask_time_prob=0.3)))
+    objective = PretrainObjective(model, seed=0)  # the authors' defaults: max 2, min 0.5, decay 0.999995
+    assert objective.start_step(model, 1) == {"gumbel_temperature": 2.0} and model.quantizer.temperature == 2.0
+    objective.start_step(model, 1001)
+    assert model.quantizer.temperature == 2.0 * 0.999995 ** 1000 == gumbel_temperature(1001, (2.0, 0.5, 0.999995))
+    objective.start_step(model, 10 ** 6)
+    assert model.quantizer.temperature == 0.5
+    with pytest.raises(ValueError, match="mask_time_prob"):
+        PretrainObjective(uf.UniSpeechForPreTraining(uf.UniSpeechConfig(**tiny_config_kwargs(
+            "UniSpeech", mask_time_prob=0.0))), 0)
+
+
+def test_pretrain_draws_follow_the_batch_seed_and_avoid_padding():
+    """Negatives and utterance mixing come from a generator of (seed, step, plan index): the same
+    triple draws the same, another index draws otherwise; padding is never a negative nor mixed."""
+    from unispeech_fast.train.pretrain import PretrainObjective
+    from unispeech_fast.training import SpeechDataCollator
+
+    def batch(model):
+        waves = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (1600, 2400, 3200)]
+        return SpeechDataCollator(model)([{"input_values": w, "mask_seed": k} for k, w in enumerate(waves)])
+
+    torch.manual_seed(0)
+    model = uf.UniSpeechForPreTraining(uf.UniSpeechConfig(**tiny_config_kwargs("UniSpeech", mask_time_prob=0.3)))
+    objective = PretrainObjective(model, seed=5)
+    a, b, c = (objective.prepare(batch(model), 4, i) for i in (7, 7, 8))
+    assert torch.equal(a["sampled_negative_indices"], b["sampled_negative_indices"])
+    assert not torch.equal(a["sampled_negative_indices"], c["sampled_negative_indices"])
+    mask, frames = a["mask_time_indices"], a["mask_time_indices"].shape[1]
+    valid = model._get_feature_vector_attention_mask(frames, a["attention_mask"]).reshape(-1)
+    picked = a["sampled_negative_indices"][mask]
+    assert picked.numel() and valid[picked].all() and mask.reshape(-1)[picked].all()
+
+    sat = uf.UniSpeechSatForPreTraining(uf.UniSpeechSatConfig(**tiny_config_kwargs(
+        "UniSpeechSat", mask_time_prob=0.3, proj_codevector_dim=24)))
+    objective = PretrainObjective(sat, seed=5, mixing_prob=1.0)
+    raw = batch(sat)
+    x, y, z = (objective.prepare(batch(sat), 4, i) for i in (7, 7, 8))
+    assert torch.equal(x["input_values"], y["input_values"]) and not torch.equal(x["input_values"], z["input_values"])
+    assert not torch.equal(x["input_values"], raw["input_values"])  # mixed
+    assert (x["input_values"][raw["attention_mask"] == 0] == 0).all()  # padding stays silent
+
+
+def test_pretrain_resume_is_bitwise_exact_one_process(tmp_path):
+    """UniSpeech-SAT with utterance mixing, Gumbel noise, dropout, LayerDrop and masks; accumulation 2."""
+    model = _checkpoint(tmp_path)
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    common = ("--labels", str(km), "--max-steps", "4", "--grad-accum", "2", "--warmup-steps", "1")
+    assert _pretrain(model, tsv, tmp_path / "full", *common) == 0
+    assert _pretrain(model, tsv, tmp_path / "part", *common, "--stop-after", "2") == 0
+    assert _pretrain(model, tsv, tmp_path / "part", *common, "--resume", str(tmp_path / "part" / "checkpoint-2")) == 0
+    _assert_bitwise(_weights(tmp_path / "full" / "final"), _weights(tmp_path / "part" / "final"))
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["perplexity"]) for r in full] == [(r["loss"], r["perplexity"]) for r in part]
+    # a resume with another schedule would not continue the same run: refused
+    changed = (*common, "--gumbel-temperature", "2", "0.5", "0.9")
+    assert _pretrain(model, tsv, tmp_path / "part", *changed, "--resume", str(tmp_path / "part" / "checkpoint-2")) == 2
+    # control: another seed is another run (the draws matter)
+    assert _pretrain(model, tsv, tmp_path / "other", *common, "--seed", "4") == 0
+    assert not torch.equal(_weights(tmp_path / "other" / "final")["project_hid.weight"],
+                           _weights(tmp_path / "full" / "final")["project_hid.weight"])
+
+
+def test_pretrain_resume_is_bitwise_exact_two_gloo_ranks(tmp_path):
+    model = _checkpoint(tmp_path, "UniSpeech")
+    tsv, phn = _fairseq_corpus(tmp_path, "UniSpeech")
+    common = ("--model", str(model), "--manifest", str(tsv), "--labels", str(phn), "--max-steps", "3")
+
+    def run(out, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "unispeech_fast", "pretrain", "--output-dir", str(out),
+               "--max-batch-seconds", "0.45", "--quiet", "--seed", "3", *common, *args]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "full")
+    run(tmp_path / "part", "--stop-after", "1")
+    run(tmp_path / "part", "--resume", str(tmp_path / "part" / "checkpoint-1"))
+    _assert_bitwise(_weights(tmp_path / "full" / "final"), _weights(tmp_path / "part" / "final"))
+    records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 0, 1] and all("perplexity" in r for r in records)
+
+
+def test_pretrain_skips_and_lists_bad_files(tmp_path):
+    """A corrupt WAV (header check) and a file whose cluster labels do not fit its frames (load time)."""
+    model = _checkpoint(tmp_path)
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat", extra_km=[("shifted.wav", 2000, 60)])
+    (tmp_path / "audio" / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wav")
+    tsv.write_text(tsv.read_text() + "broken.wav\t3000\n")
+    km.write_text(km.read_text() + "1 2 3\n")
+    out = tmp_path / "run"
+    assert _pretrain(model, tsv, out, "--labels", str(km), "--max-steps", "6") == 0
+    report = json.loads((out / "failures.json").read_text())
+    assert report["total"] == 10 and report["succeeded"] == 8
+    reasons = {pathlib.Path(f["input"]).name: f["reason"] for f in report["failed"]}
+    assert set(reasons) == {"broken.wav", "shifted.wav"}
+    assert "60 cluster labels for 29 frames" in reasons["shifted.wav"]
+
+
+def test_pretrain_nan_loss_stops_with_step_and_files(tmp_path, capsys):
+    model = _checkpoint(tmp_path, "UniSpeech")
+    tsv, _ = _fairseq_corpus(tmp_path, "UniSpeech")
+    sf.write(tmp_path / "audio" / "poison.wav", np.full(2000, 3e38, dtype=np.float32), 16000, subtype="FLOAT")
+    tsv.write_text(tsv.read_text() + "poison.wav\t2000\n")
+    out = tmp_path / "run"
+    code = _pretrain(model, tsv, out, "--max-steps", "40", "--save-every", "1", "--no-normalize")
+    err = capsys.readouterr().err
+    assert code == 1, err
+    line = [x for x in err.splitlines() if x.startswith("error: step ")][0]
+    step = int(line.split()[2].rstrip(":"))
+    assert "poison.wav" in line and "not finite" in line
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == list(range(1, step))
+    assert not (out / "final").exists()
+
+
+def test_pretrain_usage_errors(tmp_path, capsys):
+    sat = _checkpoint(tmp_path / "s")
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    assert _pretrain(sat, tsv, tmp_path / "a", "--max-steps", "1") == 2
+    assert "predicts k-means cluster ids: give --labels" in capsys.readouterr().err
+    unmasked = _checkpoint(tmp_path / "u", mask_time_prob=0.0)
+    assert _pretrain(unmasked, tsv, tmp_path / "b", "--labels", str(km), "--max-steps", "1") == 2
+    assert "mask_time_prob=0.0" in capsys.readouterr().err
+    us = _checkpoint(tmp_path / "v", "UniSpeech")
+    assert _pretrain(us, tsv, tmp_path / "c", "--max-steps", "1", "--mixing-prob", "0.3") == 2
+    assert "UniSpeech has none" in capsys.readouterr().err
+    bad_km = km.with_name("bad.km")
+    bad_km.write_text(km.read_text().replace("\n", " 99\n", 1))
+    assert _pretrain(sat, tsv, tmp_path / "d", "--labels", str(bad_km), "--max-steps", "1") == 2
+    assert "cluster ids [99] outside [0, num_clusters=7)" in capsys.readouterr().err

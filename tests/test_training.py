@@ -26,12 +26,16 @@ def _labels(head: str, index: int, samples: int, config) -> torch.Tensor:
         return torch.randint(1, config.vocab_size, (3,), generator=g)
     if head in ("ForSequenceClassification", "ForXVector"):
         return torch.randint(0, config.num_labels, (), generator=g)
+    frames = samples
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        frames = (frames - kernel) // stride + 1
     if head == "ForAudioFrameClassification":
-        frames = samples
-        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-            frames = (frames - kernel) // stride + 1
         return torch.nn.functional.one_hot(torch.randint(0, config.num_labels, (frames,), generator=g),
                                            config.num_labels).float()
+    if head == "ForPreTraining" and config.model_type == "unispeech-sat":  # k-means cluster id per frame
+        return torch.randint(0, config.num_clusters, (frames,), generator=g)
+    if head == "ForPreTraining":  # phone ids for the CTC branch (0 = pad_token_id is the blank)
+        return torch.randint(1, config.num_ctc_classes, (3,), generator=g)
     raise ValueError(head)
 
 
@@ -52,6 +56,8 @@ class TinySpeechDataset(torch.utils.data.Dataset):
 
 
 def _model(family: str, head: str, **overrides):
+    if family == "UniSpeechSat" and head == "ForPreTraining":
+        overrides = {"proj_codevector_dim": 24, **overrides}  # the SAT loss compares the two by cosine
     kw = tiny_config_kwargs(family, **{"mask_time_prob": 0.3, "mask_time_length": 2, **overrides})
     config = getattr(uf, family + "Config")(**kw)
     torch.manual_seed(0)
@@ -67,16 +73,21 @@ def _trainer(model, head, tmp_path, max_steps=3, callbacks=(), equal_lengths=Fal
         model=model,
         args=transformers.TrainingArguments(**kw),
         train_dataset=TinySpeechDataset(head, model.config, equal_lengths=equal_lengths),
-        data_collator=SpeechDataCollator(model),
+        data_collator=SpeechDataCollator(model, num_negatives=_num_negatives(model.config, head)),
         callbacks=list(callbacks),
     )
+
+
+def _num_negatives(config, head: str) -> int | None:
+    """UniSpeechForPreTraining's contrastive loss needs negatives: the collator draws them per sample."""
+    return config.num_negatives if head == "ForPreTraining" and config.model_type == "unispeech" else None
 
 
 def _losses(trainer) -> list[float]:
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-# Adding a head is one entry here (the pretraining heads join once they return a loss).
+# Adding a head is one entry here (test_ddp.py runs the same list).
 TRAINER_CASES = [
     ("UniSpeechSat", "ForCTC"),
     ("UniSpeechSat", "ForSequenceClassification"),
@@ -84,6 +95,8 @@ TRAINER_CASES = [
     ("UniSpeechSat", "ForXVector"),
     ("UniSpeech", "ForCTC"),
     ("UniSpeech", "ForSequenceClassification"),
+    ("UniSpeechSat", "ForPreTraining"),  # cluster labels: masked prediction + utterance contrastive + ...
+    ("UniSpeech", "ForPreTraining"),  # phone labels: contrastive + diversity + CTC
 ]
 
 
@@ -281,3 +294,32 @@ def test_collator_pads_labels_and_masks():
         collate([{"input_values": torch.ones(1100), "mask_seed": 1}, {"input_values": torch.ones(1100)}])
     with pytest.raises(ValueError, match="pad_to_samples"):
         SpeechDataCollator(model, pad_to_samples=1000)([{"input_values": torch.ones(1100)}])
+
+
+def test_collator_negatives_depend_only_on_the_sample():
+    """UniSpeech's negatives (num_negatives) are drawn per sample from its seed, among its own masked
+    frames: another batch split and another padded length give the same frames."""
+    model = _model("UniSpeech", "ForPreTraining")
+    collate = SpeechDataCollator(model, num_negatives=6)
+    examples = [{"input_values": torch.randn(1100 + 60 * i, generator=torch.Generator().manual_seed(i)),
+                 "mask_seed": sample_seed(0, i)} for i in range(4)]
+
+    def per_row(batch):  # each masked frame's negatives as frame positions within its own row
+        frames = batch["mask_time_indices"].shape[1]
+        rows = []
+        for b in range(batch["mask_time_indices"].shape[0]):
+            masked = batch["mask_time_indices"][b]
+            negatives = batch["sampled_negative_indices"][b][masked] - b * frames
+            assert masked[negatives].all()  # other masked frames of the same row, never padding
+            rows.append((masked.nonzero().squeeze(1).tolist(), negatives.tolist()))
+        return rows
+
+    whole = per_row(collate(examples))
+    halves = per_row(collate(examples[:2])) + per_row(SpeechDataCollator(model, pad_to_samples=1500,
+                                                                          num_negatives=6)(examples[2:]))
+    assert whole == halves and all(len(masked) >= 2 for masked, _ in whole)
+    assert whole[0][1] != whole[1][1]
+    with pytest.raises(ValueError, match="num_negatives needs training examples with 'mask_seed'"):
+        collate([{"input_values": torch.ones(1100)}])
+    with pytest.raises(ValueError, match="num_negatives must be a positive int"):
+        SpeechDataCollator(model, num_negatives=0)

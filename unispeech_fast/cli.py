@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import audio_cli  # embed, transcribe, diarize, verify-speakers (files in, results out)
     from .bench import cli as bench_cli  # kernel and model benchmarks
-    from .train import cli as train_cli  # finetune (torchrun/DDP training from a manifest)
+    from .train import cli as train_cli  # finetune, pretrain (torchrun/DDP training from a manifest)
 
     audio_cli.add_parsers(sub)
     bench_cli.add_parser(sub)

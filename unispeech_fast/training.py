@@ -11,10 +11,15 @@ batch:
   (:func:`~unispeech_fast.masking.compute_mask_indices_per_sample`) and handed to the model as
   ``mask_time_indices``; they do not depend on which rank holds the sample or what else is in its
   batch;
+- contrastive negatives (``UniSpeechForPreTraining``'s ``sampled_negative_indices``, the collator's
+  ``num_negatives``) are drawn per sample too, from a generator seeded by the sample's seed, among
+  that sample's own masked frames;
 - batch-level draws (LayerDrop) come from a generator of the encoder's own, seeded identically on
   every rank (:meth:`PreTrainedModel.seed_layerdrop`), so every rank drops the same layers;
-- element-wise dropout stays on the global torch RNG: ranks draw different masks from the same
-  distribution (equal in law, not bitwise).
+- element-wise dropout and the Gumbel noise of the quantizer stay on the global torch RNG: ranks
+  draw different values from the same distribution (equal in law, not bitwise); so do
+  UniSpeech-SAT's utterance-contrastive candidates, which a rank draws among its own batch's masked
+  frames.
 """
 
 from __future__ import annotations
@@ -64,14 +69,22 @@ class SpeechDataCollator:
       ``mask_time_indices`` drawn per sample from its seed; the model then uses them instead of
       sampling its own. Give training examples a seed and evaluation examples none. A batch where
       only some examples have one is an error.
+    - ``num_negatives`` (for ``UniSpeechForPreTraining``): with masks drawn, the batch also gets
+      ``sampled_negative_indices [B, frames, num_negatives]``, each row's drawn by
+      :func:`~unispeech_fast.pretraining.sample_negative_indices` among its own masked frames from a
+      generator seeded by the example's ``mask_seed`` (so they too do not depend on the rank or batch).
     """
 
-    def __init__(self, config, pad_to_samples: int | None = None) -> None:
+    def __init__(self, config, pad_to_samples: int | None = None, num_negatives: int | None = None) -> None:
         if pad_to_samples is not None and (isinstance(pad_to_samples, bool) or not isinstance(pad_to_samples, int)
                                            or pad_to_samples < 1):
             raise ValueError(f"pad_to_samples must be a positive int or None, got {pad_to_samples!r}")
+        if num_negatives is not None and (isinstance(num_negatives, bool) or not isinstance(num_negatives, int)
+                                          or num_negatives < 1):
+            raise ValueError(f"num_negatives must be a positive int or None, got {num_negatives!r}")
         self.config = getattr(config, "config", config)  # a model or its config
         self.pad_to_samples = pad_to_samples
+        self.num_negatives = num_negatives
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -119,7 +132,27 @@ class SpeechDataCollator:
                     [ex["mask_seed"] for ex in examples], cfg.mask_time_min_masks,
                 )
                 batch["mask_time_indices"] = torch.from_numpy(mask)
+                if self.num_negatives is not None:
+                    batch["sampled_negative_indices"] = self._negatives(
+                        batch["mask_time_indices"], lengths, [ex["mask_seed"] for ex in examples])
+        elif self.num_negatives is not None:
+            raise ValueError("num_negatives needs training examples with 'mask_seed' (the negatives are drawn "
+                             "among the masked frames)")
         return batch
+
+    def _negatives(self, mask: torch.Tensor, lengths: list[int], seeds: list[int]) -> torch.Tensor:
+        from .pretraining import sample_negative_indices
+
+        frames = mask.shape[1]
+        rows = []
+        for b, (length, seed) in enumerate(zip(lengths, seeds)):
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([int(seed), 1]).generate_state(1, np.uint64)[0] >> 1))
+            valid = torch.zeros(1, frames, dtype=torch.bool)
+            valid[0, :length] = True
+            rows.append(sample_negative_indices(mask[b:b + 1], self.num_negatives, valid, generator=generator)
+                        + b * frames)
+        return torch.cat(rows)
 
     @staticmethod
     def _pad_labels(labels: list[torch.Tensor], frames: int) -> torch.Tensor:

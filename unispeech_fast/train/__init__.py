@@ -1,9 +1,10 @@
-"""Training commands on ``torch.distributed`` (``torchrun``): ``unispeech-fast finetune``.
+"""Training commands on ``torch.distributed`` (``torchrun``): ``unispeech-fast finetune`` and
+``unispeech-fast pretrain``.
 
 - :mod:`.data`: manifests (JSONL, TSV, the authors' fairseq ``.tsv`` + label files), label encoding,
   length-bucketed batch plans, bad-file checks;
 - :mod:`.loop`: the DDP training loop with exact checkpoints;
-- :mod:`.cli`: the ``finetune`` subcommand.
-
-``unispeech-fast pretrain`` waits for the pretraining losses (issue 12).
+- :mod:`.pretrain`: the pre-training objective on that loop (masks, negatives, utterance mixing,
+  Gumbel temperature schedule);
+- :mod:`.cli`: the ``finetune`` and ``pretrain`` subcommands.
 """

@@ -6,7 +6,8 @@ Manifest formats (paths relative to the manifest's directory, or to the fairseq 
 - TSV with a header line naming the columns ``path``, ``duration`` (seconds) and optionally ``label``;
 - the authors' fairseq ``.tsv``: first line the root directory, then ``relative_path<TAB>num_samples``
   (at 16 kHz); labels come from a parallel file (``--labels``: ``.ltr`` letters separated by spaces
-  with ``|`` between words, ``.wrd`` words, ``.km`` unit ids), one line per audio line.
+  with ``|`` between words, ``.wrd`` words, ``.km`` unit ids, ``.phn`` phones separated by
+  spaces), one line per audio line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, AudioError, audio_info, normalize_waveform, read_audio
 
-__all__ = ["Entry", "ManifestError", "read_manifest", "encode_labels", "plan_batches", "check_audio", "load_example"]
+__all__ = ["Entry", "ManifestError", "read_manifest", "encode_labels", "encode_pretraining_labels", "plan_batches",
+           "check_audio", "load_example"]
 
 
 class ManifestError(ValueError):
@@ -106,7 +108,7 @@ def read_manifest(path: str | os.PathLike, labels: str | os.PathLike | None = No
             raise ManifestError(f"{labels}: {len(label_lines)} label lines for {len(entries)} audio entries in {path}")
         kind = os.path.splitext(labels)[1]
         for entry, line in zip(entries, label_lines):
-            entry.label = line.split() if kind in (".ltr", ".km") else line
+            entry.label = line.split() if kind in (".ltr", ".km", ".phn") else line
     if not entries:
         raise ManifestError(f"{path}: no entries")
     for i, entry in enumerate(entries):
@@ -151,6 +153,44 @@ def encode_labels(entries: Sequence[Entry], task: str, config, vocab: dict[str, 
             if not 0 <= value < config.num_labels:
                 raise ManifestError(f"{where}: label {value} is outside [0, num_labels={config.num_labels})")
             entry.label = value
+
+
+def encode_pretraining_labels(entries: Sequence[Entry], model_type: str, config, vocab: dict[str, int] | None,
+                              blank: int | None = None) -> None:
+    """Replace each entry's label by the ids the pre-training head takes, in place (errors name the entry).
+
+    - ``unispeech-sat``: frame cluster ids (a ``.km`` line: integers separated by spaces) in
+      ``[0, num_clusters)``;
+    - ``unispeech``: phone tokens (a ``.phn``/``.ltr`` line) mapped through ``vocab`` to ids in
+      ``[0, num_ctc_classes)``, none of them the CTC blank ``blank``.
+    """
+    for entry in entries:
+        where = f"entry {entry.index} ({entry.path})"
+        if entry.label is None:
+            raise ManifestError(f"{where}: no label (give every entry one, or none)")
+        tokens = entry.label if isinstance(entry.label, list) else str(entry.label).split()
+        if not tokens:
+            raise ManifestError(f"{where}: empty label line")
+        if model_type == "unispeech-sat":
+            try:
+                ids = [int(t) for t in tokens]
+            except ValueError:
+                raise ManifestError(f"{where}: cluster labels must be integers, got {tokens[:5]}...") from None
+            bad = sorted({i for i in ids if not 0 <= i < config.num_clusters})
+            if bad:
+                raise ManifestError(f"{where}: cluster ids {bad[:5]} outside [0, num_clusters={config.num_clusters})")
+        else:
+            if vocab is None:
+                raise ManifestError("UniSpeech phone labels need a vocab.json (phone -> id)")
+            missing = sorted({str(t) for t in tokens if str(t) not in vocab})
+            if missing:
+                raise ManifestError(f"{where}: phones not in the vocabulary: {missing}")
+            ids = [vocab[str(t)] for t in tokens]
+            bad = sorted({i for i in ids if not 0 <= i < config.num_ctc_classes or i == blank})
+            if bad:
+                raise ManifestError(f"{where}: phone ids {bad} outside [0, num_ctc_classes={config.num_ctc_classes}) "
+                                    f"or equal to the CTC blank {blank}")
+        entry.label = ids
 
 
 def plan_batches(durations: Sequence[float], max_batch_seconds: float, seed: int, epoch: int) -> list[list[int]]:

@@ -6,7 +6,15 @@ position), a bad-file list and a NaN stop.
 Data split: each optimiser step takes ``world_size x grad_accum`` consecutive batches of the epoch's
 plan (:func:`~unispeech_fast.train.data.plan_batches`); rank ``r`` takes micro-batch ``a`` at
 ``a * world_size + r``. Batches left over at the end of an epoch (fewer than one step's worth) are
-not used that epoch; the run logs how many (the next epoch's plan is shuffled afresh).
+not used that epoch; the run logs how many (the next epoch's plan is shuffled afresh). A batch's
+*plan index* (``batch + a * world_size + r``) is therefore the same whatever the number of ranks.
+
+An *objective* (``unispeech-fast pretrain``'s :class:`~unispeech_fast.train.pretrain.PretrainObjective`)
+adapts the loop to a head: ``check(entry, example)`` names why a loaded example cannot be used (the
+file is then skipped and listed), ``prepare(batch, step, plan_index)`` adds inputs to the collated
+batch, ``loss(out, batch)`` is the loss to minimise, ``start_step(model, step)`` runs before each
+step and returns extra metrics, ``settings()`` the options a resume must repeat (kept in the
+checkpoint). Without one, the loss is the model's ``loss``.
 """
 
 from __future__ import annotations
@@ -122,7 +130,7 @@ def _write_failures(output_dir: str, failed: list[dict], total: int) -> None:
 
 
 def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOptions, rank: int, world: int,
-                     extra_files: dict[str, str]) -> str:
+                     extra_files: dict[str, str], objective_settings: dict | None = None) -> str:
     dist = _dist()
     final = os.path.join(opts.output_dir, f"checkpoint-{position['step']}")
     tmp = final + ".tmp"
@@ -133,7 +141,8 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
             shutil.copyfile(src, os.path.join(tmp, name))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "position": position, "world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
-                    "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps},
+                    "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
+                    "objective": objective_settings},
                    os.path.join(tmp, STATE_FILE))
     if dist is not None:
         dist.barrier()
@@ -148,32 +157,49 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
     return final
 
 
-def _load_state(checkpoint: str, opts: TrainOptions, world: int) -> dict:
+def _load_state(checkpoint: str, opts: TrainOptions, world: int, objective_settings: dict | None = None) -> dict:
     path = os.path.join(checkpoint, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {checkpoint}: no {STATE_FILE} (not a checkpoint this command wrote)")
     state = torch.load(path, weights_only=True)
     for key, value in (("world_size", world), ("seed", opts.seed), ("grad_accum", opts.grad_accum),
-                       ("max_batch_seconds", opts.max_batch_seconds), ("max_steps", opts.max_steps)):
-        if state[key] != value:
+                       ("max_batch_seconds", opts.max_batch_seconds), ("max_steps", opts.max_steps),
+                       ("objective", objective_settings)):
+        if state.get(key) != value:
             raise ValueError(f"--resume {checkpoint}: the checkpoint was written with {key}={state[key]!r}, this run "
                              f"has {value!r}; an exact resume needs the same value")
     return state
 
 
 def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None = None,
-          extra_files: dict[str, str] | None = None, log=print) -> dict:
+          extra_files: dict[str, str] | None = None, log=print, objective=None) -> dict:
     """Train ``model`` (already on ``opts.device``, weights identical on every rank) on ``entries``.
 
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
     written for that step or after it).
+
+    On CPU the run holds ``torch.use_deterministic_algorithms(True)`` (restored on return): some CPU
+    backward kernels otherwise add in thread order (the accumulating index writes behind the
+    pre-training heads' gathers), and a run would then not repeat itself bit for bit.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if torch.device(opts.device).type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, entries, opts, resume=resume, extra_files=extra_files, log=log, objective=objective)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None, extra_files, log,
+           objective) -> dict:
     from ..audio import _min_samples
     from ..training import SpeechDataCollator, _frames, sample_seed
 
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     extra_files = extra_files or {}
+    objective_settings = objective.settings() if objective is not None else None
     os.makedirs(opts.output_dir, exist_ok=True)
 
     # Bad files are found before any step from their headers (every rank checks its share, all agree).
@@ -200,7 +226,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.warmup_steps, opts.max_steps))
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resume is not None:
-        state = _load_state(resume, opts, world)
+        state = _load_state(resume, opts, world, objective_settings)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         position = dict(state["position"])
@@ -246,37 +272,50 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
             continue
         step = position["step"] + 1
         optimizer.zero_grad(set_to_none=True)
+        extra_metrics = objective.start_step(model, step) if objective is not None else {}
         loss_sum, audio_seconds, ppl, files = 0.0, 0.0, None, []
         for a in range(opts.grad_accum):
-            batch_ids = plan[position["batch"] + a * world + rank]
+            plan_index = position["batch"] + a * world + rank
+            batch_ids = plan[plan_index]
             examples = []
             for i in batch_ids:
                 entry = by_index[i]
                 try:
-                    examples.append(load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"])))
+                    example = load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"]))
                 except AudioError as exc:
                     failed[i] = str(exc)
                     log(f"skipped: {exc}")
                     continue
+                reason = objective.check(entry, example) if objective is not None else None
+                if reason is not None:
+                    failed[i] = reason
+                    log(f"skipped: {reason}")
+                    continue
+                examples.append(example)
                 files.append(entry.path)
                 audio_seconds += examples[-1]["input_values"].numel() / 16000
             sync = a == opts.grad_accum - 1 or dist is None
             ctx = net.no_sync() if not sync else _null()
             with ctx:
                 if examples:
-                    batch = {k: v.to(device) for k, v in collator(examples).items()}
+                    batch = collator(examples)
+                    if objective is not None:
+                        batch = objective.prepare(batch, step, plan_index)
+                    batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast if autocast is not None else _null():
                         out = net(**batch)
-                    loss = out.loss
+                    loss = objective.loss(out, batch) if objective is not None else out.loss
                     if getattr(out, "codevector_perplexity", None) is not None:
-                        ppl = float(out.codevector_perplexity)
+                        ppl = float(out.codevector_perplexity.detach())
                 else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
                     # the ranks in step (DDP needs a forward on every rank) and adds nothing
                     silent = collator([{"input_values": torch.zeros(min_samples)}])
                     silent = {k: v.to(device) for k, v in silent.items()}
                     out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
                                                                      dtype=torch.bool, device=device))
-                    loss = out.logits.float().sum() * 0.0
+                    stand_in = getattr(out, "logits", None)
+                    stand_in = out.projected_states if stand_in is None else stand_in
+                    loss = stand_in.float().sum() * 0.0
                 (loss.float() / opts.grad_accum).backward()
             loss_sum += float(loss.detach())
         finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
@@ -303,6 +342,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                   "grad_norm": grad_norm, "audio_seconds": float(totals[1]), "elapsed_s": elapsed}
         if ppl is not None:
             record["perplexity"] = ppl
+        record.update(extra_metrics)
         if rank == 0:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -315,7 +355,8 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                 bar.set_postfix(post)
         t0 = time.perf_counter()
         if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
-            last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files)
+            last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files,
+                                               objective_settings)
     if bar is not None:
         bar.close()
     all_failed = _report_failures(failed, entries, opts.output_dir, rank)
