@@ -1,0 +1,176 @@
+"""``unispeech-fast finetune --task ctc|classify|xvector``: fine-tuning from a manifest, one process or
+many under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA). See :mod:`unispeech_fast.train.loop` for
+the loop and README "Training" for the commands.
+
+Exit codes as in :mod:`unispeech_fast.cli.common`: 0 the run reached its last step (files that could not be
+read were skipped and are listed in ``failures.json``); 1 runtime failure (a NaN/Inf loss, which
+names the step and the batch's files and keeps the last good checkpoint; a corrupt checkpoint; no
+usable audio); 2 usage error (bad options, manifest, labels or checkpoint for the task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, error, positive
+
+__all__ = ["add_parsers", "run_finetune", "TASK_HEADS"]
+
+# task -> {model_type: class name}
+TASK_HEADS = {
+    "ctc": {"unispeech": "UniSpeechForCTC", "unispeech-sat": "UniSpeechSatForCTC"},
+    "classify": {"unispeech": "UniSpeechForSequenceClassification",
+                 "unispeech-sat": "UniSpeechSatForSequenceClassification"},
+    "xvector": {"unispeech-sat": "UniSpeechSatForXVector"},
+}
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a CTC, classification or x-vector head from a manifest (torchrun for DDP)",
+        description="Fine-tune from a manifest (JSONL/TSV of path, duration, label; or a fairseq .tsv with "
+                    "--labels). Run under `torchrun --nproc_per_node N` for DDP.",
+    )
+    p.add_argument("--task", required=True, choices=tuple(TASK_HEADS), help="the head to train")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (a backbone or a head)")
+    p.add_argument("--manifest", required=True, metavar="FILE", help="training manifest (.jsonl, .tsv)")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="labels parallel to a fairseq .tsv (.ltr, .wrd, .km), one line per audio line")
+    p.add_argument("--vocab", metavar="FILE", default=None,
+                   help="ctc: vocab.json token -> id (default: the --model directory's vocab.json)")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, metrics.jsonl, final/")
+    p.add_argument("--max-steps", required=True, type=positive(int, "--max-steps"), help="optimiser steps")
+    p.add_argument("--max-batch-seconds", type=positive(float, "--max-batch-seconds"), default=60.0,
+                   help="padded audio per micro-batch and rank, in seconds (default: 60)")
+    p.add_argument("--grad-accum", type=positive(int, "--grad-accum"), default=1,
+                   help="micro-batches per optimiser step and rank (default: 1)")
+    p.add_argument("--lr", type=positive(float, "--lr"), default=5e-5, help="peak learning rate (default: 5e-5)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay (default: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices (default: 0.01)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clip, 0 = off (default: 1.0)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="write checkpoint-N every N steps (default: 0, only at the end)")
+    p.add_argument("--stop-after", type=positive(int, "--stop-after"), default=None,
+                   help="stop (with a checkpoint) after this step without changing the schedule; --resume goes on")
+    p.add_argument("--resume", metavar="CHECKPOINT", default=None, help="a checkpoint-N directory of this run")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, masks, LayerDrop, dropout (default: 0)")
+    p.add_argument("--freeze-feature-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the conv feature encoder fixed, as the authors fine-tune (default: on)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                   help="skip zero-mean unit-variance normalisation (default: as preprocessor_config.json says, "
+                        "normalising when it is absent)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (fp32) or cuda (bf16 autocast; under torchrun each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import models
+    from ..audio import AudioError
+    from ..configuration import ConfigError
+    from ..loading import CheckpointError
+    from ..train.data import ManifestError, encode_labels, read_manifest
+    from ..train.loop import NonFiniteLossError, TrainOptions, train
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return error("--device cuda: CUDA is not available here", EXIT_USAGE)
+    if args.save_every < 0 or args.warmup_steps < 0 or args.clip_norm < 0:
+        return error("--save-every, --warmup-steps and --clip-norm must be >= 0", EXIT_USAGE)
+    config_file = os.path.join(args.model, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        return error(f"--model {args.model}: cannot read config.json: {exc}", EXIT_USAGE)
+    heads = TASK_HEADS[args.task]
+    if model_type not in heads:
+        return error(f"--task {args.task} needs model_type in {sorted(heads)}, {config_file} has {model_type!r}",
+                      EXIT_USAGE)
+    extra_files = {}
+    vocab = None
+    if args.task == "ctc":
+        vocab_file = args.vocab or os.path.join(args.model, "vocab.json")
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = {str(k): int(v) for k, v in json.load(f).items()}
+        except (OSError, json.JSONDecodeError, ValueError, AttributeError) as exc:
+            return error(f"--task ctc needs a vocab.json (token -> id): {vocab_file}: {exc}", EXIT_USAGE)
+        extra_files["vocab.json"] = vocab_file
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = args.device
+    if world > 1:
+        import torch.distributed as dist
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            device = f"cuda:{torch.cuda.current_device()}"
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        import random
+
+        import numpy as np
+
+        torch.manual_seed(args.seed)  # a new head is initialised identically on every rank
+        source = args.resume if args.resume is not None else args.model
+        try:
+            model = getattr(models, heads[model_type]).from_pretrained(source, device=device)
+        except (CheckpointError, ConfigError, OSError) as exc:
+            return error(f"cannot load {source}: {exc}", EXIT_FAILURE)
+        if args.freeze_feature_encoder:
+            model.freeze_feature_encoder()
+        model.seed_layerdrop(args.seed)
+        random.seed(args.seed + rank)  # dropout: ranks draw their own masks (README "Training")
+        np.random.seed(args.seed + rank)
+        torch.manual_seed(args.seed + rank)
+        normalize = args.normalize
+        if normalize is None:
+            pre = os.path.join(args.model, "preprocessor_config.json")
+            normalize = True
+            if os.path.isfile(pre):
+                with open(pre, encoding="utf-8") as f:
+                    normalize = bool(json.load(f).get("do_normalize", True))
+        try:
+            entries = read_manifest(args.manifest, args.labels)
+            encode_labels(entries, args.task, model.config, vocab)
+        except ManifestError as exc:
+            return error(str(exc), EXIT_USAGE)
+        opts = TrainOptions(output_dir=args.output_dir, max_steps=args.max_steps,
+                            max_batch_seconds=args.max_batch_seconds, grad_accum=args.grad_accum, lr=args.lr,
+                            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+                            save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
+                            normalize=normalize, device=device, progress=not args.quiet)
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr)
+
+        try:
+            summary = train(model, entries, opts, resume=args.resume, extra_files=extra_files, log=log)
+        except NonFiniteLossError as exc:
+            return error(str(exc), EXIT_FAILURE)
+        except AudioError as exc:
+            return error(str(exc), EXIT_FAILURE)
+        except (ValueError, FileNotFoundError) as exc:
+            return error(str(exc), EXIT_USAGE)
+        if summary["step"] == args.max_steps and rank == 0:
+            final = os.path.join(args.output_dir, "final")
+            model.save_pretrained(final)
+            for name, src in extra_files.items():
+                shutil.copyfile(src, os.path.join(final, name))
+        if summary["failed"] and rank == 0:
+            print(f"{len(summary['failed'])} file(s) skipped; listed in "
+                  f"{os.path.join(args.output_dir, 'failures.json')}", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
