@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import AudioError
+from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
 __all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "STATE_FILE"]
@@ -259,7 +259,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                     log(f"skipped: {exc}")
                     continue
                 files.append(entry.path)
-                audio_seconds += examples[-1]["input_values"].numel() / 16000
+                audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
             sync = a == opts.grad_accum - 1 or dist is None
             ctx = net.no_sync() if not sync else _null()
             with ctx:
