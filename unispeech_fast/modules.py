@@ -314,16 +314,7 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
-        """
-        Args:
-            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
-            key_padding_mask (Tensor or None): bool, shape ``[batch, frames]`` (True = valid key).
-            head_mask (Tensor or None): shape ``[num_heads]``.
-            output_attentions (bool): also return the attention probabilities.
-        Returns:
-            Tensor: shape ``[batch, frames, hidden_size]``.
-            Tensor or None: attention probabilities, shape ``[batch, num_heads, frames, frames]``.
-        """
+        """Arguments, results and shapes as :meth:`Attention.forward`: ``[batch, frames, hidden_size]`` in and out."""
         residual = hidden_states
         hidden_states, weights = self.attention(hidden_states, key_padding_mask, head_mask, output_attentions)
         hidden_states = self.layer_norm(residual + self.dropout(hidden_states))
@@ -347,16 +338,7 @@ class EncoderLayerStableLayerNorm(nn.Module):
             self.adapter_layer = None
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
-        """
-        Args:
-            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
-            key_padding_mask (Tensor or None): bool, shape ``[batch, frames]`` (True = valid key).
-            head_mask (Tensor or None): shape ``[num_heads]``.
-            output_attentions (bool): also return the attention probabilities.
-        Returns:
-            Tensor: shape ``[batch, frames, hidden_size]``.
-            Tensor or None: attention probabilities, shape ``[batch, num_heads, frames, frames]``.
-        """
+        """Arguments, results and shapes as :meth:`EncoderLayer.forward`."""
         residual = hidden_states
         attn, weights = self.attention(self.layer_norm(hidden_states), key_padding_mask, head_mask, output_attentions)
         hidden_states = residual + self.dropout(attn)

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from . import audio, bench, demo, finetune, info
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE  # noqa: F401 (re-exported)
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, run_command  # noqa: F401 (re-exported)
 from .demo import cmd_demo, tiny_config  # noqa: F401 (re-exported)
 from .info import cmd_info  # noqa: F401 (re-exported)
 
@@ -46,21 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # exits with status 2 on usage errors
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    if args.command == "demo" and args.backend is None:
-        from ..dispatch import current_backend
-
-        try:
-            args.backend = current_backend()
-        except ValueError as exc:  # a bad $UNISPEECH_FAST_BACKEND
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
     try:
-        return args.func(args)
+        return run_command(build_parser(), argv)
     except BrokenPipeError:  # output piped into `head` and the like
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -47,7 +47,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, error, fraction, positive
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, error, fraction, positive, run_command
 
 __all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "run_corpus",
            "read_manifest", "split_by_duration", "ManifestError", "main"]
@@ -947,13 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` with only the file commands and run one (``python -m unispeech_fast.audio_cli``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)  # exits with status 2 on usage errors
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    return args.func(args)
-
+    return run_command(build_parser(), argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

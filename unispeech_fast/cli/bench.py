@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_command
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -75,16 +75,14 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    parser = subparsers.add_parser(
-        "bench",
+    parser = add_command(
+        subparsers, "bench", run,
         help="benchmark the ops and models against eager PyTorch, SDPA, cuDNN and torch.compile",
         description="Time every op (forward, backward, forward+backward) and the models (inference and a "
                     "CTC fine-tuning step) on every provider: our backends and the peers. Prints a table; "
                     "with --out writes JSON/CSV rows and PNG plots; with --compare flags regressions.",
     )
-    _configure(parser)
-    parser.set_defaults(func=run)
-    return parser
+    return _configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:

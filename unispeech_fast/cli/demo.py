@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, positive
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, add_command, error, positive
 
 __all__ = ["add_parser", "cmd_demo", "tiny_config"]
 
@@ -43,6 +43,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    current_backend)
     from ..dispatch import format_backend_table
 
+    if args.backend is None:
+        try:
+            args.backend = current_backend()
+        except ValueError as exc:  # a bad $UNISPEECH_FAST_BACKEND
+            return error(str(exc), EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here (see `python -m unispeech_fast info`)",
               file=sys.stderr)
@@ -113,8 +118,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``subparsers``."""
     from ..dispatch import BACKENDS
 
-    demo = subparsers.add_parser(
-        "demo",
+    demo = add_command(
+        subparsers, "demo", cmd_demo,
         help="run a randomly initialised UniSpeechSatModel on random audio and time it",
         description="Build a randomly initialised UniSpeechSatModel, run it in eval mode under "
                     "torch.inference_mode on random 16 kHz audio, print shapes, parameter count, the "
@@ -136,5 +141,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="force a backend (default: $UNISPEECH_FAST_BACKEND, else auto); a forced "
                            "backend that cannot run fails with the reasons")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and audio (default: 0)")
-    demo.set_defaults(func=cmd_demo)
     return demo

@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-from .common import EXIT_OK
+from .common import EXIT_OK, add_command
 
 __all__ = ["add_parser", "cmd_info"]
 
@@ -115,15 +115,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``info`` subcommand to ``subparsers``."""
-    info = subparsers.add_parser(
-        "info",
+    return add_command(
+        subparsers, "info", cmd_info,
         help="versions, devices, extension status and which backend can run which op",
         description="Print versions, devices, TRITON_INTERPRET, the compiled extension's status and the "
                     "backend table. Does not run a model.",
     )
-    info.set_defaults(func=cmd_info)
-    return info

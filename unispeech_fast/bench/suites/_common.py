@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ...audio.resampling import SAMPLE_RATE
-from ..harness import Case
+from ..harness import Case, Provider, Suite
 
 __all__ = ["SAMPLE_RATE"]
 
@@ -33,3 +33,12 @@ def _randn(case: Case, *shape: int, grad: bool = False, scale: float = 1.0) -> t
     t = torch.randn(*shape, device=case.device, dtype=torch.float32).mul_(scale).to(case.dtype)
     return t.requires_grad_(grad)
 
+
+
+def op_suite(op: str, device: torch.device, dtypes: Sequence[torch.dtype], quick: bool, grid: Sequence[dict[str, Any]],
+             x_key: str, providers: list[Provider], make_inputs: Callable[[Case], dict[str, Any]], *,
+             notes: Sequence[str] = (), **fields: Any) -> Suite:
+    """The :class:`Suite` of ``op``: one case per dtype and ``grid`` entry (``x_key`` the swept
+    parameter), the grid's note (quick / trimmed CPU grid) before ``notes``; ``fields`` as :class:`Suite`'s."""
+    return Suite(op=op, cases=_cases(op, grid, dtypes, device, x_key), providers=providers, make_inputs=make_inputs,
+                 notes=_cpu_note(device, quick, op) + list(notes), **fields)

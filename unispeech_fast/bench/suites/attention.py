@@ -9,7 +9,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Suite
 from ..providers import backend_providers, compile_provider, sdpa_providers
-from ._common import _cases, _cpu_note, _elt, _randn
+from ._common import _elt, _randn, op_suite
 
 
 def attention(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> Suite:
@@ -35,13 +35,10 @@ def attention(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) 
     providers += sdpa_providers()
     providers.append(compile_provider("torch.compile", ref, quick))
     p = lambda c: c.params  # noqa: E731
-    return Suite(
-        op="attention",
-        cases=_cases("attention", grid, dtypes, device, "N"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "attention", device, dtypes, quick, grid, "N", providers, make_inputs,
         flops=lambda c, m: F.attention_flops(p(c)["B"], p(c)["H"], p(c)["N"], p(c)["D"], m),
         bytes=lambda c, m: F.attention_bytes(p(c)["B"], p(c)["H"], p(c)["N"], p(c)["D"], _elt(c), m),
-        notes=_cpu_note(device, quick, "attention") + ["attention: no key padding mask (every key valid)"],
+        notes=["attention: no key padding mask (every key valid)"],
     )
 

@@ -8,7 +8,7 @@ import torch
 
 from ..harness import Case, Provider, Suite
 from ..providers import backend_providers, leaves_of, needs_transformers
-from ._common import _cases, _cpu_note, _randn
+from ._common import _randn, op_suite
 
 
 def transformers_contrastive_loss(predictions, targets, negative_indices, mask_time_indices, temperature,
@@ -55,13 +55,9 @@ def contrastive_loss(device: torch.device, dtypes: Sequence[torch.dtype], quick:
 
     providers = backend_providers("contrastive_loss", cl_fn)
     providers.append(Provider("transformers", peer, needs_transformers, kind="peer"))
-    return Suite(
-        op="contrastive_loss",
-        cases=_cases("contrastive_loss", grid, dtypes, device, "T"),
-        providers=providers,
-        make_inputs=make_inputs,
-        notes=_cpu_note(device, quick, "contrastive_loss")
-        + ["contrastive_loss: transformers = Wav2Vec2ForPreTraining's formulation ([K+1, B, T, D] negatives); "
+    return op_suite(
+        "contrastive_loss", device, dtypes, quick, grid, "T", providers, make_inputs,
+        notes=["contrastive_loss: transformers = Wav2Vec2ForPreTraining's formulation ([K+1, B, T, D] negatives); "
            "no FLOP/byte formula (gather-bound)"],
     )
 

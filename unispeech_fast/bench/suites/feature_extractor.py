@@ -9,7 +9,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Provider, Suite
 from ..providers import backend_providers, compile_provider, needs_transformers
-from ._common import SAMPLE_RATE, _cases, _cpu_note, _elt, _randn
+from ._common import SAMPLE_RATE, _elt, _randn, op_suite
 
 
 _BASE_CONV = dict(conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2))
@@ -67,15 +67,11 @@ def feature_extractor(device: torch.device, dtypes: Sequence[torch.dtype], quick
     providers.append(Provider("transformers-conv", hf_build, needs_transformers, kind="peer"))
     providers.append(compile_provider("torch.compile", feature_extractor_ref, quick))
     args = lambda c: (c.params["B"], c.params["samples"], conv["conv_dim"], conv["conv_kernel"], conv["conv_stride"])  # noqa: E731
-    return Suite(
-        op="feature_extractor",
-        cases=_cases("feature_extractor", grid, dtypes, device, "samples"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "feature_extractor", device, dtypes, quick, grid, "samples", providers, make_inputs,
         flops=lambda c, m: F.feature_extractor_flops(*args(c), m),
         bytes=lambda c, m: F.feature_extractor_bytes(*args(c), _elt(c), m),
-        notes=_cpu_note(device, quick, "feature_extractor")
-        + ["feature_extractor: transformers-conv is transformers' FeatureEncoder (cuDNN convs on CUDA); "
+        notes=["feature_extractor: transformers-conv is transformers' FeatureEncoder (cuDNN convs on CUDA); "
            "gradients are for the weights (the waveform needs none)"],
     )
 

@@ -9,7 +9,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Suite
 from ..providers import backend_providers, compile_provider
-from ._common import _cases, _cpu_note, _elt, _randn
+from ._common import _elt, _randn, op_suite
 
 
 def gumbel_quantizer(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> Suite:
@@ -35,14 +35,10 @@ def gumbel_quantizer(device: torch.device, dtypes: Sequence[torch.dtype], quick:
     p = lambda c: c.params  # noqa: E731
     providers = backend_providers("gumbel_quantizer", gq_fn)
     providers.append(compile_provider("torch.compile", gumbel_quantizer_ref, quick))
-    return Suite(
-        op="gumbel_quantizer",
-        cases=_cases("gumbel_quantizer", grid, dtypes, device, "T"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "gumbel_quantizer", device, dtypes, quick, grid, "T", providers, make_inputs,
         bytes=lambda c, m: F.gumbel_quantizer_bytes(p(c)["B"], p(c)["T"], p(c)["G"], p(c)["V"], p(c)["D"], _elt(c), m),
-        notes=_cpu_note(device, quick, "gumbel_quantizer")
-        + ["gumbel_quantizer: memory-bound, GB/s only (no FLOP count); sample=False has gradients for the "
+        notes=["gumbel_quantizer: memory-bound, GB/s only (no FLOP count); sample=False has gradients for the "
            "codebook only"],
     )
 

@@ -9,7 +9,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Suite
 from ..providers import backend_providers, compile_provider
-from ._common import _cases, _cpu_note, _elt, _randn
+from ._common import _elt, _randn, op_suite
 
 
 def linear(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> Suite:
@@ -32,15 +32,11 @@ def linear(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> 
     p = lambda c: c.params  # noqa: E731
     providers = backend_providers("linear", linear_fn)
     providers.append(compile_provider("torch.compile", linear_ref, quick))
-    return Suite(
-        op="linear",
-        cases=_cases("linear", grid, dtypes, device, "T"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "linear", device, dtypes, quick, grid, "T", providers, make_inputs,
         flops=lambda c, m: F.linear_flops(p(c)["T"], p(c)["K"], p(c)["N"], m),
         bytes=lambda c, m: F.linear_bytes(p(c)["T"], p(c)["K"], p(c)["N"], _elt(c), m),
-        notes=_cpu_note(device, quick, "linear")
-        + ["linear: the encoder's dense layers; cpp is oneDNN's matmul (inference only: its bwd rows are "
+        notes=["linear: the encoder's dense layers; cpp is oneDNN's matmul (inference only: its bwd rows are "
            "skipped)"],
     )
 

@@ -10,7 +10,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Provider, Suite
 from ..providers import compile_reasons, needs_transformers
-from ._common import SAMPLE_RATE, _cases, _cpu_note, _randn
+from ._common import SAMPLE_RATE, _randn, op_suite
 
 
 #: (batch, seconds) of the end-to-end grid.
@@ -138,18 +138,14 @@ def models(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> 
         p = case.params
         return F.model_flops(_our_config(p["model"], p["config"]), p["B"], int(p["seconds"] * SAMPLE_RATE), mode)
 
-    return Suite(
-        op="models",
-        cases=_cases("models", grid, dtypes, device, "seconds"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "models", device, dtypes, quick, grid, "seconds", providers, make_inputs,
         modes=("inference", "finetune"),
         flops=model_flops,
         step=step,
         warmup=1,
         reps=3 if device.type == "cpu" else 5,
-        notes=_cpu_note(device, quick, "models")
-        + ["models: <family>ForCTC, random weights, layerdrop 0; finetune = forward with CTC labels, backward, "
+        notes=["models: <family>ForCTC, random weights, layerdrop 0; finetune = forward with CTC labels, backward, "
            "SGD step, feature encoder frozen, dropout and SpecAugment on (train mode)"],
     )
 

@@ -9,7 +9,7 @@ import torch
 from .. import flops as F
 from ..harness import Case, Provider, Suite
 from ..providers import backend_providers, compile_provider, needs_transformers
-from ._common import _cases, _cpu_note, _elt, _randn
+from ._common import _elt, _randn, op_suite
 
 
 def pos_conv(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -> Suite:
@@ -56,15 +56,11 @@ def pos_conv(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool) -
     providers.append(Provider("transformers-conv", hf_build, needs_transformers, kind="peer"))
     providers.append(compile_provider("torch.compile", pos_conv_ref, quick))
     p = lambda c: c.params  # noqa: E731
-    return Suite(
-        op="pos_conv",
-        cases=_cases("pos_conv", grid, dtypes, device, "T"),
-        providers=providers,
-        make_inputs=make_inputs,
+    return op_suite(
+        "pos_conv", device, dtypes, quick, grid, "T", providers, make_inputs,
         flops=lambda c, m: F.pos_conv_flops(p(c)["B"], p(c)["T"], p(c)["H"], p(c)["G"], p(c)["K"], m),
         bytes=lambda c, m: F.pos_conv_bytes(p(c)["B"], p(c)["T"], p(c)["H"], p(c)["G"], p(c)["K"], _elt(c), m),
-        notes=_cpu_note(device, quick, "pos_conv")
-        + ["pos_conv: transformers-conv is transformers' PositionalConvEmbedding plus the residual "
+        notes=["pos_conv: transformers-conv is transformers' PositionalConvEmbedding plus the residual "
            "(cuDNN conv on CUDA)"],
     )
 
