@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from . import audio, bench, demo, finetune, info
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, run_command  # noqa: F401 (re-exported)
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, run_command  # noqa: F401 (EXIT_*, SAMPLE_RATE re-exported)
 from .demo import cmd_demo, tiny_config  # noqa: F401 (re-exported)
 from .info import cmd_info  # noqa: F401 (re-exported)
 
