@@ -135,7 +135,7 @@ def test_wheel_contents(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_levels = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_levels == {"unispeech_fast"}, top_levels
-    for required in ("unispeech_fast/__init__.py", "unispeech_fast/__main__.py", "unispeech_fast/cli.py",
+    for required in ("unispeech_fast/__init__.py", "unispeech_fast/__main__.py", "unispeech_fast/cli/__init__.py",
                      "unispeech_fast/ops/__init__.py", "unispeech_fast/models/__init__.py",
                      "unispeech_fast/kernels/__init__.py"):
         assert required in names, f"{required} missing from {wheel.name}"

@@ -259,6 +259,6 @@ def test_resample_chunked_path_equals_the_filter_bank_path(monkeypatch):
     """The taps computed per chunk (banks too large to cache) are the cached bank's, bit for bit."""
     x = np.random.default_rng(3).standard_normal(5000)
     with_bank = audio.resample(x, 2001, 16000)
-    monkeypatch.setattr(audio, "_BANK_MAX_TAPS", 0)
-    monkeypatch.setattr(audio, "_CHUNK_TAPS", 1000)
+    monkeypatch.setattr(audio.resampling, "_BANK_MAX_TAPS", 0)
+    monkeypatch.setattr(audio.resampling, "_CHUNK_TAPS", 1000)
     np.testing.assert_array_equal(audio.resample(x, 2001, 16000), with_bank)

@@ -77,7 +77,7 @@ def _no_model_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran although the command should have stopped before it")
 
-    monkeypatch.setattr(audio, "_run", refuse)
+    monkeypatch.setattr(audio.tasks, "_run", refuse)  # the runner every task calls
 
 
 # Every command with the option(s) that name an output file, and the checkpoint it needs.

@@ -20,7 +20,8 @@ import torch
 
 from .configuration import SUPPORTED_DTYPES, ConfigError
 
-__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "read_state_dict"]
+__all__ = ["CheckpointError", "ModelMismatchError", "load_pretrained", "save_pretrained", "read_state_dict",
+           "load_model"]
 
 logger = logging.getLogger("unispeech_fast")
 
@@ -35,6 +36,10 @@ _LEGACY_RENAMES = ((re.compile(r"\.weight_g$"), ".parametrizations.weight.origin
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the model; the message names the file or keys."""
+
+
+class ModelMismatchError(ValueError):
+    """The checkpoint's class does not fit the task (e.g. ``transcribe`` on a model without a CTC head)."""
 
 
 # ------------------------------------------------------------------------------------------ resolve
@@ -298,3 +303,65 @@ def save_pretrained(model, directory, *, max_shard_size=None, safe_serialization
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(directory, index_name), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------ load by architecture
+def _model_classes() -> dict[str, type]:
+    from .models import MODEL_CLASSES  # imported here: the models import this module
+
+    return {cls.__name__: cls for cls in MODEL_CLASSES}
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """Load a checkpoint directory with the class named in its ``config.json`` ("architectures").
+
+    Without "architectures" the bare backbone of the config's ``model_type`` is used. The model
+    gets two attributes these functions read: ``checkpoint_dir`` (where ``vocab.json`` is looked
+    up) and ``preprocessor_config`` (the directory's ``preprocessor_config.json``, or ``{}``).
+    """
+    directory = resolve_directory(path)
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"no config.json in {directory}")
+    config = _read_json_object(config_file, CheckpointError)
+    classes = _model_classes()
+    archs = config.get("architectures") or []
+    if archs:
+        name = archs[0]
+        if name not in classes:
+            raise ModelMismatchError(
+                f"{config_file}: architectures[0] is {name!r}, which unispeech_fast does not implement "
+                f"(known: {', '.join(sorted(classes))})"
+            )
+    else:
+        model_type = config.get("model_type")
+        backbones = {"unispeech": "UniSpeechModel", "unispeech-sat": "UniSpeechSatModel"}
+        if model_type not in backbones:
+            raise ModelMismatchError(
+                f"{config_file}: no 'architectures' field, and model_type {model_type!r} is neither "
+                "'unispeech' nor 'unispeech-sat'"
+            )
+        name = backbones[model_type]
+    model = classes[name].from_pretrained(directory, dtype=dtype, device=device)
+    model.checkpoint_dir = directory
+    model.preprocessor_config = {}
+    pre = os.path.join(directory, "preprocessor_config.json")
+    if os.path.isfile(pre):
+        model.preprocessor_config = _read_json_object(pre, CheckpointError)
+    return model.eval()
+
+
+def _read_json_object(path: str, error: type[Exception]) -> dict:
+    """The JSON object in ``path``; ``error`` naming the file when it is not valid JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

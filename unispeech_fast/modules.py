@@ -1,7 +1,11 @@
-"""Building blocks of the UniSpeech / UniSpeech-SAT networks.
+"""The backbone's layers: conv feature encoder, feature projection, positional conv, encoder layers
+(and the Gumbel quantizer the pretraining heads put on top of them).
 
 Each module owns its parameters under transformers' names (so state dicts load unchanged) and runs
-its fused op through :mod:`unispeech_fast.ops`, i.e. through dispatch, never a backend directly.
+its fused op through :mod:`unispeech_fast.ops`, i.e. through dispatch, never a backend directly; the
+encoder's dense layers run through :func:`unispeech_fast._dense.dense` (the dense-layer policy). Each
+``forward`` documents its shapes. Modules only a head uses (TDNN layer, AM-softmax loss) are in
+:mod:`unispeech_fast.models.heads`.
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import dispatch, ops, tiling
+from . import ops, tiling
+from ._dense import dense
 from .activations import get_activation
 from .configuration import _BaseConfig
 from .ops.attention import padding_checked_once
@@ -29,35 +33,10 @@ __all__ = [
     "EncoderLayerStableLayerNorm",
     "Encoder",
     "GumbelVectorQuantizer",
-    "TDNNLayer",
-    "AMSoftmaxLoss",
 ]
 
 # The conv-stack norms use torch's default eps whatever config.layer_norm_eps says (as in transformers).
 CONV_NORM_EPS = 1e-5
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` that nothing wraps or hooks (PEFT/LoRA replace or hook such layers:
-    those are called as modules, never bypassed through their weights)."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not module._backward_hooks and not module._backward_pre_hooks
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
-            and not nn.modules.module._global_backward_hooks and not nn.modules.module._global_backward_pre_hooks)
-
-
-def _dispatch_dense() -> bool:
-    # The dense layers go through dispatch under auto and cpp only: the eager, triton and cuda backends
-    # are about the fused ops, and F.linear (cuBLAS on a GPU) is what their dense layers run.
-    return dispatch.current_backend() in ("auto", "cpp")
-
-
-def dense(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` under ``backend("auto"|"cpp")`` goes through the dispatched
-    :func:`unispeech_fast.ops.linear` (oneDNN on CPU for inference, else ``F.linear``)."""
-    if _plain_linear(module) and _dispatch_dense():
-        return ops.linear(x, module.weight, module.bias)
-    return module(x)
 
 
 class ConvLayer(nn.Module):
@@ -156,6 +135,13 @@ class FeatureEncoder(nn.Module):
         )
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input_values (Tensor): waveforms, shape ``[batch, samples]``.
+        Returns:
+            Tensor: features, shape ``[batch, conv_dim[-1], frames]``, ``frames`` from
+            ``config.output_length(samples)``.
+        """
         if self.gradient_checkpointing and self.training and self._requires_grad:
             return torch.utils.checkpoint.checkpoint(self._run, input_values, use_reentrant=False)
         return self._run(input_values)
@@ -174,6 +160,13 @@ class FeatureProjection(nn.Module):
         self.dropout = nn.Dropout(config.feat_proj_dropout)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            features (Tensor): conv features, shape ``[batch, frames, conv_dim[-1]]``.
+        Returns:
+            Tensor: projected, shape ``[batch, frames, hidden_size]``.
+            Tensor: the layer-normed features (``extract_features``), shape ``[batch, frames, conv_dim[-1]]``.
+        """
         normed = self.layer_norm(features)
         return self.dropout(dense(self.projection, normed)), normed
 
@@ -207,13 +200,13 @@ class PositionalConvEmbedding(nn.Module):
         return self.conv.parametrizations.weight.original1
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H]`` to ``hidden_states + pos(hidden_states)``."""
+        """
+        Args:
+            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
+        Returns:
+            Tensor: ``hidden_states + pos(hidden_states)``, shape ``[batch, frames, hidden_size]``.
+        """
         return ops.pos_conv(hidden_states, self.weight_g, self.weight_v, self.conv.bias, self.groups, self.activation)
-
-
-def _validate_head_mask(head_mask: torch.Tensor, num_heads: int) -> None:
-    if head_mask.dim() != 1 or head_mask.shape[0] != num_heads:
-        raise ValueError(f"head_mask for one layer must have shape ({num_heads},), got {tuple(head_mask.shape)}")
 
 
 class Attention(nn.Module):
@@ -238,6 +231,16 @@ class Attention(nn.Module):
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
+            key_padding_mask (Tensor or None): bool, shape ``[batch, frames]`` (True = valid key).
+            head_mask (Tensor or None): shape ``[num_heads]``.
+            output_attentions (bool): also return the attention probabilities.
+        Returns:
+            Tensor: shape ``[batch, frames, hidden_size]``.
+            Tensor or None: attention probabilities, shape ``[batch, num_heads, frames, frames]``.
+        """
         batch, frames, _ = hidden_states.shape
         # Three projections, each read from its module on every call: no concatenated copy of the
         # weights exists that could go stale (a fused q/k/v weight is a snapshot, which belongs to
@@ -269,6 +272,12 @@ class FeedForward(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
+        Returns:
+            Tensor: shape ``[batch, frames, hidden_size]`` (through ``[batch, frames, intermediate_size]``).
+        """
         hidden_states = self.intermediate_dropout(self.intermediate_act_fn(dense(self.intermediate_dense, hidden_states)))
         return self.output_dropout(dense(self.output_dense, hidden_states))
 
@@ -284,6 +293,12 @@ class AttnAdapterLayer(nn.Module):
         self.linear_2 = nn.Linear(config.adapter_attn_dim, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (Tensor): shape ``[batch, frames, hidden_size]``.
+        Returns:
+            Tensor: shape ``[batch, frames, hidden_size]`` (through ``[batch, frames, adapter_attn_dim]``).
+        """
         return self.linear_2(self.act_fn(self.linear_1(self.norm(hidden_states))))
 
 
@@ -299,6 +314,7 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
+        """Arguments, results and shapes as :meth:`Attention.forward`: ``[batch, frames, hidden_size]`` in and out."""
         residual = hidden_states
         hidden_states, weights = self.attention(hidden_states, key_padding_mask, head_mask, output_attentions)
         hidden_states = self.layer_norm(residual + self.dropout(hidden_states))
@@ -322,6 +338,7 @@ class EncoderLayerStableLayerNorm(nn.Module):
             self.adapter_layer = None
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
+        """Arguments, results and shapes as :meth:`EncoderLayer.forward`."""
         residual = hidden_states
         attn, weights = self.attention(self.layer_norm(hidden_states), key_padding_mask, head_mask, output_attentions)
         hidden_states = residual + self.dropout(attn)
@@ -356,10 +373,16 @@ class Encoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        """Returns ``(last_hidden_state, hidden_states or None, attentions or None)``.
-
-        ``frame_mask`` is bool ``[B, T]`` (True = valid frame); padded frames are zeroed before the
-        positional conv and masked as keys. ``head_mask`` is ``[num_layers, num_heads]`` or None.
+        """
+        Args:
+            hidden_states (Tensor): projected features, shape ``[batch, frames, hidden_size]``.
+            frame_mask (Tensor or None): bool, shape ``[batch, frames]`` (True = valid frame); padded
+                frames are zeroed before the positional conv and masked as keys.
+            head_mask (Tensor or None): shape ``[num_layers, num_heads]``.
+        Returns:
+            Tensor: ``last_hidden_state``, shape ``[batch, frames, hidden_size]``.
+            tuple of Tensor or None: with ``output_hidden_states``, ``num_layers + 1`` tensors of that shape.
+            tuple of Tensor or None: with ``output_attentions``, per layer ``[batch, num_heads, frames, frames]``.
         """
         key_padding_mask = None
         if frame_mask is not None:
@@ -424,52 +447,18 @@ class GumbelVectorQuantizer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
                 return_indices: bool = False) -> tuple[torch.Tensor, ...]:
-        """``(quantized [B, T, D], perplexity)`` (+ codes ``[B, T, G]`` with ``return_indices``); ``mask``
-        (bool ``[B, T]``) restricts the perplexity to those frames."""
+        """
+        Args:
+            hidden_states (Tensor): shape ``[batch, frames, in_dim]``.
+            mask (Tensor or None): bool, shape ``[batch, frames]``; restricts the perplexity to those frames.
+        Returns:
+            Tensor: quantized, shape ``[batch, frames, codevector_dim]``.
+            Tensor: perplexity, a scalar.
+            Tensor: with ``return_indices``, the codes, shape ``[batch, frames, num_groups]``.
+        """
         logits = self.weight_proj(hidden_states)
         return ops.gumbel_quantizer(logits, self.codevectors, self.num_groups, self.temperature, self.training,
                                     mask=mask, return_indices=return_indices)
-
-
-class TDNNLayer(nn.Module):
-    """X-vector TDNN layer: dilated conv over frames (weights stored as a Linear ``kernel``), then ReLU."""
-
-    READS_WEIGHTS_OF = ("kernel",)  # see ConvLayer.READS_WEIGHTS_OF
-
-    def __init__(self, config: _BaseConfig, layer_id: int) -> None:
-        super().__init__()
-        self.in_conv_dim = config.tdnn_dim[layer_id - 1] if layer_id > 0 else config.tdnn_dim[layer_id]
-        self.out_conv_dim = config.tdnn_dim[layer_id]
-        self.kernel_size = config.tdnn_kernel[layer_id]
-        self.dilation = config.tdnn_dilation[layer_id]
-        self.kernel = nn.Linear(self.in_conv_dim * self.kernel_size, self.out_conv_dim)
-        self.activation = nn.ReLU()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.kernel.weight.view(self.out_conv_dim, self.kernel_size, self.in_conv_dim).transpose(1, 2)
-        out = F.conv1d(hidden_states.transpose(1, 2), weight, self.kernel.bias, dilation=self.dilation)
-        return self.activation(out.transpose(1, 2))
-
-
-class AMSoftmaxLoss(nn.Module):
-    """Additive-margin softmax loss (scale 30, margin 0.4) with a ``weight [input_dim, num_labels]``."""
-
-    def __init__(self, input_dim: int, num_labels: int, scale: float = 30.0, margin: float = 0.4) -> None:
-        super().__init__()
-        self.scale = scale
-        self.margin = margin
-        self.num_labels = num_labels
-        self.weight = nn.Parameter(torch.randn(input_dim, num_labels))
-        self.loss = nn.CrossEntropyLoss()
-
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.flatten()
-        weight = F.normalize(self.weight, dim=0)
-        cos_theta = torch.mm(F.normalize(hidden_states, dim=1), weight)
-        psi = cos_theta - self.margin
-        onehot = F.one_hot(labels, self.num_labels)
-        logits = self.scale * torch.where(onehot.bool(), psi, cos_theta)
-        return self.loss(logits, labels)
 
 
 @torch.no_grad()
@@ -502,5 +491,15 @@ def init_weights(module: nn.Module, config: _BaseConfig) -> None:
             nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, AMSoftmaxLoss):
-        nn.init.normal_(module.weight)
+    elif hasattr(module, "init_weights_like_transformers"):  # head-only modules (models/heads.py) own theirs
+        module.init_weights_like_transformers()
+
+
+def __getattr__(name: str):
+    # TDNNLayer and AMSoftmaxLoss moved to unispeech_fast.models.heads (only the x-vector head uses them);
+    # old imports, and pickles of whole models that name them here, still find them.
+    if name in ("TDNNLayer", "AMSoftmaxLoss"):
+        from .models import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@
   transformers' modules, ``torch.compile`` of the eager reference).
 * :mod:`.suites`: the shape grids and inputs of each op and of the models.
 * :mod:`.report`: table, JSON/CSV, PNG plots, comparison with a stored run.
-* :mod:`.cli`: the ``bench`` subcommand.
+* the ``bench`` subcommand is :mod:`unispeech_fast.cli.bench` (:mod:`.cli` re-exports it).
 
 Importing this package imports torch but not triton, transformers or matplotlib.
 """

@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -282,11 +287,31 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def probe_in_subprocess(spec: dict[str, Any], timeout: float = 900.0) -> tuple[int | None, str]:
+    """``(peak bytes, "")`` of the step ``spec`` names, measured by :mod:`.memory` in a fresh interpreter,
+    or ``(None, why not)``."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "unispeech_fast.bench.memory", json.dumps(spec)],
+            # not the repository root: a top-level kernels/ folder there would shadow a PyPI package
+            cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"memory probe timed out after {timeout:g} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"memory probe failed: {tail}"
+    result = json.loads(lines[-1])
+    return result.get("peak_bytes"), result.get("error", "")
+
+
 def _cpu_peak(suite: Suite, case: Case, provider: Provider, mode: str) -> tuple[int | None, str, str]:
     if suite.origin is None:
         return None, "memory: this suite cannot be rebuilt in a subprocess (no origin)", ""
-    from .memory import probe_in_subprocess
-
     spec = dict(suite.origin, dtype=case.dtype_name, shape=case.shape, provider=provider.name, mode=mode)
     peak, why = probe_in_subprocess(spec)
     return peak, ("" if peak is not None else f"memory: {why}"), ("rss subprocess" if peak is not None else "")

@@ -17,12 +17,15 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
-__all__ = ["probe_in_subprocess", "probe"]
+import torch
+
+from .harness import op_step
+from .suites import make_suite
+
+__all__ = ["probe", "main"]
 
 
 def _status_kb(field: str) -> int:
@@ -35,11 +38,6 @@ def _status_kb(field: str) -> int:
 
 def probe(spec: dict[str, Any]) -> int:
     """Run one step as described by ``spec`` in this process; returns the peak bytes it added."""
-    import torch
-
-    from .harness import op_step
-    from .suites import make_suite
-
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("peak RSS needs Linux's /proc/self/clear_refs (not available here)")
     torch.manual_seed(0)
@@ -59,27 +57,6 @@ def probe(spec: dict[str, Any]) -> int:
     base = _status_kb("VmRSS")
     fn()
     return max(0, _status_kb("VmHWM") - base) * 1024
-
-
-def probe_in_subprocess(spec: dict[str, Any], timeout: float = 900.0) -> tuple[int | None, str]:
-    """``(peak bytes, "")`` from a fresh interpreter, or ``(None, why not)``."""
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "unispeech_fast.bench.memory", json.dumps(spec)],
-            # not the repository root: a top-level kernels/ folder there would shadow a PyPI package
-            cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"memory probe timed out after {timeout:g} s"
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"memory probe failed: {tail}"
-    result = json.loads(lines[-1])
-    return result.get("peak_bytes"), result.get("error", "")
 
 
 def main(argv: list[str] | None = None) -> int:

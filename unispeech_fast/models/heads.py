@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..pretraining import utterance_contrastive_loss
-from ..modules import AMSoftmaxLoss, GumbelVectorQuantizer, TDNNLayer
+from ..modules import GumbelVectorQuantizer
 from ..outputs import (
     CausalLMOutput,
     SequenceClassifierOutput,
@@ -268,6 +268,56 @@ class ForAudioFrameClassification(_Head):
             )
         out = TokenClassifierOutput(loss, logits, hidden_states, attentions)
         return out if rd else out.to_tuple()
+
+
+# ------------------------------------------------------------------------------------ x-vector layers
+# Modules only the ForXVector head uses (the backbone's layers are in unispeech_fast.modules).
+class TDNNLayer(nn.Module):
+    """X-vector TDNN layer: dilated conv over frames (weights stored as a Linear ``kernel``), then ReLU."""
+
+    READS_WEIGHTS_OF = ("kernel",)  # see unispeech_fast.modules.ConvLayer.READS_WEIGHTS_OF
+
+    def __init__(self, config, layer_id: int) -> None:
+        super().__init__()
+        self.in_conv_dim = config.tdnn_dim[layer_id - 1] if layer_id > 0 else config.tdnn_dim[layer_id]
+        self.out_conv_dim = config.tdnn_dim[layer_id]
+        self.kernel_size = config.tdnn_kernel[layer_id]
+        self.dilation = config.tdnn_dilation[layer_id]
+        self.kernel = nn.Linear(self.in_conv_dim * self.kernel_size, self.out_conv_dim)
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, T, in_conv_dim]`` to ``[B, T - dilation * (kernel_size - 1), out_conv_dim]``."""
+        weight = self.kernel.weight.view(self.out_conv_dim, self.kernel_size, self.in_conv_dim).transpose(1, 2)
+        out = F.conv1d(hidden_states.transpose(1, 2), weight, self.kernel.bias, dilation=self.dilation)
+        return self.activation(out.transpose(1, 2))
+
+
+class AMSoftmaxLoss(nn.Module):
+    """Additive-margin softmax loss (scale 30, margin 0.4) with a ``weight [input_dim, num_labels]``."""
+
+    def __init__(self, input_dim: int, num_labels: int, scale: float = 30.0, margin: float = 0.4) -> None:
+        super().__init__()
+        self.scale = scale
+        self.margin = margin
+        self.num_labels = num_labels
+        self.weight = nn.Parameter(torch.randn(input_dim, num_labels))
+        self.loss = nn.CrossEntropyLoss()
+
+    @torch.no_grad()
+    def init_weights_like_transformers(self) -> None:
+        """transformers' ``_init_weights`` for this module (called by :func:`unispeech_fast.modules.init_weights`)."""
+        nn.init.normal_(self.weight)
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, input_dim]`` and labels ``[B]`` (or any shape holding B ids) to the scalar loss."""
+        labels = labels.flatten()
+        weight = F.normalize(self.weight, dim=0)
+        cos_theta = torch.mm(F.normalize(hidden_states, dim=1), weight)
+        psi = cos_theta - self.margin
+        onehot = F.one_hot(labels, self.num_labels)
+        logits = self.scale * torch.where(onehot.bool(), psi, cos_theta)
+        return self.loss(logits, labels)
 
 
 class ForXVector(_Head):

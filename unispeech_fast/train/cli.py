@@ -17,9 +17,10 @@ import os
 import shutil
 import sys
 
+from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive as _positive
+
 __all__ = ["add_parsers", "run_finetune", "run_pretrain", "TASK_HEADS", "PRETRAIN_HEADS"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # task -> {model_type: class name}
 TASK_HEADS = {
@@ -67,7 +68,6 @@ def add_parsers(subparsers) -> None:
 
 
 def _common_options(p, lr: float, freeze: bool) -> None:
-    from ..cli import _positive
 
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (a backbone or a head)")
     p.add_argument("--manifest", required=True, metavar="FILE", help="training manifest (.jsonl, .tsv)")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..audio import AudioError
+from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
 __all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "STATE_FILE"]
@@ -293,7 +293,7 @@ def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | Non
                     continue
                 examples.append(example)
                 files.append(entry.path)
-                audio_seconds += examples[-1]["input_values"].numel() / 16000
+                audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
             sync = a == opts.grad_accum - 1 or dist is None
             ctx = net.no_sync() if not sync else _null()
             with ctx:

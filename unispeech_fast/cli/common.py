@@ -1,0 +1,70 @@
+"""What every command of the CLI shares: exit codes, the sample rate, argument validators, error lines.
+
+Exit codes: :data:`EXIT_OK` (0) success, :data:`EXIT_FAILURE` (1) runtime failure, :data:`EXIT_USAGE`
+(2) usage error (argparse exits with 2 on its own errors too). Errors are ``error:`` lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..audio.resampling import SAMPLE_RATE
+
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "SAMPLE_RATE", "positive", "fraction", "error", "run_command",
+           "add_command"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _number(kind: type, text: str, name: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+
+
+def positive(kind: type, name: str):
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires it positive and finite."""
+    def parse(text: str):
+        value = _number(kind, text, name, f"a {kind.__name__}")
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be positive and finite, got {text!r}")
+        return value
+
+    return parse
+
+
+def fraction(name: str, high_open: bool):
+    """An argparse ``type`` for a number in ``[0, 1)`` (``high_open``) or ``[0, 1]``."""
+    def parse(text: str):
+        value = _number(float, text, name, "a number")
+        if not (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, {'1)' if high_open else '1]'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def error(message: str, code: int) -> int:
+    """Print ``error: message`` on stderr and return ``code`` (the command's exit code)."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` (argparse exits with status 2 on usage errors) and run the chosen command's
+    ``func``; no command prints the help and returns :data:`EXIT_USAGE`."""
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.func(args)
+
+
+def add_command(subparsers, name: str, func, *, help: str, description: str) -> argparse.ArgumentParser:
+    """``subparsers.add_parser(name, ...)`` set to run ``func(args) -> exit code``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
