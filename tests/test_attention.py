@@ -15,7 +15,9 @@ import torch
 
 import unispeech_fast as uf
 from unispeech_fast import dispatch
-from unispeech_fast.ops.attention import _attention_eager, _attention_triton, attention, attention_ref
+from unispeech_fast.ops.attention import attention, attention_ref
+from unispeech_fast.ops.attention.reference import attention_eager as _attention_eager
+from unispeech_fast.ops.attention.triton import _attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute error floor per dtype, on top of 2x the eager op's own error (for values of order one).
@@ -249,7 +251,7 @@ def test_torch_compile_fullgraph_matches_eager_call():
 
 # --------------------------------------------------------------------------------------------- dispatch
 def test_need_weights_runs_the_eager_path_and_logs(monkeypatch, caplog):
-    monkeypatch.setattr(dispatch, "_logged_once", set())
+    monkeypatch.setattr(dispatch.registry, "_logged_once", set())
     q, k, v = make_qkv(2, 9, 2, 16, torch.float32)
     mask = right_padded_mask([9, 4], 9)
     with dispatch.backend("triton"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
@@ -381,7 +383,7 @@ def test_padding_checks_run_once_per_encoder_forward(monkeypatch):
     once per encoder forward, not once per layer; a new forward (or a changed mask) checks again."""
     import importlib
 
-    attention_mod = importlib.import_module("unispeech_fast.ops.attention")
+    attention_mod = importlib.import_module("unispeech_fast.ops.attention.padding")
     calls = []
     original = attention_mod.right_padded_lengths
     monkeypatch.setattr(attention_mod, "right_padded_lengths", lambda m: calls.append(1) or original(m))

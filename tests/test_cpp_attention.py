@@ -17,7 +17,8 @@ import torch
 
 import unispeech_fast as uf
 from unispeech_fast import dispatch
-from unispeech_fast.ops import _attention_cpp, attention, attention_ref
+from unispeech_fast.ops import attention, attention_ref
+from unispeech_fast.ops.attention import extension as _attention_cpp  # the cpp (and cuda) backends
 from unispeech_fast.ops import _extension_ops as ext
 from conftest import padded_batch, tiny_config_kwargs
 from test_attention import _run, check_against_reference, make_qkv, right_padded_mask
@@ -156,7 +157,7 @@ def test_reasons():
 def test_auto_takes_cpp_for_inference_only(monkeypatch):
     """Auto skips the C++ attention where gradients are needed (its backward recomputes, so it always
     costs more than eager); a forced backend("cpp") still trains through it."""
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {})  # the default order: cpp before eager
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {})  # the default order: cpp before eager
     q, k, v = make_qkv(2, 9, 2, 8, torch.float32)
     grad_inputs = {"q": q.clone().requires_grad_(), "k": k, "v": v}
     assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "cpp"
@@ -169,7 +170,7 @@ def test_auto_takes_cpp_for_inference_only(monkeypatch):
 
 
 def test_need_weights_is_served_by_the_reference(caplog, monkeypatch):
-    monkeypatch.setattr(dispatch, "_logged_once", set())
+    monkeypatch.setattr(dispatch.registry, "_logged_once", set())
     q, k, v = make_qkv(2, 9, 2, 8, torch.float32)
     mask = right_padded_mask([9, 4], 9)
     with dispatch.backend("cpp"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):

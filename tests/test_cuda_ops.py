@@ -28,7 +28,16 @@ def cuda_backend():
     """Registers this module's cuda implementations for these tests and restores the registry after, so
     that other test files see the registry as the package itself sets it up."""
     saved = {op: dict(dispatch._REGISTRY[op]) for op in ("attention", "feature_extractor")}
-    from unispeech_fast.ops import _cuda
+    from types import SimpleNamespace
+
+    from unispeech_fast.ops.attention import extension as attention_ext
+    from unispeech_fast.ops.feature_extractor import extension as fe_ext
+
+    _cuda = SimpleNamespace(  # the cuda backends of both ops, under the names these tests use
+        _attention_reasons=attention_ext._cuda_reasons, attention_cuda=attention_ext.attention_cuda,
+        _feature_extractor_reasons=fe_ext._cuda_reasons, feature_extractor_cuda=fe_ext.feature_extractor_cuda,
+        layer0_smem_bytes=fe_ext.layer0_smem_bytes, layer0_smem_reasons=fe_ext.layer0_smem_reasons,
+    )
 
     dispatch.register("attention", "cuda", not_supported_reasons=_cuda._attention_reasons)(_cuda.attention_cuda)
     dispatch.register("feature_extractor", "cuda", not_supported_reasons=_cuda._feature_extractor_reasons)(

@@ -14,7 +14,8 @@ import unispeech_fast as uf
 from unispeech_fast import dispatch
 from unispeech_fast.configuration import UniSpeechConfig
 from unispeech_fast.modules import FeatureEncoder
-from unispeech_fast.ops.feature_extractor import feature_extractor, feature_extractor_ref, feature_extractor_triton
+from unispeech_fast.ops.feature_extractor import feature_extractor, feature_extractor_ref
+from unispeech_fast.ops.feature_extractor.triton import feature_extractor_triton
 
 SMALL_KERNELS, SMALL_STRIDES = (10, 3, 2), (5, 2, 2)  # receptive field 30 samples, hop 20
 REAL_KERNELS, REAL_STRIDES = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)

@@ -17,7 +17,7 @@ from unispeech_fast import dispatch
 from unispeech_fast.configuration import UniSpeechConfig
 from unispeech_fast.modules import GumbelVectorQuantizer
 from unispeech_fast.ops import gumbel_quantizer, gumbel_quantizer_ref
-gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer")  # the package exports a function of that name
+gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_impl = gq_module._gumbel_quantizer_triton
@@ -344,7 +344,7 @@ def _cpp_impl():
     ext = importlib.import_module("unispeech_fast.ops._extension_ops")
     if not ext.ensure_registered():
         pytest.fail("the C++ extension is not built: the cpp backend of gumbel_quantizer cannot be checked")
-    return ext.gumbel_quantizer_ext
+    return importlib.import_module("unispeech_fast.ops.gumbel_quantizer.extension").gumbel_quantizer_ext
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -432,7 +432,7 @@ def test_mask_input_errors_and_cuda_reason():
         gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask[:, :4])
     with pytest.raises(ValueError, match="selects no frame"):
         gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=torch.zeros_like(mask))
-    ext = importlib.import_module("unispeech_fast.ops._extension_ops")
+    ext = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.extension")
     assert any("mask" in r for r in ext._gumbel_cuda_reasons(logits, codevectors, 2, 1.5, False, mask=mask))
     # Through dispatch with a mask, every backend that runs agrees with the reference.
     expected = gumbel_quantizer_ref(logits, codevectors, 2, 1.5, False, mask=mask)

@@ -16,8 +16,8 @@ import torch
 from unispeech_fast import dispatch
 from unispeech_fast.ops.pos_conv import pos_conv, pos_conv_ref
 
-# the module itself (``unispeech_fast.ops.pos_conv`` the attribute is the public function)
-pos_conv_mod = importlib.import_module("unispeech_fast.ops.pos_conv")
+# the triton backend module (its launchers and dispatch entry)
+pos_conv_mod = importlib.import_module("unispeech_fast.ops.pos_conv.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _NAMES = ("x", "weight_g", "weight_v", "bias")

@@ -1,72 +1,15 @@
-"""The conv feature extractor: strided Conv1d layers, each with an optional norm, then an activation.
-
-``norm_type="group"``: layer 0 is conv -> GroupNorm(C, C) (per-channel statistics over the whole
-padded time axis) -> act, the other layers conv -> act. ``norm_type="layer"``: every layer is
-conv -> LayerNorm over channels -> act. The norms always use eps 1e-5 (transformers ignores
-``layer_norm_eps`` here).
-
-The ``triton`` backend runs each layer as one fused Triton op (implicit-GEMM conv, bias, norm, exact
-gelu) with a Triton backward (norm/gelu VJP and the conv's input and weight gradients); it fuses only
-``activation="gelu"``.
-"""
+"""The ``triton`` backend of ``feature_extractor``: one custom op per conv layer (forward) and one for
+its VJP (``unispeech_fast::triton_feature_extractor_layer`` / ``_backward``), and the dispatch entry."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ._triton_common import device_guard
-from ..activations import get_activation
+from ... import dispatch
+from .._triton_common import device_guard
 
-__all__ = ["feature_extractor", "feature_extractor_ref"]
-
-
-def feature_extractor_ref(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Eager reference.
-
-    Args:
-        x: waveform ``[batch, samples]``.
-        conv_weights: per layer ``[C_out, C_in, kernel]``; ``conv_biases`` per layer ``[C_out]`` or None.
-        norm_weights, norm_biases: per layer ``[C_out]``, or None for layers without a norm.
-        conv_strides: per layer stride.
-        norm_type: ``"group"`` or ``"layer"``.
-
-    Returns:
-        features ``[batch, C_last, frames]``.
-    """
-    act = get_activation(activation)
-    h = x[:, None]
-    for i, (w, b, stride) in enumerate(zip(conv_weights, conv_biases, conv_strides)):
-        h = F.conv1d(h, w, b, stride=stride)
-        gamma, beta = norm_weights[i], norm_biases[i]
-        if gamma is not None:
-            if norm_type == "group":
-                h = F.group_norm(h, h.shape[1], gamma, beta, eps)
-            elif norm_type == "layer":
-                h = F.layer_norm(h.transpose(-2, -1), (h.shape[1],), gamma, beta, eps).transpose(-2, -1)
-            else:
-                raise ValueError(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
-        h = act(h)
-    return h
-
-
-dispatch.register("feature_extractor", "eager")(feature_extractor_ref)
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # One custom op per conv layer (forward) and one for its VJP, so the stack composes with autograd and
 # torch.compile. The kernels (unispeech_fast.kernels.feature_extractor) are imported lazily: importing
 # unispeech_fast never imports triton. Norm codes: 0 none, 1 layer norm over channels, 2 group norm
@@ -76,7 +19,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    from ..kernels import feature_extractor as kernels  # imports triton
+    from ...kernels import feature_extractor as kernels  # imports triton
 
     return kernels
 
@@ -270,29 +213,3 @@ def feature_extractor_triton(
             h, w, conv_biases[i], norm_weights[i], norm_biases[i], int(conv_strides[i]), norm, float(eps)
         )[0]
     return h
-
-
-def feature_extractor(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Conv feature extractor on the selected backend; see :func:`feature_extractor_ref`."""
-    return dispatch.call(
-        "feature_extractor",
-        x=x,
-        conv_weights=list(conv_weights),
-        conv_biases=list(conv_biases),
-        norm_weights=list(norm_weights),
-        norm_biases=list(norm_biases),
-        conv_strides=list(conv_strides),
-        norm_type=norm_type,
-        activation=activation,
-        eps=eps,
-    )

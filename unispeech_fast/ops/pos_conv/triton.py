@@ -1,60 +1,14 @@
-"""The grouped, weight-normed positional convolution with its residual add.
-
-``y = x + act(conv1d(x, W, bias, padding=K//2, groups)[..., :T])`` with ``W = g * v / ||v||``, the
-norm taken over the output- and input-channel dims separately for each tap (weight norm with
-``dim=2``, as ``torch.nn.utils.parametrizations.weight_norm(conv, dim=2)`` computes it). For even K
-the convolution yields T + 1 frames and the last is dropped (transformers' ``SamePad``).
-
-Backends: ``eager`` (:func:`pos_conv_ref`) and ``triton`` (``kernels/pos_conv.py``: one fused
-implicit-GEMM kernel for conv + bias + exact GELU + residual; backward as GELU'-scaling, a second
-implicit GEMM for the input gradient and a split reduction for the weight gradient), registered as
-the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd``. The weight norm itself stays in
-torch: folded on every call (no cache that could go stale), and differentiated by torch's
-weight-norm backward under autograd.
-"""
+"""The ``triton`` backend of ``pos_conv``: weight folding, launchers for ``unispeech_fast.kernels.pos_conv``,
+the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd`` with fakes and autograd, and the
+dispatch entry."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ..activations import get_activation
-from ._triton_common import device_guard, fp32_dot_precision
+from ... import dispatch
+from .._triton_common import device_guard, fp32_dot_precision
 
-__all__ = ["pos_conv", "pos_conv_ref"]
-
-
-def pos_conv_ref(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
-    """Eager reference.
-
-    Args:
-        x: hidden states ``[batch, frames, hidden]``.
-        weight_g: ``[1, 1, kernel]``; weight_v: ``[hidden, hidden // groups, kernel]``; bias ``[hidden]``.
-
-    Returns:
-        ``x + pos(x)``, ``[batch, frames, hidden]``.
-    """
-    kernel = weight_v.shape[-1]
-    weight = torch._weight_norm(weight_v, weight_g, 2)
-    h = F.conv1d(x.transpose(1, 2), weight, bias, padding=kernel // 2, groups=groups)
-    if kernel % 2 == 0:
-        h = h[:, :, :-1]
-    h = get_activation(activation)(h).transpose(1, 2)
-    return x + h
-
-
-dispatch.register("pos_conv", "eager")(pos_conv_ref)
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # Weight folding. ``W = torch._weight_norm(v, g, 2)`` is packed per group into the GEMM layout the
 # kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``), with torch ops
 # on every call: under autograd torch's own weight-norm backward (and the permute's) carries the packed
@@ -83,14 +37,14 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _configs(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, ...]]:
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     return kernels.INTERPRETER_CONFIGS if _interpreting(device) else kernels.GPU_CONFIGS[_DTYPE_NAMES[dtype]]
 
 
 def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, device):
     """One implicit-GEMM conv launch (forward, or the input gradient with the flipped weight)."""
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, _ = inp.shape
     groups, red, channels = packed.shape
@@ -129,7 +83,7 @@ def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) 
     run to run, and the partial buffer stays small because (reduction blocks x groups) already gives
     thousands of programs at the real sizes, so few time splits are needed to fill the GPU.
     """
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, _ = x.shape
     groups, red, channels = packed.shape
@@ -158,7 +112,7 @@ def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) 
 
 
 def _backward(grad_out, x, packed, pre, has_bias: bool, weight_grad: bool):
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, hidden = x.shape
     groups, red, channels = packed.shape
@@ -295,17 +249,3 @@ def _pos_conv_triton(
     )
     out, _ = torch.ops.unispeech_fast.triton_pos_conv_fwd(x, packed, bias, needs_grad)
     return out
-
-
-def pos_conv(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
-    """Positional conv plus residual on the selected backend; see :func:`pos_conv_ref`."""
-    return dispatch.call(
-        "pos_conv", x=x, weight_g=weight_g, weight_v=weight_v, bias=bias, groups=groups, activation=activation
-    )

@@ -1,142 +1,12 @@
-"""The Gumbel-softmax product vector quantizer.
-
-Logits ``[batch, frames, G * V]`` are split into G groups of V codevector logits. In training each
-group draws a hard straight-through one-hot ``y = onehot(argmax(l + n)) - s.detach() + s`` with
-``s = softmax((l + n) / tau)`` and Gumbel noise n (forward is hard, gradient flows through s); in
-eval it is ``onehot(argmax(l))``. The output concatenates, over groups, the selected rows of the
-codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_gv)`` with ``p`` the
-mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
-(bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
-it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
-"""
+"""The ``triton`` backend of ``gumbel_quantizer``: launchers, custom ops with fakes and autograd, dispatch entry."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ._triton_common import device_guard
+from ... import dispatch
+from .._triton_common import device_guard
 
-__all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
-
-
-def _perplexity(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``probs`` ``[N, G, V]``; ``mask`` bool ``[N]`` or None (mean over every row)."""
-    if mask is None:
-        marginal = probs.mean(dim=0)
-    else:
-        marginal = torch.where(mask[:, None, None], probs, torch.zeros_like(probs)).sum(dim=0) / mask.sum()
-    return torch.exp(-torch.sum(torch.xlogy(marginal, marginal), dim=-1)).sum()
-
-
-def gumbel_quantizer_ref(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    gumbels: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Eager reference (transformers' ``GumbelVectorQuantizer.forward`` after ``weight_proj``).
-
-    Args:
-        logits: ``[batch, frames, num_groups * V]``.
-        codevectors: ``[1, num_groups * V, D / num_groups]``.
-        sample: True for the training path (Gumbel sampling, torch RNG), False for argmax.
-        gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only, for tests).
-            With it the call computes exactly what ``F.gumbel_softmax(hard=True)`` computes when it
-            draws that noise, in fp32 (fp64 for fp64 logits, so tests get a high-precision reference).
-        mask: optional bool ``[batch, frames]``: the perplexity's marginal is the mean over the frames
-            where it is True (forward and gradient); None means every frame.
-        return_indices: also return the chosen code per group, int64 ``[batch, frames, num_groups]``.
-
-    Returns:
-        ``(quantized [batch, frames, D], perplexity scalar)``, plus the indices if ``return_indices``.
-    """
-    batch, frames, _ = logits.shape
-    flat = logits.reshape(batch * frames * num_groups, -1)
-    row_mask = None if mask is None else mask.reshape(batch * frames).to(device=logits.device, dtype=torch.bool)
-    if gumbels is not None and not sample:
-        raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
-    if sample and gumbels is not None:
-        if gumbels.shape != logits.shape:
-            raise ValueError(f"gumbels must have the shape of logits {tuple(logits.shape)}, got {tuple(gumbels.shape)}")
-        work = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        # F.gumbel_softmax(hard=True), step by step, with the given noise instead of a fresh draw.
-        y_soft = ((work + gumbels.reshape(flat.shape).to(work.dtype)) / temperature).softmax(-1)
-        index = y_soft.max(-1, keepdim=True)[1]
-        y_hard = torch.zeros_like(work, memory_format=torch.legacy_contiguous_format).scatter_(-1, index, 1.0)
-        probs = (y_hard - y_soft.detach() + y_soft).type_as(flat)
-        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1), row_mask)
-    elif sample:
-        probs = F.gumbel_softmax(flat.float(), tau=temperature, hard=True).type_as(flat)
-        soft = torch.softmax(flat.view(batch * frames, num_groups, -1).float(), dim=-1)
-        perplexity = _perplexity(soft, row_mask)
-    else:
-        idx = flat.argmax(dim=-1)
-        probs = flat.new_zeros(*flat.shape).scatter_(-1, idx.view(-1, 1), 1.0)
-        perplexity = _perplexity(probs.view(batch * frames, num_groups, -1), row_mask)
-    probs = probs.view(batch * frames, -1)
-    per_group = probs.unsqueeze(-1) * codevectors
-    quantized = per_group.view(batch * frames, num_groups, probs.shape[-1] // num_groups, -1).sum(-2)
-    if return_indices:
-        # The forward value of the straight-through one-hot is exactly 1 on the chosen code.
-        indices = probs.detach().view(batch, frames, num_groups, -1).argmax(-1)
-        return quantized.view(batch, frames, -1), perplexity, indices
-    return quantized.view(batch, frames, -1), perplexity
-
-
-dispatch.register("gumbel_quantizer", "eager", is_stochastic=lambda sample=False, **_: bool(sample))(
-    gumbel_quantizer_ref
-)
-
-
-def gumbel_quantizer(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
-
-    ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
-    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
-    Without them the call and its results are exactly those of before these options existed.
-    """
-    extra = {}
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
-                not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-            raise ValueError(
-                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
-                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
-            )
-        if mask.device != logits.device:
-            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
-        if not bool(mask.any()):
-            raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
-        extra["mask"] = mask
-    if return_indices:
-        extra["return_indices"] = True
-    return dispatch.call(
-        "gumbel_quantizer",
-        logits=logits,
-        codevectors=codevectors,
-        num_groups=num_groups,
-        temperature=temperature,
-        sample=sample,
-        **extra,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
 # _triton_backward: allocate, pick blocks, launch) -> custom ops with autograd (torch.library) ->
 # _gumbel_quantizer_triton (the dispatch entry, which draws the Philox seed).
@@ -153,7 +23,7 @@ def _row_weights(mask, n, device):
 
 
 def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask):
-    from ..kernels import gumbel_quantizer as kern
+    from ...kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
     n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
@@ -205,7 +75,7 @@ def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tens
 
 def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
                      temperature, sample, need_logits, need_codevectors, mask):
-    from ..kernels import gumbel_quantizer as kern
+    from ...kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
     n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]

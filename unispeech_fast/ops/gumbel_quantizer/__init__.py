@@ -1,0 +1,67 @@
+"""The Gumbel-softmax product vector quantizer.
+
+Logits ``[batch, frames, G * V]`` are split into G groups of V codevector logits. In training each
+group draws a hard straight-through one-hot ``y = onehot(argmax(l + n)) - s.detach() + s`` with
+``s = softmax((l + n) / tau)`` and Gumbel noise n (forward is hard, gradient flows through s); in
+eval it is ``onehot(argmax(l))``. The output concatenates, over groups, the selected rows of the
+codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_gv)`` with ``p`` the
+mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
+(bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
+it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import dispatch
+from . import extension, triton  # noqa: F401  (register the cpp/cuda and triton backends; load nothing)
+from .reference import gumbel_quantizer_ref
+
+__all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
+
+dispatch.register("gumbel_quantizer", "eager", is_stochastic=lambda sample=False, **_: bool(sample))(
+    gumbel_quantizer_ref
+)
+
+
+def gumbel_quantizer(
+    logits: torch.Tensor,
+    codevectors: torch.Tensor,
+    num_groups: int,
+    temperature: float,
+    sample: bool,
+    mask: torch.Tensor | None = None,
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
+
+    ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
+    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
+    Without them the call and its results are exactly those of before these options existed.
+    """
+    extra = {}
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
+                not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
+                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
+            )
+        if mask.device != logits.device:
+            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
+        if not bool(mask.any()):
+            raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
+        extra["mask"] = mask
+    if return_indices:
+        extra["return_indices"] = True
+    return dispatch.call(
+        "gumbel_quantizer",
+        logits=logits,
+        codevectors=codevectors,
+        num_groups=num_groups,
+        temperature=temperature,
+        sample=sample,
+        **extra,
+    )
