@@ -21,8 +21,9 @@ def padding_checked_once(key_padding_mask: torch.Tensor | None) -> Iterator[None
     """The scope of one encoder forward: attention calls inside it that get this same mask tensor
     (unmodified: same version counter) share one computation of its lengths and of the kernels' padding
     checks (:func:`padding_mask_reasons`, two host syncs), instead of repeating them in every layer.
-    Computed lazily on first use, dropped when the scope ends; no effect while torch.compile traces."""
-    if key_padding_mask is None or torch.compiler.is_compiling():
+    Computed lazily on first use, dropped when the scope ends; no effect while torch.compile traces, nor for an
+    inference tensor (made under ``torch.inference_mode``), which has no version counter to key the memo on."""
+    if key_padding_mask is None or torch.compiler.is_compiling() or key_padding_mask.is_inference():
         yield
         return
     token = _padding_scope.set((key_padding_mask, key_padding_mask._version, {}))
