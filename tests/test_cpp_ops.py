@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import unispeech_fast as uf
 from unispeech_fast import _extension, dispatch
+from _tolerance import FLOOR, assert_within_2x_eager, max_err
 from unispeech_fast.ops import _extension_ops as ext
 from unispeech_fast.ops.feature_extractor import extension as fe_ext
 from unispeech_fast.ops.gumbel_quantizer import extension as gq_ext
@@ -36,15 +37,9 @@ def test_extension_is_built_and_registered():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.detach().double() - ref.detach().double()).abs().max().item() if ref.numel() else 0.0
-
-
-def _assert_policy(ours, eager32, ref64, what, floor=1e-6):
-    """ours (fp32) may be at most 2x as far from the fp64 reference as eager fp32, plus a tiny floor."""
-    err, eager_err = _max_err(ours, ref64), _max_err(eager32, ref64)
-    scale = max(1.0, ref64.detach().abs().max().item() if ref64.numel() else 1.0)
-    assert err <= 2 * eager_err + floor * scale, f"{what}: error {err:.3e} vs eager fp32 {eager_err:.3e} (scale {scale:.2g})"
+def _assert_policy(ours, eager32, ref64, what):
+    """ours (fp32) against the fp64 reference: the shared rule (tests/_tolerance.py) with fp32's floor."""
+    assert_within_2x_eager(what, ours, eager32, ref64, FLOOR[torch.float32])
 
 
 def _leaves(tensors, dtype):
@@ -258,7 +253,7 @@ def test_gumbel_sample_follows_eager_rng_and_gradients(shape):
     torch.testing.assert_close(ours[1], eager[1], rtol=1e-5, atol=1e-6)
     for got, want, what in ((ours[2], eager[2], "grad logits"), (ours[3], eager[3], "grad codevectors")):
         scale = want.abs().max().item()  # both fp32 VJPs of softmaxes over V codes: compare at fp32 scale
-        assert _max_err(got, want) <= 2e-6 * max(1.0, scale) * v ** 0.5, what
+        assert max_err(got, want) <= 2e-6 * max(1.0, scale) * v ** 0.5, what
 
 
 def test_gumbel_sample_needs_noise_on_cpu():
@@ -301,12 +296,14 @@ def test_bad_inputs_name_the_argument():
 
 def test_backend_reasons():
     x, g, v, bias = _pos_conv_inputs(1, 4, 8, 2, 3)
-    reasons = pc_ext._pos_conv_cpp_reasons(x.half(), g.half(), v.half(), bias.half(), 2, "relu")
+    # The backends' reasons as registered: the base check of the declared capabilities plus their own.
+    reasons = dispatch._REGISTRY["pos_conv"]["cpp"].not_supported_reasons(x.half(), g.half(), v.half(), bias.half(), 2,
+                                                                         "relu")
     assert any("gelu" in r for r in reasons) and any("float32/float64" in r for r in reasons)
     with dispatch.backend("cpp"), pytest.raises(dispatch.BackendNotSupportedError, match="gelu"):
         uf.ops.pos_conv(x, g, v, bias, 2, "relu")
     logits, cv = _gumbel_inputs(1, 2, 2, 5, 4)
-    assert gq_ext._gumbel_cuda_reasons(logits, cv, 2, 1.0, False)  # CPU tensors: not for the cuda backend
+    assert dispatch._REGISTRY["gumbel_quantizer"]["cuda"].not_supported_reasons(logits, cv, 2, 1.0, False)  # CPU tensors
 
 
 # ---------------------------------------------------------------------------------------------- opcheck / compile

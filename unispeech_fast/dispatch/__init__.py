@@ -31,9 +31,11 @@ from .registry import (
     GPU_ORDER_REASON,
     OPS,
     BackendNotSupportedError,
+    Capabilities,
     OpImpl,
     _logged_once,
     _unregister,
+    capability_reasons,
     log_once,
     logger,
     register,
@@ -43,6 +45,7 @@ from .selection import CPU_KEY, auto_order, backend_reasons, call, default_order
 from .verify import VERIFY_TOLERANCES, VerificationError, _compare, verify, verify_enabled
 
 __all__ = [
+    "Capabilities",
     "auto_order",
     "BACKENDS",
     "GPU_DEFAULT_ORDER",

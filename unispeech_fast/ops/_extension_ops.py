@@ -16,21 +16,31 @@ import torch
 
 from .. import _extension, dispatch
 
-__all__ = ["cuda_extension_reasons", "cuda_ops", "ensure_registered", "on_load"]
+__all__ = ["CPP_DTYPES", "cuda_ops", "ensure_registered", "on_load"]
 
-_NS = "unispeech_fast"
-_CPP_DTYPES = (torch.float32, torch.float64)
+#: What the C++ CPU kernels run (csrc/cpu: their dtype checks).
+CPP_DTYPES = (torch.float32, torch.float64)
 
 _registered = False
-_hooks: list[Callable[[], None]] = []
+_hooks: list[tuple[tuple[str, ...], Callable[[], None]]] = []
 
 
-def on_load(hook: Callable[[], None]) -> Callable[[], None]:
-    """Register ``hook`` (an op's fakes and autograd formulas) to run once the extension has loaded."""
-    _hooks.append(hook)
-    if _registered:
-        hook()
-    return hook
+def _has_schemas(names: tuple[str, ...]) -> bool:
+    return all(hasattr(torch.ops.unispeech_fast, name) for name in names)
+
+
+def on_load(*names: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Decorator: run the hook (the fakes and autograd formulas of the compiled ops ``names``) once the
+    extension has loaded. An extension built before those ops existed lacks their schemas: the hook is
+    skipped, and the backends report the missing kernels (dispatch's base check of ``Capabilities.kernels``)."""
+
+    def deco(hook: Callable[[], None]) -> Callable[[], None]:
+        _hooks.append((names, hook))
+        if _registered and _has_schemas(names):
+            hook()
+        return hook
+
+    return deco
 
 
 @_extension.constant_under_compile  # called, not traced, by torch.compile (it loads and registers)
@@ -41,8 +51,9 @@ def ensure_registered() -> bool:
         return True
     if not _extension.status().loaded:
         return False
-    for hook in _hooks:
-        hook()
+    for names, hook in _hooks:
+        if _has_schemas(names):
+            hook()
     _registered = True
     return True
 
@@ -51,16 +62,6 @@ def _ops() -> Any:
     if not ensure_registered():
         raise dispatch.BackendNotSupportedError(f"C++ extension not available: {_extension.summary()[1]}")
     return torch.ops.unispeech_fast
-
-
-def _has_kernel(op: str, key: str) -> bool:
-    return ensure_registered() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NS}::{op}", key)
-
-
-def cuda_extension_reasons() -> list[str]:
-    """Why the extension's CUDA kernels cannot run (empty when they were built)."""
-    _, _, has_cuda, cuda_reason = _extension.summary()
-    return [] if has_cuda else [f"CUDA extension not available: {cuda_reason}"]
 
 
 def cuda_ops():

@@ -13,13 +13,35 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
-from . import extension, triton  # noqa: F401  (register the cpp/cuda and triton backends; load nothing)
+from ...dispatch import Capabilities
+from . import extension, triton  # neither imports triton nor loads the extension
 from .padding import mask_lengths, padding_checked_once, padding_mask_reasons, right_padded_lengths
 from .reference import attention_eager, attention_ref
 
-__all__ = ["attention", "attention_ref", "padding_checked_once"]
+__all__ = [
+    "CAPABILITIES", "attention", "attention_ref", "mask_lengths", "padding_checked_once", "padding_mask_reasons",
+    "right_padded_lengths",
+]
 
-dispatch.register("attention", "eager", is_stochastic=lambda dropout_p=0.0, **_: dropout_p > 0.0)(attention_eager)
+_served_by_reference = lambda need_weights=False, **_: bool(need_weights)  # noqa: E731  (logged once)
+#: What each backend supports, as data: dispatch's one base check reads it; each backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (shapes, head_dim, masks, dropout). The triton and
+#: C++ dtype checks stay there (they also require q, k and v alike, in wording that tests pin), and triton's
+#: devices are dispatch's (CUDA, or CPU under the interpreter): it declares nothing more.
+CAPABILITIES = {
+    "cpp": Capabilities("the C++ attention", devices=("cpu",), kernels=("attention_fwd",), unless=_served_by_reference),
+    "cuda": Capabilities("the CUDA attention", devices=("cuda",), dtypes=extension.CUDA_DTYPES,
+                         kernels=("attention_fwd",)),
+}
+
+_dropout = lambda dropout_p=0.0, **_: dropout_p > 0.0  # noqa: E731  (dropout draws random numbers)
+dispatch.register("attention", "eager", is_stochastic=_dropout)(attention_eager)
+dispatch.register("attention", "triton", is_stochastic=_dropout,
+                  not_supported_reasons=triton._triton_reasons)(triton._attention_triton)
+dispatch.register("attention", "cpp", capabilities=CAPABILITIES["cpp"],
+                  not_supported_reasons=extension._cpp_reasons)(extension.attention_cpp)
+dispatch.register("attention", "cuda", capabilities=CAPABILITIES["cuda"],
+                  not_supported_reasons=extension._cuda_reasons)(extension.attention_cuda)
 
 
 def attention(

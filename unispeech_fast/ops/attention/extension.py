@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from ... import dispatch
-from .._extension_ops import _ops, cuda_extension_reasons, cuda_ops, on_load
+from .._extension_ops import _ops, cuda_ops, on_load
 from .padding import mask_lengths, padding_mask_reasons, right_padded_lengths
 from .reference import attention_ref
 from .triton import _last_dim_contiguous
 
-__all__ = ["attention_cpp", "attention_cuda"]
+__all__ = ["CUDA_DTYPES", "attention_cpp", "attention_cuda"]
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CPP_MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
@@ -42,7 +42,8 @@ _AUTO_SKIPS_TRAINING = (
     "and then runs SDPA's forward and backward, so it always costs more than eager; force it with backend('cpp')"
 )
 _CUDA_HEAD_DIMS = (64, 128)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+#: What the CUDA kernel runs (tensor cores; csrc/cuda/attention.cu).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves training"
 
 
@@ -87,7 +88,7 @@ def _backward(ctx, grad_out):
     return dq, dk, dv, None, dhm, None
 
 
-@on_load
+@on_load("attention_fwd")
 def _register() -> None:
     """Register the fake and the recomputing backward of ``unispeech_fast::attention_fwd`` (called once the
     extension is loaded, by :func:`unispeech_fast.ops._extension_ops.ensure_registered`)."""
@@ -115,8 +116,6 @@ def _cpp_reasons(
         return []  # served by the reference (the kernel never materialises the probabilities)
     reasons = []
     tensors = {"q": q, "k": k, "v": v}
-    if any(t.device.type != "cpu" for t in tensors.values()):
-        reasons.append("the C++ attention serves CPU tensors, got " + ", ".join(t.device.type for t in tensors.values()))
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         reasons.append(f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
                        f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)")
@@ -175,8 +174,6 @@ def attention_cpp(
     return ops.attention_fwd(q, k, v, seqlens, head_mask, scale), None
 
 
-dispatch.register("attention", "cpp", not_supported_reasons=_cpp_reasons)(attention_cpp)
-
 
 # ---------------------------------------------------------------------------------------------- cuda
 def _cuda_reasons(
@@ -189,12 +186,8 @@ def _cuda_reasons(
     scale: float | None = None,
     need_weights: bool = False,
 ) -> list[str]:
-    reasons = cuda_extension_reasons()
+    reasons = []
     tensors = {"q": q, "k": k, "v": v}
-    if any(t.device.type != "cuda" for t in tensors.values()):
-        reasons.append("q, k and v must be CUDA tensors, got " + ", ".join(t.device.type for t in tensors.values()))
-    if q.dtype not in _CUDA_DTYPES:
-        reasons.append(f"the CUDA attention runs float16/bfloat16 (tensor cores), got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -226,7 +219,6 @@ def _cuda_reasons(
     return reasons
 
 
-@dispatch.register("attention", "cuda", not_supported_reasons=_cuda_reasons)
 def attention_cuda(
     q: torch.Tensor,
     k: torch.Tensor,

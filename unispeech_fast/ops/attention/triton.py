@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ... import dispatch
-from .._triton_common import device_guard, fp32_dot_precision
+from .._triton_common import cdiv, device_guard, fp32_dot_precision
 from .padding import mask_lengths, padding_mask_reasons
 from .reference import attention_eager
 
@@ -63,7 +63,7 @@ def _triton_fwd(q, k, v, lengths, head_mask, seed, dropout_p, scale):
     lse = torch.empty((batch, heads, frames), device=q.device, dtype=torch.float32)
     hm, sd = _placeholders(q, head_mask, seed)
     block_m, block_n, block_d, warps, stages = _launch_settings(q, "fwd")
-    grid = (_cdiv(frames, block_m), batch * heads)
+    grid = (cdiv(frames, block_m), batch * heads)
     with _device_guard(q.device):
         kern._attn_fwd[grid](
             q, k, v, out, lse, lengths, hm, sd,
@@ -102,12 +102,12 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
             heads, frames, head_dim, float(scale), float(dropout_p),
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_pre")
-        kern._attn_bwd_rows[(_cdiv(frames, block_m), batch * heads)](
+        kern._attn_bwd_rows[(cdiv(frames, block_m), batch * heads)](
             *rows_args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, COMPUTE_DQ=False,
             num_warps=warps, num_stages=stages,
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_kv")
-        kern._attn_bwd_dkdv[(_cdiv(frames, block_n), batch * heads)](
+        kern._attn_bwd_dkdv[(cdiv(frames, block_n), batch * heads)](
             q, k, v, dout, dk, dv, lse, delta, lengths, hm, sd,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -119,15 +119,11 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, num_warps=warps, num_stages=stages,
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_q")
-        kern._attn_bwd_rows[(_cdiv(frames, block_m), batch * heads)](
+        kern._attn_bwd_rows[(cdiv(frames, block_m), batch * heads)](
             *rows_args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, COMPUTE_DQ=True,
             num_warps=warps, num_stages=stages,
         )
     return dq, dk, dv
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("unispeech_fast::triton_attention_fwd", mutates_args=())
@@ -275,11 +271,3 @@ def _attention_triton(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _triton_attention_fwd(q, k, v, lengths, hm, seed, float(dropout_p), scale)
     return out, None
-
-
-dispatch.register(
-    "attention",
-    "triton",
-    not_supported_reasons=_triton_reasons,
-    is_stochastic=lambda dropout_p=0.0, **_: dropout_p > 0.0,
-)(_attention_triton)

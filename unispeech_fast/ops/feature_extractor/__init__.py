@@ -17,12 +17,31 @@ from typing import Sequence
 import torch
 
 from ... import dispatch
-from . import extension, triton  # noqa: F401  (register the cpp/cuda and triton backends; load nothing)
+from ...dispatch import Capabilities
+from .._extension_ops import CPP_DTYPES
+from . import extension, triton  # neither imports triton nor loads the extension
+from .common import NormKind, conv_output_length
 from .reference import feature_extractor_ref
 
-__all__ = ["feature_extractor", "feature_extractor_ref"]
+__all__ = ["CAPABILITIES", "NormKind", "conv_output_length", "feature_extractor", "feature_extractor_ref"]
+
+#: What each backend supports, as data: dispatch's one base check reads it; each backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (layers, norms, channels, shared memory).
+CAPABILITIES = {
+    "triton": Capabilities("the triton feature extractor", dtypes=triton.DTYPES),
+    "cpp": Capabilities("the C++ feature extractor", devices=("cpu",), dtypes=CPP_DTYPES,
+                        kernels=("conv_norm_gelu_fwd",)),
+    # Its device check stays in the backend's reasons, which name ``x`` (wording pinned by tests).
+    "cuda": Capabilities("the CUDA feature extractor", dtypes=extension.CUDA_DTYPES, kernels=("conv_norm_gelu_fwd",)),
+}
 
 dispatch.register("feature_extractor", "eager")(feature_extractor_ref)
+dispatch.register("feature_extractor", "triton", capabilities=CAPABILITIES["triton"],
+                  not_supported_reasons=triton._triton_not_supported_reasons)(triton.feature_extractor_triton)
+dispatch.register("feature_extractor", "cpp", capabilities=CAPABILITIES["cpp"],
+                  not_supported_reasons=extension._feature_cpp_reasons)(extension.feature_extractor_ext)
+dispatch.register("feature_extractor", "cuda", capabilities=CAPABILITIES["cuda"],
+                  not_supported_reasons=extension._cuda_reasons)(extension.feature_extractor_cuda)
 
 
 def feature_extractor(

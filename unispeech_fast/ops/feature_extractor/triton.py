@@ -7,25 +7,23 @@ from typing import Sequence
 
 import torch
 
-from ... import dispatch
 from .._triton_common import device_guard
+from .common import NormKind, conv_output_length
 
 # One custom op per conv layer (forward) and one for its VJP, so the stack composes with autograd and
 # torch.compile. The kernels (unispeech_fast.kernels.feature_extractor) are imported lazily: importing
-# unispeech_fast never imports triton. Norm codes: 0 none, 1 layer norm over channels, 2 group norm
-# (per-channel statistics over time).
-_NORM_CODES = {None: 0, "layer": 1, "group": 2}
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# unispeech_fast never imports triton. The ``norm`` argument is the shared code (:class:`.common.NormKind`).
+#: What the kernels run (``kernels/feature_extractor.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The kernels' ``MAX_LAYER_NORM_CHANNELS`` (restated so that answering "can it run?" imports no triton; a test
+#: checks that the two agree).
+MAX_LAYER_NORM_CHANNELS = 512
 
 
 def _kernels():
     from ...kernels import feature_extractor as kernels  # imports triton
 
     return kernels
-
-
-def _frames(samples: int, kernel: int, stride: int) -> int:
-    return (samples - kernel) // stride + 1
 
 
 @torch.library.custom_op("unispeech_fast::triton_feature_extractor_layer", mutates_args=())
@@ -52,11 +50,11 @@ def _triton_layer(
 def _(x, weight, bias, norm_weight, norm_bias, stride, norm, eps):
     B, _, L = x.shape
     C_out, _, K = weight.shape
-    T = _frames(L, K, stride)
+    T = conv_output_length(L, K, stride)
     y = x.new_empty((B, C_out, T))
-    if norm == 1:
+    if norm == NormKind.LAYER:
         shape = (B, T)
-    elif norm == 2:
+    elif norm == NormKind.GROUP:
         shape = (B, C_out)
     else:
         shape = (0,)
@@ -148,8 +146,6 @@ def _triton_not_supported_reasons(
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         reasons.append(f"x must be a waveform [batch, samples], got shape {tuple(getattr(x, 'shape', ()))}")
         return reasons
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         reasons.append("bfloat16 is not supported by the Triton interpreter (CPU tensors); use a GPU")
     n = len(conv_weights)
@@ -159,7 +155,6 @@ def _triton_not_supported_reasons(
                        f"{len(norm_biases)}, {len(conv_strides)}")
         return reasons
     c_in, length = 1, x.shape[1]
-    max_ln = 512  # kernels.feature_extractor.MAX_LAYER_NORM_CHANNELS (not imported: keeps triton lazy)
     for i in range(n):
         w, b, g, beta, s = conv_weights[i], conv_biases[i], norm_weights[i], norm_biases[i], conv_strides[i]
         if w.dim() != 3 or w.shape[1] != c_in:
@@ -175,13 +170,13 @@ def _triton_not_supported_reasons(
                 reasons.append(f"{name}[{i}] must have shape ({w.shape[0]},), got {tuple(t.shape)}")
         if (g is None) != (beta is None):
             reasons.append(f"norm_weights[{i}] and norm_biases[{i}] must both be given or both be None")
-        if g is not None and norm_type == "layer" and w.shape[0] > max_ln:
+        if g is not None and norm_type == "layer" and w.shape[0] > MAX_LAYER_NORM_CHANNELS:
             reasons.append(f"layer norm over {w.shape[0]} channels (layer {i}); the triton kernel holds at "
-                           f"most {max_ln} channels per frame")
+                           f"most {MAX_LAYER_NORM_CHANNELS} channels per frame")
         if not isinstance(s, int) or s < 1:
             reasons.append(f"conv_strides[{i}] must be a positive int, got {s!r}")
             return reasons
-        length = _frames(length, w.shape[2], s)
+        length = conv_output_length(length, w.shape[2], s)
         if length < 1:
             reasons.append(f"{x.shape[1]} samples are fewer than the receptive field (layer {i} has no output frame)")
             return reasons
@@ -189,7 +184,6 @@ def _triton_not_supported_reasons(
     return reasons
 
 
-@dispatch.register("feature_extractor", "triton", not_supported_reasons=_triton_not_supported_reasons)
 def feature_extractor_triton(
     x: torch.Tensor,
     conv_weights: Sequence[torch.Tensor],
@@ -208,7 +202,7 @@ def feature_extractor_triton(
     """
     h = x[:, None, :]
     for i, w in enumerate(conv_weights):
-        norm = 0 if norm_weights[i] is None else _NORM_CODES[norm_type]
+        norm = int(NormKind.of(norm_type, norm_weights[i] is not None))
         h = torch.ops.unispeech_fast.triton_feature_extractor_layer(
             h, w, conv_biases[i], norm_weights[i], norm_biases[i], int(conv_strides[i]), norm, float(eps)
         )[0]

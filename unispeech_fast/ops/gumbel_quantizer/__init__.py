@@ -15,14 +15,30 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
-from . import extension, triton  # noqa: F401  (register the cpp/cuda and triton backends; load nothing)
+from ...dispatch import Capabilities
+from .._extension_ops import CPP_DTYPES
+from . import extension, triton  # neither imports triton nor loads the extension
 from .reference import gumbel_quantizer_ref
 
-__all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
+__all__ = ["CAPABILITIES", "gumbel_quantizer", "gumbel_quantizer_ref"]
 
-dispatch.register("gumbel_quantizer", "eager", is_stochastic=lambda sample=False, **_: bool(sample))(
-    gumbel_quantizer_ref
-)
+#: What each backend supports, as data: dispatch's one base check reads it; each backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (shapes, groups, codes per group).
+CAPABILITIES = {
+    "triton": Capabilities("the triton gumbel_quantizer", dtypes=triton.DTYPES),
+    "cpp": Capabilities("the C++ gumbel_quantizer", devices=("cpu",), dtypes=CPP_DTYPES,
+                        kernels=("gumbel_quantizer_fwd",)),
+    "cuda": Capabilities("the CUDA gumbel_quantizer", devices=("cuda",), kernels=("gumbel_quantizer_fwd",)),
+}
+
+_stochastic = lambda sample=False, **_: bool(sample)  # noqa: E731  (Gumbel sampling draws noise)
+dispatch.register("gumbel_quantizer", "eager", is_stochastic=_stochastic)(gumbel_quantizer_ref)
+dispatch.register("gumbel_quantizer", "triton", capabilities=CAPABILITIES["triton"], is_stochastic=_stochastic,
+                  not_supported_reasons=triton._triton_not_supported_reasons)(triton._gumbel_quantizer_triton)
+dispatch.register("gumbel_quantizer", "cpp", capabilities=CAPABILITIES["cpp"], is_stochastic=_stochastic,
+                  not_supported_reasons=extension._gumbel_cpp_reasons)(extension.gumbel_quantizer_ext)
+dispatch.register("gumbel_quantizer", "cuda", capabilities=CAPABILITIES["cuda"], is_stochastic=_stochastic,
+                  not_supported_reasons=extension._gumbel_cuda_reasons)(extension.gumbel_quantizer_ext)
 
 
 def gumbel_quantizer(

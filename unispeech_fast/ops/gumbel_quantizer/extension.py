@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
-from .._extension_ops import _CPP_DTYPES, _has_kernel, _ops, on_load
+from .._extension_ops import _ops, on_load
 
 __all__ = ["gumbel_quantizer_ext"]
 
 
-@on_load
+@on_load("gumbel_quantizer_fwd", "gumbel_quantizer_bwd")
 def _register() -> None:
     @torch.library.register_fake("unispeech_fast::gumbel_quantizer_fwd")
     def _(logits, codevectors, num_groups, temperature, sample, gumbels, seed, offset, mask=None):
@@ -73,10 +72,8 @@ def _gumbel_shape_reasons(logits, codevectors, num_groups, temperature) -> list[
 
 def _gumbel_cpp_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
                         return_indices=False) -> list[str]:
-    reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
-    if logits.dtype not in _CPP_DTYPES:
-        reasons.append(f"the C++ gumbel_quantizer runs float32/float64, got {logits.dtype}")
-    return reasons
+    """The C++ kernel's call-specific limits (its devices, dtypes and kernel: the package's capabilities)."""
+    return _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
 
 
 def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
@@ -84,16 +81,12 @@ def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, m
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
     if mask is not None:
         reasons.append("the CUDA gumbel_quantizer has no perplexity mask yet (csrc/cuda/gumbel_quantizer.cu)")
-    if logits.device.type != "cuda":
-        reasons.append(f"the CUDA gumbel_quantizer serves CUDA tensors, got {logits.device.type}")
     # The kernel's limits (csrc/cuda/gumbel_quantizer.cu: kMaxGroups, and V in one block's shared memory).
     if num_groups > 32:
         reasons.append(f"the CUDA gumbel_quantizer supports at most 32 groups, got num_groups={num_groups}")
     if not reasons and logits.shape[-1] // num_groups > 12288:
         reasons.append(f"the CUDA gumbel_quantizer supports at most 12288 codes per group, "
                        f"got {logits.shape[-1] // num_groups}")
-    if not reasons and not _has_kernel("gumbel_quantizer_fwd", "CUDA"):
-        reasons.append("the extension has no CUDA kernel for gumbel_quantizer_fwd")
     return reasons
 
 
@@ -135,9 +128,3 @@ def gumbel_quantizer_ext(
         return quantized.view(batch, frames, -1), perplexity, indices.view(batch, frames, num_groups)
     return quantized.view(batch, frames, -1), perplexity
 
-
-_gumbel_stochastic = lambda sample=False, **_: bool(sample)  # noqa: E731
-dispatch.register("gumbel_quantizer", "cpp", not_supported_reasons=_gumbel_cpp_reasons,
-                  is_stochastic=_gumbel_stochastic)(gumbel_quantizer_ext)
-dispatch.register("gumbel_quantizer", "cuda", not_supported_reasons=_gumbel_cuda_reasons,
-                  is_stochastic=_gumbel_stochastic)(gumbel_quantizer_ext)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
-from .._triton_common import device_guard
+from .._triton_common import cdiv, device_guard
 
 # Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
 # _triton_backward: allocate, pick blocks, launch) -> custom ops with autograd (torch.library) ->
 # _gumbel_quantizer_triton (the dispatch entry, which draws the Philox seed).
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the kernels run (``kernels/gumbel_quantizer.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _row_weights(mask, n, device):
@@ -35,7 +35,7 @@ def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, 
     out_dtype = torch.promote_types(logits.dtype, codevectors.dtype)
     out = torch.empty(n, num_groups * dg, device=logits.device, dtype=out_dtype)
     index = torch.empty(n, num_groups, device=logits.device, dtype=torch.int32)
-    blocks = _cdiv(n, cfg.rows_fwd)
+    blocks = cdiv(n, cfg.rows_fwd)
     partial = torch.empty(blocks, num_groups, num_codes, device=logits.device, dtype=torch.float32)
     soft = torch.empty((n, num_groups, num_codes) if sample else (0,), device=logits.device, dtype=torch.float32)
     explicit = gumbels is not None
@@ -55,10 +55,6 @@ def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, 
     ppl_dtype = torch.float32 if sample else logits.dtype  # as the reference
     perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum().to(ppl_dtype)
     return out.view(batch, frames, num_groups * dg), perplexity, soft, index, marginal
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n) -> torch.Tensor:
@@ -96,7 +92,7 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
         coef = _perplexity_coefficients(marginal, grad_perplexity, count)
         grad_flat = torch.empty(n, gv, device=logits.device, dtype=logits.dtype)
         if n > 0:
-            kern._gumbel_bwd_logits_kernel[(_cdiv(n, cfg.block_n_bwd), num_groups)](
+            kern._gumbel_bwd_logits_kernel[(cdiv(n, cfg.block_n_bwd), num_groups)](
                 gq, book, soft, flat, coef, weight, grad_flat,
                 n, num_codes, dg, gq.stride(0), flat.stride(0), grad_flat.stride(0), float(temperature),
                 BLOCK_N=cfg.block_n_bwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_bwd,
@@ -106,7 +102,7 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
     if need_codevectors:
         acc = torch.zeros(gv, dg, device=codevectors.device, dtype=torch.float32)
         if n > 0:
-            kern._gumbel_bwd_codevectors_kernel[(_cdiv(n, kern.SCATTER_BLOCK_N), num_groups)](
+            kern._gumbel_bwd_codevectors_kernel[(cdiv(n, kern.SCATTER_BLOCK_N), num_groups)](
                 gq, index, acc, n, num_codes, dg, gq.stride(0),
                 BLOCK_N=kern.SCATTER_BLOCK_N, BLOCK_D=kern.SCATTER_BLOCK_D,
                 num_warps=kern.SCATTER_NUM_WARPS, num_stages=kern.NUM_STAGES,
@@ -221,9 +217,8 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
     num_codes = logits.shape[-1] // num_groups
     if codevectors.shape[:2] != (1, logits.shape[-1]):
         reasons.append(f"codevectors must be [1, {logits.shape[-1]}, D/G], got {tuple(codevectors.shape)}")
-    for name, t in (("logits", logits), ("codevectors", codevectors)):
-        if t.dtype not in _TRITON_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+    if codevectors.dtype not in DTYPES:
+        reasons.append(f"codevectors dtype {codevectors.dtype} is not one of float16, bfloat16, float32")
     if codevectors.device != logits.device:
         reasons.append(f"codevectors on {codevectors.device} but logits on {logits.device}")
     if logits.device.type == "cpu" and torch.bfloat16 in (logits.dtype, codevectors.dtype):
@@ -242,11 +237,6 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
     return reasons
 
 
-@dispatch.register(
-    "gumbel_quantizer", "triton",
-    not_supported_reasons=_triton_not_supported_reasons,
-    is_stochastic=lambda sample=False, **_: bool(sample),
-)
 def _gumbel_quantizer_triton(
     logits: torch.Tensor,
     codevectors: torch.Tensor,

@@ -13,7 +13,7 @@ Accuracy: a plain oneDNN matmul accumulates the whole reduction dim in one fp32 
 fp64, its max error at K = 3072 was about 3x MKL's, which blocks the reduction. The ``cpp`` backend
 therefore splits K into chunks of at most :data:`K_CHUNK` (each with its own accumulator, summed in
 fp32), which brings the error to within about 2x of MKL's at every base-model shape
-(``tests/test_linear.py`` checks this against an fp64 reference).
+(``tests/ops/test_linear.py`` checks this against an fp64 reference).
 """
 
 from __future__ import annotations
@@ -21,12 +21,22 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
+from ...dispatch import Capabilities
+from . import extension
 from .extension import K_CHUNK
 from .reference import linear_ref
 
-__all__ = ["linear", "linear_ref", "K_CHUNK"]
+__all__ = ["CAPABILITIES", "linear", "linear_ref", "K_CHUNK"]
+
+#: What each backend supports, as data: dispatch's one base check reads it; the backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (no backward, shapes).
+CAPABILITIES = {
+    "cpp": Capabilities("the oneDNN linear", devices=("cpu",), dtypes=extension.DTYPES),
+}
 
 dispatch.register("linear", "eager")(linear_ref)
+dispatch.register("linear", "cpp", capabilities=CAPABILITIES["cpp"],
+                  not_supported_reasons=extension._cpp_reasons)(extension.linear_cpp)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

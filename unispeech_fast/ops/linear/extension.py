@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
+__all__ = ["DTYPES", "K_CHUNK", "linear_cpp"]
 
-__all__ = ["K_CHUNK", "linear_cpp"]
+#: What oneDNN's matmul runs here (float32 inference).
+DTYPES = (torch.float32,)
 
 #: Largest reduction length one oneDNN call accumulates (see the package docstring).
 K_CHUNK = 768
@@ -26,10 +27,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and _onednn_op() is not None  # r
 
 def _cpp_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
     reasons = []
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        reasons.append(f"the oneDNN linear serves CPU tensors, got {x.device.type}")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        reasons.append(f"the oneDNN linear runs float32 only, got {x.dtype}")
+    if any(t is not None and t.dtype not in DTYPES for t in (weight, bias)):  # x: the capabilities
+        reasons.append(f"the oneDNN linear runs float32 weights and biases only, got {weight.dtype}"
+                       f"{'' if bias is None else ', ' + str(bias.dtype)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         reasons.append("the oneDNN linear has no backward (an input requires grad)")
     if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
@@ -75,5 +75,3 @@ def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             out = part if out is None else out.add_(part)
     return out.view(*lead, weight.shape[0])
 
-
-dispatch.register("linear", "cpp", not_supported_reasons=_cpp_reasons)(linear_cpp)

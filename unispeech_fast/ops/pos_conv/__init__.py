@@ -18,12 +18,29 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
-from . import extension, triton  # noqa: F401  (register the cpp/cuda and triton backends; load nothing)
+from ...dispatch import Capabilities
+from .._extension_ops import CPP_DTYPES
+from . import extension, triton  # neither imports triton nor loads the extension
 from .reference import pos_conv_ref
 
-__all__ = ["pos_conv", "pos_conv_ref"]
+__all__ = ["CAPABILITIES", "pos_conv", "pos_conv_ref"]
+
+#: What each backend supports, as data: dispatch's one base check reads it; each backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (shapes, channels per group).
+CAPABILITIES = {
+    "triton": Capabilities("the triton pos_conv", dtypes=triton.DTYPES),
+    "cpp": Capabilities("the C++ pos_conv", devices=("cpu",), dtypes=CPP_DTYPES, kernels=("pos_conv_fwd",)),
+    "cuda": Capabilities("the CUDA pos_conv", devices=("cuda",), dtypes=extension.CUDA_DTYPES,
+                         kernels=("pos_conv_fwd",)),
+}
 
 dispatch.register("pos_conv", "eager")(pos_conv_ref)
+dispatch.register("pos_conv", "triton", capabilities=CAPABILITIES["triton"],
+                  not_supported_reasons=triton._triton_not_supported)(triton._pos_conv_triton)
+dispatch.register("pos_conv", "cpp", capabilities=CAPABILITIES["cpp"],
+                  not_supported_reasons=extension._pos_conv_cpp_reasons)(extension.pos_conv_ext)
+dispatch.register("pos_conv", "cuda", capabilities=CAPABILITIES["cuda"],
+                  not_supported_reasons=extension._pos_conv_cuda_reasons)(extension.pos_conv_ext)
 
 
 def pos_conv(

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
-from .._extension_ops import _CPP_DTYPES, _has_kernel, _ops, on_load
+from .._extension_ops import _ops, on_load
 
-__all__ = ["pos_conv_ext"]
+__all__ = ["CUDA_DTYPES", "pos_conv_ext"]
 
-_CUDA_POS_CONV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: What the CUDA kernel runs (csrc/cuda/pos_conv.cu).
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_POS_CONV_MAX_CHANNELS = 64  # channels per group the CUDA pos_conv kernel accepts (csrc/cuda/pos_conv.cu)
 
 
-@on_load
+@on_load("pos_conv_fwd", "pos_conv_bwd")
 def _register() -> None:
     @torch.library.register_fake("unispeech_fast::pos_conv_fwd")
     def _(x, weight, bias, groups, save_preact):
@@ -78,23 +78,15 @@ def _pos_conv_shape_reasons(x, weight_g, weight_v, bias, groups, activation) -> 
 
 
 def _pos_conv_cpp_reasons(x, weight_g, weight_v, bias, groups, activation="gelu") -> list[str]:
-    reasons = _pos_conv_shape_reasons(x, weight_g, weight_v, bias, groups, activation)
-    if x.dtype not in _CPP_DTYPES:
-        reasons.append(f"the C++ pos_conv runs float32/float64, got {x.dtype}")
-    return reasons
+    """The C++ kernel's call-specific limits (its devices, dtypes and kernel: the package's capabilities)."""
+    return _pos_conv_shape_reasons(x, weight_g, weight_v, bias, groups, activation)
 
 
 def _pos_conv_cuda_reasons(x, weight_g, weight_v, bias, groups, activation="gelu") -> list[str]:
     reasons = _pos_conv_shape_reasons(x, weight_g, weight_v, bias, groups, activation)
-    if x.device.type != "cuda":
-        reasons.append(f"the CUDA pos_conv serves CUDA tensors, got {x.device.type}")
-    if x.dtype not in _CUDA_POS_CONV_DTYPES:
-        reasons.append(f"the CUDA pos_conv runs float32/float16/bfloat16, got {x.dtype}")
     if x.dim() == 3 and groups > 0 and x.shape[2] // groups > _CUDA_POS_CONV_MAX_CHANNELS:
         reasons.append(f"the CUDA pos_conv supports at most {_CUDA_POS_CONV_MAX_CHANNELS} channels per group, "
                        f"got {x.shape[2] // groups}")
-    if not reasons and not _has_kernel("pos_conv_fwd", "CUDA"):
-        reasons.append("the extension has no CUDA kernel for pos_conv_fwd")
     return reasons
 
 
@@ -117,6 +109,3 @@ def pos_conv_ext(
     out, _ = ops.pos_conv_fwd(x.contiguous(), weight, bias, groups, save)
     return out
 
-
-dispatch.register("pos_conv", "cpp", not_supported_reasons=_pos_conv_cpp_reasons)(pos_conv_ext)
-dispatch.register("pos_conv", "cuda", not_supported_reasons=_pos_conv_cuda_reasons)(pos_conv_ext)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
-from .._triton_common import device_guard, fp32_dot_precision
+from .._triton_common import cdiv, device_guard, fp32_dot_precision
 
 # Weight folding. ``W = torch._weight_norm(v, g, 2)`` is packed per group into the GEMM layout the
 # kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``), with torch ops
@@ -15,7 +14,8 @@ from .._triton_common import device_guard, fp32_dot_precision
 # weight's gradient to ``weight_g`` and ``weight_v``, and without grad nothing is kept between calls, so
 # the packed weight can never disagree with g and v however they were changed (``.data`` writes, which
 # bypass the version counter, included). Folding costs one pass over v, small next to the conv itself.
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the kernels run (``kernels/pos_conv.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (batch; groups x channel blocks)
 
@@ -49,7 +49,7 @@ def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, devic
     batch, frames, _ = inp.shape
     groups, red, channels = packed.shape
     block_t, block_co, block_r, warps, stages = _configs(inp.dtype, device)["conv"]
-    grid = (_cdiv(frames, block_t), groups * _cdiv(channels, block_co), batch)
+    grid = (cdiv(frames, block_t), groups * cdiv(channels, block_co), batch)
     kernels._conv_kernel[grid](
         inp, packed, bias if bias is not None else inp, res, out, pre,
         frames, channels, red, offset,
@@ -58,10 +58,6 @@ def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, devic
         DOT_PRECISION=_dot_precision(inp.dtype, device),
         BLOCK_T=block_t, BLOCK_CO=block_co, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, save_pre: bool):
@@ -89,18 +85,18 @@ def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) 
     groups, red, channels = packed.shape
     kernel = red // channels
     block_r, block_co, block_t, warps, stages = _configs(x.dtype, x.device)["grad_weight"]
-    n_t_tiles = _cdiv(frames, block_t)
+    n_t_tiles = cdiv(frames, block_t)
     total = batch * n_t_tiles
-    base = _cdiv(red, block_r) * groups * _cdiv(channels, block_co)
+    base = cdiv(red, block_r) * groups * cdiv(channels, block_co)
     if _interpreting(x.device):
         splits = min(2, total)  # exercises the two-stage reduction at test sizes
     else:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(total, _cdiv(target, base), 64))
-    tiles_per_split = _cdiv(total, splits)
-    splits = _cdiv(total, tiles_per_split)
+        splits = max(1, min(total, cdiv(target, base), 64))
+    tiles_per_split = cdiv(total, splits)
+    splits = cdiv(total, tiles_per_split)
     partial = torch.empty((splits, groups, red, channels), dtype=torch.float32, device=x.device)
-    grid = (_cdiv(red, block_r), groups * _cdiv(channels, block_co), splits)
+    grid = (cdiv(red, block_r), groups * cdiv(channels, block_co), splits)
     kernels._grad_weight_kernel[grid](
         x, grad_pre, partial,
         batch, frames, channels, red, -(kernel // 2), n_t_tiles, tiles_per_split,
@@ -126,7 +122,7 @@ def _backward(grad_out, x, packed, pre, has_bias: bool, weight_grad: bool):
     grad_pre = torch.empty_like(grad_out)
     block, warps = _configs(x.dtype, x.device)["gelu_grad"]
     numel = grad_out.numel()
-    kernels._gelu_grad_kernel[(_cdiv(numel, block),)](grad_out, pre, grad_pre, numel, BLOCK=block, num_warps=warps)
+    kernels._gelu_grad_kernel[(cdiv(numel, block),)](grad_out, pre, grad_pre, numel, BLOCK=block, num_warps=warps)
 
     # grad_x = grad_out + conv of grad_pre with W transposed (ci <-> co) and its taps flipped
     flipped = packed.view(groups, kernel, channels, channels).flip(1).transpose(2, 3).reshape(groups, red, channels)
@@ -217,8 +213,6 @@ def _triton_not_supported(
         reasons.append(f"weight_g must have shape (1, 1, {kernel}), got {tuple(weight_g.shape)}")
     if bias is not None and tuple(bias.shape) != (hidden,):
         reasons.append(f"bias must have shape ({hidden},), got {tuple(bias.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
     for name, t in (("weight_g", weight_g), ("weight_v", weight_v), ("bias", bias)):
         if t is None:
             continue
@@ -233,7 +227,6 @@ def _triton_not_supported(
     return reasons
 
 
-@dispatch.register("pos_conv", "triton", not_supported_reasons=_triton_not_supported)
 def _pos_conv_triton(
     x: torch.Tensor,
     weight_g: torch.Tensor,
