@@ -211,11 +211,6 @@ class PositionalConvEmbedding(nn.Module):
         return ops.pos_conv(hidden_states, self.weight_g, self.weight_v, self.conv.bias, self.groups, self.activation)
 
 
-def _validate_head_mask(head_mask: torch.Tensor, num_heads: int) -> None:
-    if head_mask.dim() != 1 or head_mask.shape[0] != num_heads:
-        raise ValueError(f"head_mask for one layer must have shape ({num_heads},), got {tuple(head_mask.shape)}")
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections and no positional bias."""
 
