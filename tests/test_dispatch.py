@@ -78,6 +78,7 @@ def test_env_var_selects_backend(monkeypatch):
 def wrong_cpp_attention(monkeypatch):
     """Register a deliberately wrong 'cpp' attention and pretend the extension loaded."""
     monkeypatch.setattr(dispatch.selection, "backend_reasons", lambda name, device: [])
+    previous = dispatch._REGISTRY["attention"].get("cpp")  # the real one, put back after
 
     def bad(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
         out, w = attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
@@ -86,6 +87,8 @@ def wrong_cpp_attention(monkeypatch):
     dispatch.register("attention", "cpp")(bad)
     yield
     dispatch._unregister("attention", "cpp")
+    if previous is not None:
+        dispatch._REGISTRY["attention"]["cpp"] = previous
 
 
 def test_verify_mode_catches_a_wrong_kernel(wrong_cpp_attention):

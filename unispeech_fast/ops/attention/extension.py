@@ -101,16 +101,7 @@ def _register() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- cpp
-def _cpp_reasons(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> list[str]:
+def _cpp_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Why the C++ attention cannot run this call (empty when it can)."""
     if need_weights:
         return []  # served by the reference (the kernel never materialises the probabilities)
@@ -146,16 +137,7 @@ def _cpp_reasons(
     return reasons
 
 
-def attention_cpp(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_cpp(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Flash attention on ``torch.ops.unispeech_fast.attention_fwd`` (CPU); see :func:`attention_ref`.
 
     q, k, v ``[batch, frames, heads, head_dim]`` (strided views of one fused projection are used in
@@ -176,16 +158,7 @@ def attention_cpp(
 
 
 # ---------------------------------------------------------------------------------------------- cuda
-def _cuda_reasons(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> list[str]:
+def _cuda_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     reasons = []
     tensors = {"q": q, "k": k, "v": v}
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -219,16 +192,7 @@ def _cuda_reasons(
     return reasons
 
 
-def attention_cuda(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, None]:
+def attention_cuda(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Flash-attention forward (``torch.ops.unispeech_fast.attention_fwd``); inference only.
 
     ``out = head_mask[h] * softmax(scale q k^T + mask) v`` with the key padding given as lengths (the

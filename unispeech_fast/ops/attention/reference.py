@@ -52,16 +52,7 @@ def attention_ref(
     return out.to(dtype), (probs.to(dtype) if need_weights else None)
 
 
-def attention_eager(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_eager(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """The eager backend: PyTorch SDPA (transformers' default path), or the explicit reference when
     the probabilities are requested. The head mask scales each head's output, which equals scaling
     its probabilities."""

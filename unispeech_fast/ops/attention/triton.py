@@ -189,16 +189,7 @@ def _fwd_backward(ctx, dout, dlse):
 _triton_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _triton_reasons(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> list[str]:
+def _triton_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Why the Triton kernels cannot run this call (empty when they can)."""
     if need_weights:
         return []  # served by the eager path (the kernels never materialise the probabilities)
@@ -240,16 +231,7 @@ def _triton_reasons(
     return reasons
 
 
-def _attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _attention_triton(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """The triton backend: flash attention without materialising the probabilities.
 
     ``need_weights=True`` is served by the eager path (logged once). Dropout draws its Philox seed

@@ -44,14 +44,7 @@ def _register() -> None:
     torch.library.register_autograd("unispeech_fast::contrastive_loss_fwd", backward, setup_context=setup)
 
 
-def contrastive_loss_cpp(
-    predictions: torch.Tensor,
-    targets: torch.Tensor,
-    negative_indices: torch.Tensor,
-    mask_time_indices: torch.Tensor,
-    temperature: float,
-    code_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def contrastive_loss_cpp(predictions, targets, negative_indices, mask_time_indices, temperature, code_indices=None):
     """The fused C++ loss; same contract and result as :func:`contrastive_loss_ref` (float32/float64)."""
     ops = _ops()
     flat = flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices)

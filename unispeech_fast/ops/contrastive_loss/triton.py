@@ -127,13 +127,8 @@ def _reasons(predictions, targets, negative_indices, mask_time_indices, temperat
 
 
 def contrastive_loss_triton(
-    predictions: torch.Tensor,
-    targets: torch.Tensor,
-    negative_indices: torch.Tensor,
-    mask_time_indices: torch.Tensor,
-    temperature: float,
-    code_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+    predictions, targets, negative_indices, mask_time_indices, temperature, code_indices=None
+):
     """The fused Triton loss; same contract as :func:`contrastive_loss_ref`; returns fp32."""
     flat = flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices)
     loss, _ = torch.ops.unispeech_fast.triton_contrastive_loss_fwd(*flat, float(temperature))

@@ -92,16 +92,8 @@ def _feature_cpp_reasons(
 
 
 def feature_extractor_ext(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
+    x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
+):
     """The conv feature extractor as one ``conv_norm_gelu_fwd`` call per layer (fused conv, norm and
     GELU). Gradients come from recomputing each layer eagerly in the backward (see module docstring)."""
     ops = _ops()
@@ -139,16 +131,8 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def _cuda_reasons(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> list[str]:
+    x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
+):
     reasons = []
     if x.device.type != "cuda":  # the device check names x (its wording is pinned by tests)
         reasons.append(f"x must be a CUDA tensor, got {x.device.type}")
@@ -186,16 +170,8 @@ def _cuda_reasons(
 
 
 def feature_extractor_cuda(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
+    x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
+):
     """The conv feature extractor with layer 0 as one CUDA kernel; inference only.
 
     Only layer 0 (one input channel: conv -> GroupNorm/LayerNorm/none -> exact GELU) is a custom kernel,

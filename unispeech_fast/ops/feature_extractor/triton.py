@@ -185,16 +185,8 @@ def _triton_not_supported_reasons(
 
 
 def feature_extractor_triton(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
+    x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
+):
     """Triton backend: one fused Triton layer per conv (implicit-GEMM conv, bias, norm, exact gelu).
 
     Forward and backward are Triton kernels (``unispeech_fast.kernels.feature_extractor``, conv backward included);

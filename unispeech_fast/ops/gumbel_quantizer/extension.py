@@ -90,15 +90,7 @@ def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, m
     return reasons
 
 
-def gumbel_quantizer_ext(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
+def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, mask=None, return_indices=False):
     """Gumbel quantizer on ``torch.ops.unispeech_fast.gumbel_quantizer_fwd``.
 
     In sample mode the noise is drawn here exactly as ``F.gumbel_softmax`` draws it (float32,

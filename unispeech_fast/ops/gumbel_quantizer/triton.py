@@ -238,15 +238,8 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
 
 
 def _gumbel_quantizer_triton(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    gumbels: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
+    logits, codevectors, num_groups, temperature, sample, gumbels=None, mask=None, return_indices=False
+):
     """Triton backend: fused sample/argmax + codevector gather + marginals; see the kernels' docstring.
 
     Training draws a Philox seed from torch's default generator of ``logits.device`` (so

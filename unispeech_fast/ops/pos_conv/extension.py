@@ -90,14 +90,7 @@ def _pos_conv_cuda_reasons(x, weight_g, weight_v, bias, groups, activation="gelu
     return reasons
 
 
-def pos_conv_ext(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
+def pos_conv_ext(x, weight_g, weight_v, bias, groups, activation="gelu"):
     """``x + gelu(conv(x))`` on ``torch.ops.unispeech_fast.pos_conv_fwd`` (CPU or CUDA kernel).
 
     The weight norm ``W = g v / ||v||`` is folded with ``torch._weight_norm`` under autograd, so the

@@ -189,14 +189,7 @@ def _fwd_backward(ctx, grad_out, _grad_pre):
 _triton_pos_conv_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _triton_not_supported(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> list[str]:
+def _triton_not_supported(x, weight_g, weight_v, bias, groups, activation="gelu"):
     reasons = []
     if activation != "gelu":
         reasons.append(f"the triton kernel fuses only activation 'gelu' (exact erf), got {activation!r}")
@@ -227,14 +220,7 @@ def _triton_not_supported(
     return reasons
 
 
-def _pos_conv_triton(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
+def _pos_conv_triton(x, weight_g, weight_v, bias, groups, activation="gelu"):
     """Triton backend: weight norm folded (on every call), then one fused kernel."""
     packed = _fold_weight(weight_g, weight_v, groups).contiguous()
     needs_grad = torch.is_grad_enabled() and (
