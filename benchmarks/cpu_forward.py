@@ -70,6 +70,9 @@ def main() -> None:
     import unispeech_fast as uf
     from unispeech_fast import _extension, dispatch
     from unispeech_fast.ops import _extension_ops as ext
+    from unispeech_fast.ops.feature_extractor.extension import feature_extractor_ext
+    from unispeech_fast.ops.gumbel_quantizer.extension import gumbel_quantizer_ext
+    from unispeech_fast.ops.pos_conv.extension import pos_conv_ext
     from unispeech_fast.ops.feature_extractor import feature_extractor_ref
     from unispeech_fast.ops.gumbel_quantizer import gumbel_quantizer_ref
     from unispeech_fast.ops.pos_conv import pos_conv_ref
@@ -125,7 +128,7 @@ def main() -> None:
         times = _bench({
             "transformers feature_encoder": lambda: hf.feature_extractor(wave),
             "eager feature_extractor": lambda: feature_extractor_ref(wave, **fe_args),
-            "cpp feature_extractor": lambda: ext.feature_extractor_ext(wave, **fe_args),
+            "cpp feature_extractor": lambda: feature_extractor_ext(wave, **fe_args),
             "ours feature_encoder (auto)": lambda: ours.feature_extractor(wave),  # as the model runs it: tiled on CPU
         }, args.reps)
     _report(f"feature extractor ({feats.shape[-1]} frames)", times, "transformers feature_encoder")
@@ -137,7 +140,7 @@ def main() -> None:
         times = _bench({
             "transformers pos_conv_embed": lambda: hidden + hf.encoder.pos_conv_embed(hidden),
             "eager pos_conv": lambda: pos_conv_ref(hidden, **pc_args),
-            "cpp pos_conv": lambda: ext.pos_conv_ext(hidden, **pc_args),
+            "cpp pos_conv": lambda: pos_conv_ext(hidden, **pc_args),
         }, args.reps)
     _report(f"positional conv (+ residual), {tuple(hidden.shape)}", times, "transformers pos_conv_embed")
 
@@ -147,9 +150,9 @@ def main() -> None:
     with torch.inference_mode():
         times = _bench({
             "eager gumbel (eval)": lambda: gumbel_quantizer_ref(logits, codevectors, groups, 2.0, False),
-            "cpp gumbel (eval)": lambda: ext.gumbel_quantizer_ext(logits, codevectors, groups, 2.0, False),
+            "cpp gumbel (eval)": lambda: gumbel_quantizer_ext(logits, codevectors, groups, 2.0, False),
             "eager gumbel (sample)": lambda: gumbel_quantizer_ref(logits, codevectors, groups, 2.0, True),
-            "cpp gumbel (sample)": lambda: ext.gumbel_quantizer_ext(logits, codevectors, groups, 2.0, True),
+            "cpp gumbel (sample)": lambda: gumbel_quantizer_ext(logits, codevectors, groups, 2.0, True),
         }, args.reps)
     _report(f"gumbel quantizer, logits {tuple(logits.shape)}", times, "eager gumbel (eval)")
     print("\nauto backend table (cpu):")

@@ -1,7 +1,7 @@
 // The operator schemas of unispeech_fast._C, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
 // implementations, which register kernels for them with TORCH_LIBRARY_IMPL(unispeech_fast, CPU|CUDA).
 // Python reaches them as torch.ops.unispeech_fast.<name>; fake (meta) implementations for
-// torch.compile live in unispeech_fast/ops/_extension_ops.py. Changing a schema here means changing
+// torch.compile live in unispeech_fast/ops/<op>/extension.py. Changing a schema here means changing
 // every implementation and the fake function with it.
 //
 // Conventions: activations are exact (erf) GELU; every tensor argument is contiguous unless stated;
@@ -57,6 +57,6 @@ TORCH_LIBRARY(unispeech_fast, m) {
   // seqlens int32 [B]: keys at positions >= seqlens[b] are masked (a row with seqlens[b] = 0 attends
   // to all T keys uniformly, as the eager reference does); head_mask [heads] multiplies each head's
   // probabilities. Returns out [B, T, heads, head_dim]. No backward kernel: the autograd formula
-  // recomputes the eager reference (unispeech_fast/ops/_attention_cpp.py).
+  // recomputes the eager reference (unispeech_fast/ops/attention/extension.py).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens, Tensor? head_mask, float scale) -> Tensor");
 }

@@ -28,7 +28,7 @@ offset by the (batch, head) index and the counter is the (query, key) position, 
 regenerates the forward's mask exactly and the mask does not depend on the block sizes. The seed is
 read from device memory (an int64 tensor drawn from torch's generator), so no host sync is needed.
 
-The launchers live in ``unispeech_fast/ops/attention.py``; this module only holds the kernels, the
+The launchers live in ``unispeech_fast/ops/attention/triton.py``; this module only holds the kernels, the
 block-size table the launchers use and :func:`aot_variants`.
 """
 

@@ -47,13 +47,18 @@ import torch
 import triton
 import triton.language as tl
 
+from unispeech_fast.ops.feature_extractor.common import NormKind, conv_output_length
+
 from .aot import AotVariant
 
 __all__ = ["NORM_NONE", "NORM_LAYER", "NORM_GROUP", "layer_forward", "layer_backward", "aot_variants"]
 
-NORM_NONE = 0
-NORM_LAYER = 1
-NORM_GROUP = 2  # launcher-level mode; kernels see NORM_GROUP_STATS / NORM_GROUP_APPLY
+#: The launchers' ``norm`` argument: the codes every backend shares (:class:`NormKind`, one table with the C++
+#: schema). The kernels' ``NORM`` constexpr is a finer, kernel-level mode (the group norm runs as a statistics
+#: pass and an apply pass); its values name the AOT variants and the known-spill table, so they stay as they are.
+NORM_NONE, NORM_GROUP, NORM_LAYER = NormKind.NONE, NormKind.GROUP, NormKind.LAYER
+_K_NONE = 0
+_K_LAYER = 1
 _GROUP_STATS = 2
 _GROUP_APPLY = 3
 
@@ -431,10 +436,6 @@ def _split(blocks: dict) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def output_frames(samples: int, kernel: int, stride: int) -> int:
-    return (samples - kernel) // stride + 1
-
-
 def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
                   beta: torch.Tensor | None, stride: int, norm: int, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -444,7 +445,7 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     B, C_in, L = x.shape
     C_out, _, K = weight.shape
-    T = output_frames(L, K, stride)
+    T = conv_output_length(L, K, stride)
     weight = weight.contiguous()
     if bias is None:
         bias = torch.zeros(C_out, device=x.device, dtype=weight.dtype)
@@ -476,10 +477,10 @@ def layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         mean = torch.empty(B, T, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _fe_layer_fwd_kernel[grid](x, weight, bias, gamma_arg, beta_arg, y, mean, rstd, *common,
-                                   NORM=NORM_LAYER, PRECISION=prec, **blocks, **launch)
+                                   NORM=_K_LAYER, PRECISION=prec, **blocks, **launch)
         return y, mean, rstd
     _fe_layer_fwd_kernel[grid](x, weight, bias, bias, bias, y, empty, empty, *common,
-                               NORM=NORM_NONE, PRECISION=prec, **blocks, **launch)
+                               NORM=_K_NONE, PRECISION=prec, **blocks, **launch)
     return y, empty, empty.clone()
 
 
@@ -507,7 +508,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         s_gax = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
         s_ga = torch.empty_like(s_gax)
         _fe_layer_bwd_norm_kernel[grid](x, weight, bias_arg, gamma_arg, beta_arg, gy, gz, stat0, stat1, s_gax, s_ga,
-                                        part_gbias, 1.0, *common, NORM=NORM_LAYER, PRECISION=prec, **blocks, **launch)
+                                        part_gbias, 1.0, *common, NORM=_K_LAYER, PRECISION=prec, **blocks, **launch)
         dgamma, dbeta = s_gax.sum(0), s_ga.sum(0)
     elif norm == NORM_GROUP:
         s_ga = torch.empty(B * C_out, n_t, device=x.device, dtype=torch.float32)
@@ -522,7 +523,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         dgamma, dbeta = s_gax.view(B, C_out).sum(0), s_ga.view(B, C_out).sum(0)
     else:
         _fe_layer_bwd_norm_kernel[grid](x, weight, bias_arg, gamma_arg, beta_arg, gy, gz, stat0, stat1, stat0, stat1,
-                                        part_gbias, 1.0, *common, NORM=NORM_NONE, PRECISION=prec, **blocks, **launch)
+                                        part_gbias, 1.0, *common, NORM=_K_NONE, PRECISION=prec, **blocks, **launch)
     dbias = part_gbias.sum(0)
 
     # dW: split the time axis so that small batches still fill the GPU.
@@ -572,8 +573,8 @@ def aot_variants() -> list[AotVariant]:
                    "C_out": "i32", "C_in": "i32", "T_out": "i32", "conv_stride": "i32", "ksize": "i32",
                    **{f"stride_{n}": "i32" for n in ("xb", "xc", "xl", "wo", "wi", "wk", "gyb", "gyc", "gyl")}}
         tiled = _for_dtype(_GPU_FWD_TILED, dtype)
-        configs = [(NORM_NONE, tiled), (_GROUP_STATS, tiled), (_GROUP_APPLY, tiled)]
-        configs += [(NORM_LAYER, _for_dtype(dict(BLOCK_CO=bco, **cfg), dtype)) for bco, cfg in _GPU_FWD_LAYER.items()]
+        configs = [(_K_NONE, tiled), (_GROUP_STATS, tiled), (_GROUP_APPLY, tiled)]
+        configs += [(_K_LAYER, _for_dtype(dict(BLOCK_CO=bco, **cfg), dtype)) for bco, cfg in _GPU_FWD_LAYER.items()]
         for norm, cfg in configs:
             blocks, launch = _split(cfg)
             tag = f"{ty}_norm{norm}_co{blocks['BLOCK_CO']}_t{blocks['BLOCK_T']}_j{blocks['BLOCK_J']}"
@@ -585,7 +586,7 @@ def aot_variants() -> list[AotVariant]:
             # Beyond about 22 minutes of audio in one row, the 512-channel activations' batch strides pass
             # 2^31 and Triton specialises them as int64: the forward's variants for those (inference on
             # long audio; the int64 offsets inside the kernel are the same code either way).
-            if norm == NORM_NONE or norm in (_GROUP_STATS, _GROUP_APPLY) or blocks["BLOCK_CO"] == 512:
+            if norm == _K_NONE or norm in (_GROUP_STATS, _GROUP_APPLY) or blocks["BLOCK_CO"] == 512:
                 constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
                 sig64 = {**fwd_sig, "stride_xb": "i64", "stride_yb": "i64", **{k: "constexpr" for k in constexprs}}
                 out.append(AotVariant(f"fe_layer_fwd_{tag}_i64", _fe_layer_fwd_kernel, sig64, constexprs, **launch))

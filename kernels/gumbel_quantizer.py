@@ -252,7 +252,6 @@ def _gumbel_bwd_codevectors_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ AOT
-_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: (logits dtype, output dtype) pairs a launch can see: the output is promote(logits, codevectors),
 #: which is the logits dtype or fp32 (fp16 logits with bf16 codevectors also give fp32).
 DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
@@ -260,11 +259,6 @@ DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
 )
 #: Forward modes: (SAMPLE, EXPLICIT_NOISE).
 FWD_MODES: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (True, True))
-
-
-def triton_dtype(torch_dtype) -> str:
-    """``torch.float16`` -> ``"fp16"`` etc. (the pointer type names of AOT signatures)."""
-    return _TRITON_DTYPES[str(torch_dtype).replace("torch.", "")]
 
 
 def aot_variants():

@@ -10,7 +10,7 @@ convolution is an implicit GEMM whose reduction index ``r = k * C + ci`` runs ov
 
 with ``OFFSET = -P`` and ``x`` read as zero outside ``[0, T)``. The same kernel computes the input
 gradient with the transposed, tap-flipped weight ``WpT[g, k' * C + co, ci] = Wp[g, (K-1-k') * C + ci, co]``
-and ``OFFSET = P - (K - 1)``. Launchers live in ``unispeech_fast/ops/pos_conv.py``; the block table
+and ``OFFSET = P - (K - 1)``. Launchers live in ``unispeech_fast/ops/pos_conv/triton.py``; the block table
 they pick from is :data:`GPU_CONFIGS` / :data:`INTERPRETER_CONFIGS`, and :func:`aot_variants` lists
 every GPU variant.
 """

@@ -49,8 +49,8 @@ ISSUE16=(
     "tests/test_cuda_ops.py::test_attention_zero_length_row_attends_uniformly"
     "tests/test_cuda_ops.py::test_conv_norm_gelu_layer0"
     "tests/test_cuda_ops.py::test_gumbel_quantizer_philox_noise_finite_at_real_size"
-    "tests/test_attention.py::test_dropout_gpu"
-    "tests/test_gumbel_quantizer.py::test_gpu_memory_and_philox_statistics_at_real_size"
+    "tests/ops/test_attention.py::test_dropout_gpu"
+    "tests/ops/test_gumbel_quantizer.py::test_gpu_memory_and_philox_statistics_at_real_size"
     "tests/test_triton_common.py"
 )
 step issue16 240 gpu_issue16.log "$BIN/pytest" -q "${ISSUE16[@]}" -p no:cacheprovider -rfE \

@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 import unispeech_fast as uf
 from unispeech_fast import _extension, dispatch
+from _tolerance import FLOOR, assert_within_2x_eager, max_err
 from unispeech_fast.ops import _extension_ops as ext
+from unispeech_fast.ops.feature_extractor import extension as fe_ext
+from unispeech_fast.ops.gumbel_quantizer import extension as gq_ext
+from unispeech_fast.ops.pos_conv import extension as pc_ext
 from unispeech_fast.ops.feature_extractor import feature_extractor_ref
 from unispeech_fast.ops.gumbel_quantizer import gumbel_quantizer_ref
 from unispeech_fast.ops.pos_conv import pos_conv_ref
@@ -33,15 +37,9 @@ def test_extension_is_built_and_registered():
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.detach().double() - ref.detach().double()).abs().max().item() if ref.numel() else 0.0
-
-
-def _assert_policy(ours, eager32, ref64, what, floor=1e-6):
-    """ours (fp32) may be at most 2x as far from the fp64 reference as eager fp32, plus a tiny floor."""
-    err, eager_err = _max_err(ours, ref64), _max_err(eager32, ref64)
-    scale = max(1.0, ref64.detach().abs().max().item() if ref64.numel() else 1.0)
-    assert err <= 2 * eager_err + floor * scale, f"{what}: error {err:.3e} vs eager fp32 {eager_err:.3e} (scale {scale:.2g})"
+def _assert_policy(ours, eager32, ref64, what):
+    """ours (fp32) against the fp64 reference: the shared rule (tests/_tolerance.py) with fp32's floor."""
+    assert_within_2x_eager(what, ours, eager32, ref64, FLOOR[torch.float32])
 
 
 def _leaves(tensors, dtype):
@@ -83,7 +81,7 @@ def test_pos_conv_matches_reference_fp32(shape):
         x, g, v, bias = _leaves(inputs, dtype)
         return _run_with_grads(lambda *a: impl(*a, groups=groups), [x, g, v, bias])
 
-    ours, ours_g = run(ext.pos_conv_ext, torch.float32)
+    ours, ours_g = run(pc_ext.pos_conv_ext, torch.float32)
     eager, eager_g = run(pos_conv_ref, torch.float32)
     ref, ref_g = run(pos_conv_ref, torch.float64)
     _assert_policy(ours, eager, ref, "out")
@@ -95,7 +93,7 @@ def test_pos_conv_matches_reference_fp32(shape):
 def test_pos_conv_fp64_and_no_bias(shape):
     b, t, h, groups, k = shape
     x, g, v, _ = _leaves(_pos_conv_inputs(*shape, dtype=torch.float64), torch.float64)
-    ours, ours_g = _run_with_grads(lambda *a: ext.pos_conv_ext(*a, None, groups), [x, g, v])
+    ours, ours_g = _run_with_grads(lambda *a: pc_ext.pos_conv_ext(*a, None, groups), [x, g, v])
     x2, g2, v2 = _leaves([x, g, v], torch.float64)
     ref, ref_g = _run_with_grads(lambda *a: pos_conv_ref(*a, None, groups), [x2, g2, v2])
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
@@ -146,8 +144,8 @@ def test_conv_norm_gelu_matches_reference(case):
         return OPS.conv_norm_gelu_fwd(*a)
 
     ours, ours_g = run(ours_fn, torch.float32)
-    eager, eager_g = run(ext.conv_norm_gelu_eager, torch.float32)
-    ref, ref_g = run(ext.conv_norm_gelu_eager, torch.float64)
+    eager, eager_g = run(fe_ext.conv_norm_gelu_eager, torch.float32)
+    ref, ref_g = run(fe_ext.conv_norm_gelu_eager, torch.float64)
     _assert_policy(ours, eager, ref, "out")
     for name, o, e, r in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), ours_g, eager_g, ref_g):
         if r is not None:
@@ -175,7 +173,7 @@ def test_feature_extractor_real_size(norm_type):
     kernels, strides = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
     params = _stack_params(norm_type, (512,) * 7, kernels)
     x = torch.randn(1, 16000)
-    ours = ext.feature_extractor_ext(x, *params, strides, norm_type)
+    ours = fe_ext.feature_extractor_ext(x, *params, strides, norm_type)
     eager = feature_extractor_ref(x, *params, strides, norm_type)
     params64 = [[None if t is None else t.double() for t in p] for p in params]
     ref = feature_extractor_ref(x.double(), *params64, strides, norm_type)
@@ -197,7 +195,7 @@ def test_feature_extractor_grads_small(norm_type):
         out, _ = _run_with_grads(lambda x_: fn(x_, ws, bs, nws, nbs, strides, norm_type), [x])
         return out, [x.grad] + [t.grad for t in leaves if t is not None]
 
-    ours, ours_g = run(ext.feature_extractor_ext, torch.float32)
+    ours, ours_g = run(fe_ext.feature_extractor_ext, torch.float32)
     eager, eager_g = run(feature_extractor_ref, torch.float32)
     ref, ref_g = run(feature_extractor_ref, torch.float64)
     _assert_policy(ours, eager, ref, "out")
@@ -221,7 +219,7 @@ def test_gumbel_eval_matches_reference(shape, dtype):
     b, t, groups, v, d = shape
     logits, cv = _gumbel_inputs(*shape, dtype=dtype)
     cv.requires_grad_()
-    q, perp = ext.gumbel_quantizer_ext(logits, cv, groups, 2.0, False)
+    q, perp = gq_ext.gumbel_quantizer_ext(logits, cv, groups, 2.0, False)
     q_ref_in = cv.detach().clone().requires_grad_()
     q_ref, perp_ref = gumbel_quantizer_ref(logits, q_ref_in, groups, 2.0, False)
     assert perp.dtype == perp_ref.dtype and q.dtype == q_ref.dtype
@@ -246,7 +244,7 @@ def test_gumbel_sample_follows_eager_rng_and_gradients(shape):
         ((q * gq).sum() + 3.0 * perp).backward()
         return q, perp, lg.grad, c.grad
 
-    ours = run(ext.gumbel_quantizer_ext)
+    ours = run(gq_ext.gumbel_quantizer_ext)
     eager = run(gumbel_quantizer_ref)
     # Same noise, same codes: the quantized rows are the same codevectors (eager's straight-through
     # one-hot is 1 - s + s, within an ulp of 1).
@@ -255,7 +253,7 @@ def test_gumbel_sample_follows_eager_rng_and_gradients(shape):
     torch.testing.assert_close(ours[1], eager[1], rtol=1e-5, atol=1e-6)
     for got, want, what in ((ours[2], eager[2], "grad logits"), (ours[3], eager[3], "grad codevectors")):
         scale = want.abs().max().item()  # both fp32 VJPs of softmaxes over V codes: compare at fp32 scale
-        assert _max_err(got, want) <= 2e-6 * max(1.0, scale) * v ** 0.5, what
+        assert max_err(got, want) <= 2e-6 * max(1.0, scale) * v ** 0.5, what
 
 
 def test_gumbel_sample_needs_noise_on_cpu():
@@ -298,12 +296,14 @@ def test_bad_inputs_name_the_argument():
 
 def test_backend_reasons():
     x, g, v, bias = _pos_conv_inputs(1, 4, 8, 2, 3)
-    reasons = ext._pos_conv_cpp_reasons(x.half(), g.half(), v.half(), bias.half(), 2, "relu")
+    # The backends' reasons as registered: the base check of the declared capabilities plus their own.
+    reasons = dispatch._REGISTRY["pos_conv"]["cpp"].not_supported_reasons(x.half(), g.half(), v.half(), bias.half(), 2,
+                                                                         "relu")
     assert any("gelu" in r for r in reasons) and any("float32/float64" in r for r in reasons)
     with dispatch.backend("cpp"), pytest.raises(dispatch.BackendNotSupportedError, match="gelu"):
         uf.ops.pos_conv(x, g, v, bias, 2, "relu")
     logits, cv = _gumbel_inputs(1, 2, 2, 5, 4)
-    assert ext._gumbel_cuda_reasons(logits, cv, 2, 1.0, False)  # CPU tensors: not for the cuda backend
+    assert dispatch._REGISTRY["gumbel_quantizer"]["cuda"].not_supported_reasons(logits, cv, 2, 1.0, False)  # CPU tensors
 
 
 # ---------------------------------------------------------------------------------------------- opcheck / compile
@@ -345,9 +345,9 @@ def test_torch_compile_fullgraph_through_cpp_implementations():
     fe = _stack_params("group", (8, 8), (10, 3))
 
     def f(x, g, v, bias, logits, cv, wave):
-        h = ext.pos_conv_ext(x, g, v, bias, 2)
-        q, perp = ext.gumbel_quantizer_ext(logits, cv, 2, 1.0, False)
-        feats = ext.feature_extractor_ext(wave, *fe, [5, 2], "group")
+        h = pc_ext.pos_conv_ext(x, g, v, bias, 2)
+        q, perp = gq_ext.gumbel_quantizer_ext(logits, cv, 2, 1.0, False)
+        feats = fe_ext.feature_extractor_ext(wave, *fe, [5, 2], "group")
         return (h * h).sum() + q.sum() + perp + feats.sum(), h, q, perp, feats
 
     assert ext.ensure_registered()
@@ -379,7 +379,7 @@ def cpp_calls(monkeypatch):
     """Counts the calls that reach the cpp implementation of each op; auto uses its default order (cpp
     before eager) rather than the measured one, which may rank eager first on this CPU."""
     ext.ensure_registered()
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {})
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {})
     counts = {op: 0 for op in ("feature_extractor", "pos_conv", "gumbel_quantizer")}
     for op in counts:
         impl = dispatch._REGISTRY[op]["cpp"]

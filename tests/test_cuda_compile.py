@@ -54,7 +54,7 @@ def check_all() -> tuple[subprocess.CompletedProcess, dict[str, str]]:
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CU_FILES}
-    assert {"attention.cu", "conv_norm_gelu.cu", "gumbel_quantizer.cu", "pos_conv.cu"} <= names
+    assert {"attention.cu", "feature_extractor.cu", "gumbel_quantizer.cu", "pos_conv.cu"} <= names
 
 
 @pytest.mark.parametrize("source", CU_FILES, ids=[p.name for p in CU_FILES])

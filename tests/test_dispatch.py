@@ -77,7 +77,8 @@ def test_env_var_selects_backend(monkeypatch):
 @pytest.fixture
 def wrong_cpp_attention(monkeypatch):
     """Register a deliberately wrong 'cpp' attention and pretend the extension loaded."""
-    monkeypatch.setattr(dispatch, "backend_reasons", lambda name, device: [])
+    monkeypatch.setattr(dispatch.selection, "backend_reasons", lambda name, device: [])
+    previous = dispatch._REGISTRY["attention"].get("cpp")  # the real one, put back after
 
     def bad(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
         out, w = attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
@@ -86,6 +87,8 @@ def wrong_cpp_attention(monkeypatch):
     dispatch.register("attention", "cpp")(bad)
     yield
     dispatch._unregister("attention", "cpp")
+    if previous is not None:
+        dispatch._REGISTRY["attention"]["cpp"] = previous
 
 
 def test_verify_mode_catches_a_wrong_kernel(wrong_cpp_attention):
@@ -126,7 +129,7 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
     q, k, v = _qkv()
     inputs = {"q": q, "k": k, "v": v}
     assert dispatch.select("attention", inputs).backend == "cpp"  # default order: cpp before eager
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {(dispatch.CPU_KEY, "attention", "float32", "fwd"): ("eager", "cpp")})
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {(dispatch.CPU_KEY, "attention", "float32", "fwd"): ("eager", "cpp")})
     assert dispatch.auto_order("attention", "cpu", torch.float32) == (("eager", "cpp", "cuda", "triton"), True)
     assert dispatch.select("attention", inputs).backend == "eager"
     # Another dtype, or a call that needs gradients (mode fwd_bwd), was not measured: default order.
@@ -137,7 +140,7 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
         assert dispatch.select("attention", grad_inputs).backend == "eager"
     assert "eager (measured order)" in dispatch.format_backend_table(("cpu",))
     # An order measured on another CPU kind does not apply here.
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cpu:OTHER_ISA", "attention", "float32", "fwd"): ("eager", "cpp")})
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {("cpu:OTHER_ISA", "attention", "float32", "fwd"): ("eager", "cpp")})
     assert dispatch.select("attention", inputs).backend == "cpp"
 
 
@@ -151,15 +154,15 @@ def test_auto_on_gpu_prefers_triton_then_eager_until_measured(monkeypatch):
     assert dispatch.auto_order("attention", "cpu", torch.float64)[0] == dispatch.BACKENDS  # CPU order unchanged
     # Every backend usable: the GPU call goes to triton; without triton, to eager, never to cuda first.
     fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
-    monkeypatch.setattr(dispatch, "_first_tensor", lambda inputs: fake)
+    monkeypatch.setattr(dispatch.selection, "_first_tensor", lambda inputs: fake)
     usable = {"triton", "eager", "cuda", "cpp"}
-    monkeypatch.setattr(dispatch, "_reasons_for",
+    monkeypatch.setattr(dispatch.selection, "_reasons_for",
                         lambda op, name, inputs, device, auto=False: [] if name in usable else ["unusable"])
     assert dispatch.select("attention", {}).backend == "triton"
     usable.discard("triton")
     assert dispatch.select("pos_conv", {}).backend == "eager"
     # A measured GPU order overrides the default one.
-    monkeypatch.setattr(dispatch, "_MEASURED_ORDERS", {("cuda", "attention", "float16", "fwd"): ("cuda",)})
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {("cuda", "attention", "float16", "fwd"): ("cuda",)})
     assert dispatch.auto_order("attention", "cuda", torch.float16) == (("cuda", "triton", "eager", "cpp"), True)
     assert dispatch.select("attention", {}).backend == "cuda"
     text = dispatch.format_backend_table(("cpu",))

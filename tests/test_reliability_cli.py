@@ -389,7 +389,7 @@ def fake_cpp_attention(monkeypatch):
     """A 'cpp' attention whose output the test chooses (the real one, if any, is put back after)."""
     from unispeech_fast.ops import attention_ref
 
-    monkeypatch.setattr(dispatch, "backend_reasons", lambda name, device: [])
+    monkeypatch.setattr(dispatch.selection, "backend_reasons", lambda name, device: [])
     previous = dispatch._REGISTRY["attention"].get("cpp")
     spoil = {}
 

@@ -14,8 +14,8 @@ from unispeech_fast.kernels import feature_extractor as fe_kernels
 from unispeech_fast.ops._triton_common import fp32_dot_precision
 
 # The modules, not the functionals of the same name that unispeech_fast.ops exports.
-attention_ops = importlib.import_module("unispeech_fast.ops.attention")
-pos_conv_ops = importlib.import_module("unispeech_fast.ops.pos_conv")
+attention_ops = importlib.import_module("unispeech_fast.ops.attention.triton")
+pos_conv_ops = importlib.import_module("unispeech_fast.ops.pos_conv.triton")
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_every_triton_launch_runs_under_the_device_guard(op, monkeypatch):
     from unispeech_fast import dispatch
     from unispeech_fast.ops import _triton_common
 
-    module = importlib.import_module(f"unispeech_fast.ops.{op}")
+    module = importlib.import_module(f"unispeech_fast.ops.{op}.triton")
     seen = []
 
     def recording_guard(device):

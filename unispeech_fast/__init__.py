@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .configuration import ConfigError, UniSpeechConfig, UniSpeechSatConfig
+from . import ops  # noqa: F401  (importing the ops registers their backends with dispatch)
 from .dispatch import (
     BackendNotSupportedError,
     VerificationError,

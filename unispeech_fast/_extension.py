@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import os
 
-__all__ = ["ExtensionStatus", "status", "summary"]
+__all__ = ["ExtensionStatus", "has_kernel", "status", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,3 +66,19 @@ def summary() -> tuple[bool, str, bool, str]:
     """``(loaded, reason, has_cuda, cuda_reason)`` of :func:`status`, usable inside torch.compile."""
     st = status()
     return st.loaded, st.reason, st.has_cuda, st.cuda_reason
+
+
+@constant_under_compile
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the loaded extension has a ``device_type`` (``"cpu"``/``"cuda"``) kernel for
+    ``torch.ops.unispeech_fast.<op>``: False when it is not loaded, and for an extension built before the op
+    (or its kernel for that device) existed, instead of the dispatcher's error at the call."""
+    if not status().loaded:
+        return False
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"unispeech_fast::{op}", key)
+    except RuntimeError:  # no such schema: the extension was built before the op existed
+        return False

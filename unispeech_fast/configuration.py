@@ -15,6 +15,8 @@ import operator
 import os
 from typing import Any, ClassVar
 
+from .ops.feature_extractor.common import conv_output_length
+
 __all__ = ["UniSpeechConfig", "UniSpeechSatConfig", "ConfigError", "SUPPORTED_ACTIVATIONS"]
 
 #: Activations accepted for ``hidden_act`` and ``feat_extract_activation`` (transformers' ACT2FN names).
@@ -206,7 +208,7 @@ class _BaseConfig:
     def output_length(self, input_length: int) -> int:
         """Frames produced by the conv feature encoder for ``input_length`` samples (0 if too short)."""
         for kernel, stride in zip(self.conv_kernel, self.conv_stride):
-            input_length = (input_length - kernel) // stride + 1
+            input_length = conv_output_length(input_length, kernel, stride)
             if input_length <= 0:
                 return 0
         return input_length

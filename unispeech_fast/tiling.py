@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .ops.feature_extractor.common import conv_output_length
 
 __all__ = ["output_frames", "input_span", "tiled_feature_extractor"]
 
@@ -33,7 +34,7 @@ def output_frames(num_samples: int, kernels: Sequence[int], strides: Sequence[in
     """Frames the conv stack yields for ``num_samples`` input samples (0 when too short)."""
     length = num_samples
     for kernel, stride in zip(kernels, strides):
-        length = (length - kernel) // stride + 1
+        length = conv_output_length(length, kernel, stride)
         if length <= 0:
             return 0
     return length
@@ -51,7 +52,7 @@ def _layer0_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, channel) mean and 1/std of layer 0's conv output over all its frames, tile by tile."""
     kernel = weight.shape[-1]
-    frames = (x.shape[-1] - kernel) // stride + 1
+    frames = conv_output_length(x.shape[-1], kernel, stride)
     acc = torch.promote_types(x.dtype, torch.float32)
     count = torch.zeros((), dtype=torch.float64)
     mean = m2 = None

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .masking import compute_mask_indices_per_sample
+from .ops.feature_extractor.common import conv_output_length
 
 __all__ = ["SpeechDataCollator", "sample_seed", "SaveConfigCallback"]
 
@@ -48,7 +49,7 @@ def sample_seed(base_seed: int, index: int, epoch: int = 0) -> int:
 
 def _frames(config, samples: int) -> int:
     for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        samples = (samples - kernel) // stride + 1
+        samples = conv_output_length(samples, kernel, stride)
     return samples
 
 

@@ -1,6 +1,6 @@
 // attention_fwd on CPU (schema in csrc/schemas.cpp): flash attention with an online softmax, tiled
 // for cache, fp32 / bf16 / fp64. Forward only; the autograd formula recomputes the eager reference
-// (unispeech_fast/ops/_attention_cpp.py).
+// (unispeech_fast/ops/attention/extension.py).
 //
 // Math, per batch b, head h and query t (L = seqlens[b], or T without seqlens):
 //   s[t, j] = scale * q[b, t, h] . k[b, j, h]                       for keys j < L

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..configuration import _BaseConfig
 from ..masking import compute_mask_indices
 from ..modules import Encoder, FeatureEncoder, FeatureProjection, init_weights
+from ..ops.feature_extractor.common import conv_output_length
 from ..outputs import BaseModelOutput
 
 __all__ = ["PreTrainedModel", "Backbone", "weighted_layer_sum"]
@@ -104,7 +105,7 @@ class PreTrainedModel(nn.Module):
         conv_macs = 0
         in_channels = 1
         for out_channels, kernel, stride in zip(self.config.conv_dim, self.config.conv_kernel, self.config.conv_stride):
-            length = (length - kernel) // stride + 1
+            length = conv_output_length(length, kernel, stride)
             conv_macs += in_channels * out_channels * kernel * max(length, 0)
             in_channels = out_channels
         frames = max(length, 0)
@@ -116,10 +117,7 @@ class PreTrainedModel(nn.Module):
     # -------------------------------------------------------------------------------- lengths and masks
     def _get_feat_extract_output_lengths(self, input_lengths: torch.Tensor | int) -> torch.Tensor | int:
         for kernel, stride in zip(self.config.conv_kernel, self.config.conv_stride):
-            if isinstance(input_lengths, torch.Tensor):
-                input_lengths = torch.div(input_lengths - kernel, stride, rounding_mode="floor") + 1
-            else:
-                input_lengths = (input_lengths - kernel) // stride + 1
+            input_lengths = conv_output_length(input_lengths, kernel, stride)  # ints or int64 tensors (floor)
         return input_lengths
 
     def _get_feature_vector_attention_mask(self, num_frames: int, attention_mask: torch.Tensor) -> torch.Tensor:

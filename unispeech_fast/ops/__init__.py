@@ -1,7 +1,10 @@
 """Fused ops: public functionals that go through :mod:`unispeech_fast.dispatch`.
 
-Each op module holds the eager reference (``<op>_ref``), registers it as the ``eager`` backend, and
-exposes the public function that modules call.
+One package per op, ``unispeech_fast/ops/<op>/``: ``__init__.py`` (the public function and its input
+contract; it registers the eager reference as the ``eager`` backend), ``reference.py`` (the eager
+reference ``<op>_ref``), ``triton.py`` (the Triton launchers, custom ops and autograd) and ``extension.py``
+(the cpp/cuda wrappers, fakes and autograd of the compiled extension's ops). Importing an op registers
+all its backends; none of them loads triton or the extension before first use.
 """
 
 from .attention import attention, attention_ref
@@ -10,10 +13,6 @@ from .feature_extractor import feature_extractor, feature_extractor_ref
 from .gumbel_quantizer import gumbel_quantizer, gumbel_quantizer_ref
 from .linear import linear, linear_ref
 from .pos_conv import pos_conv, pos_conv_ref
-
-# Register the compiled extension's backends (cpp for CPU tensors, cuda for CUDA tensors). Neither
-# import loads the extension: that happens on first use, through unispeech_fast._extension.status().
-from . import _attention_cpp, _cuda, _extension_ops  # noqa: E402,F401  (isort: skip)
 
 __all__ = [
     "attention",

@@ -1,4 +1,4 @@
-"""What every Triton launcher shares: the device guard and the fp32 precision policy.
+"""What every Triton launcher shares: ``cdiv``, the device guard and the fp32 precision policy.
 
 One fp32 precision policy for every Triton kernel: follow ``torch.get_float32_matmul_precision()``.
 
@@ -14,7 +14,12 @@ import contextlib
 
 import torch
 
-__all__ = ["device_guard", "fp32_dot_precision"]
+__all__ = ["cdiv", "device_guard", "fp32_dot_precision"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' grid sizes (``triton.cdiv`` without importing triton)."""
+    return -(-a // b)
 
 
 def device_guard(device: torch.device):

@@ -26,12 +26,25 @@ from __future__ import annotations
 import torch
 
 from ... import dispatch
-from . import extension, triton  # noqa: F401  (register the cpp and triton backends; load nothing)
+from ...dispatch import Capabilities
+from .._extension_ops import CPP_DTYPES
+from . import extension, triton  # neither imports triton nor loads the extension
 from .reference import contrastive_loss_ref
 
-__all__ = ["contrastive_loss", "contrastive_loss_ref"]
+__all__ = ["CAPABILITIES", "contrastive_loss", "contrastive_loss_ref"]
+
+#: What each backend supports, as data: dispatch's one base check reads it; the triton backend's own
+#: ``not_supported_reasons`` adds only the limits of the call (feature width, bf16 under the interpreter).
+CAPABILITIES = {
+    "triton": Capabilities("the Triton contrastive_loss", dtypes=triton.DTYPES),
+    "cpp": Capabilities("the C++ contrastive_loss", devices=("cpu",), dtypes=CPP_DTYPES,
+                        kernels=("contrastive_loss_fwd", "contrastive_loss_bwd")),
+}
 
 dispatch.register("contrastive_loss", "eager")(contrastive_loss_ref)
+dispatch.register("contrastive_loss", "triton", capabilities=CAPABILITIES["triton"],
+                  not_supported_reasons=triton._reasons)(triton.contrastive_loss_triton)
+dispatch.register("contrastive_loss", "cpp", capabilities=CAPABILITIES["cpp"])(extension.contrastive_loss_cpp)
 
 
 def _is_int_tensor(t) -> bool:

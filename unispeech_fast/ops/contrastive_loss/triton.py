@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ... import dispatch
+from .._triton_common import cdiv
 from .reference import flat_masked_inputs
 
 __all__ = ["contrastive_loss_triton"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_D = 1024  # unispeech_fast.kernels.contrastive_loss.MAX_D (kept here so reasons do not import triton)
+#: What the kernels run (``kernels/contrastive_loss.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The kernels' ``MAX_D`` (restated so that answering "can it run?" imports no triton; a test checks that
+#: the two agree).
+MAX_D = 1024
 _EPS = 1e-8
 
 
@@ -33,13 +36,9 @@ def _launch_args(predictions, targets, rows, negatives, codes):
     dim = predictions.shape[1]
     has_codes = codes is not None
     codes_t = codes if has_codes else rows  # unread without HAS_CODES
-    grid = (triton_cdiv(m, kern.BLOCK_M),)
+    grid = (cdiv(m, kern.BLOCK_M),)
     consts = dict(HAS_CODES=has_codes, BLOCK_M=kern.BLOCK_M, BLOCK_D=kern.block_d(dim), num_warps=4, num_stages=1)
     return kern, grid, codes_t, (m, k, dim, codes.shape[1] if has_codes else 0), consts
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _forward(predictions, targets, rows, negatives, codes, temperature):
@@ -120,27 +119,18 @@ _fwd_op.register_autograd(_backward_rule, setup_context=_setup)
 
 def _reasons(predictions, targets, negative_indices, mask_time_indices, temperature, code_indices=None):
     reasons = []
-    if predictions.dtype not in _DTYPES:
-        reasons.append(f"the Triton contrastive_loss runs float16/bfloat16/float32, got {predictions.dtype}")
     if predictions.device.type == "cpu" and predictions.dtype == torch.bfloat16:
         reasons.append("bfloat16 is broken in the Triton interpreter (CPU tensors); use float16/float32 or a GPU")
-    if predictions.shape[-1] > _MAX_D:
-        reasons.append(f"feature width D = {predictions.shape[-1]} exceeds the kernel's maximum {_MAX_D}")
+    if predictions.shape[-1] > MAX_D:
+        reasons.append(f"feature width D = {predictions.shape[-1]} exceeds the kernel's maximum {MAX_D}")
     return reasons
 
 
 def contrastive_loss_triton(
-    predictions: torch.Tensor,
-    targets: torch.Tensor,
-    negative_indices: torch.Tensor,
-    mask_time_indices: torch.Tensor,
-    temperature: float,
-    code_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+    predictions, targets, negative_indices, mask_time_indices, temperature, code_indices=None
+):
     """The fused Triton loss; same contract as :func:`contrastive_loss_ref`; returns fp32."""
     flat = flat_masked_inputs(predictions, targets, negative_indices, mask_time_indices, code_indices)
     loss, _ = torch.ops.unispeech_fast.triton_contrastive_loss_fwd(*flat, float(temperature))
     return loss.to(torch.promote_types(predictions.dtype, torch.float32))
 
-
-dispatch.register("contrastive_loss", "triton", not_supported_reasons=_reasons)(contrastive_loss_triton)

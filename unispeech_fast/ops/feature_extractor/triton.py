@@ -1,88 +1,29 @@
-"""The conv feature extractor: strided Conv1d layers, each with an optional norm, then an activation.
-
-``norm_type="group"``: layer 0 is conv -> GroupNorm(C, C) (per-channel statistics over the whole
-padded time axis) -> act, the other layers conv -> act. ``norm_type="layer"``: every layer is
-conv -> LayerNorm over channels -> act. The norms always use eps 1e-5 (transformers ignores
-``layer_norm_eps`` here).
-
-The ``triton`` backend runs each layer as one fused Triton op (implicit-GEMM conv, bias, norm, exact
-gelu) with a Triton backward (norm/gelu VJP and the conv's input and weight gradients); it fuses only
-``activation="gelu"``.
-"""
+"""The ``triton`` backend of ``feature_extractor``: one custom op per conv layer (forward) and one for
+its VJP (``unispeech_fast::triton_feature_extractor_layer`` / ``_backward``), and the dispatch entry."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ._triton_common import device_guard
-from ..activations import get_activation
+from .._triton_common import device_guard
+from .common import NormKind, conv_output_length
 
-__all__ = ["feature_extractor", "feature_extractor_ref"]
-
-
-def feature_extractor_ref(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Eager reference.
-
-    Args:
-        x: waveform ``[batch, samples]``.
-        conv_weights: per layer ``[C_out, C_in, kernel]``; ``conv_biases`` per layer ``[C_out]`` or None.
-        norm_weights, norm_biases: per layer ``[C_out]``, or None for layers without a norm.
-        conv_strides: per layer stride.
-        norm_type: ``"group"`` or ``"layer"``.
-
-    Returns:
-        features ``[batch, C_last, frames]``.
-    """
-    act = get_activation(activation)
-    h = x[:, None]
-    for i, (w, b, stride) in enumerate(zip(conv_weights, conv_biases, conv_strides)):
-        h = F.conv1d(h, w, b, stride=stride)
-        gamma, beta = norm_weights[i], norm_biases[i]
-        if gamma is not None:
-            if norm_type == "group":
-                h = F.group_norm(h, h.shape[1], gamma, beta, eps)
-            elif norm_type == "layer":
-                h = F.layer_norm(h.transpose(-2, -1), (h.shape[1],), gamma, beta, eps).transpose(-2, -1)
-            else:
-                raise ValueError(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
-        h = act(h)
-    return h
-
-
-dispatch.register("feature_extractor", "eager")(feature_extractor_ref)
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # One custom op per conv layer (forward) and one for its VJP, so the stack composes with autograd and
 # torch.compile. The kernels (unispeech_fast.kernels.feature_extractor) are imported lazily: importing
-# unispeech_fast never imports triton. Norm codes: 0 none, 1 layer norm over channels, 2 group norm
-# (per-channel statistics over time).
-_NORM_CODES = {None: 0, "layer": 1, "group": 2}
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# unispeech_fast never imports triton. The ``norm`` argument is the shared code (:class:`.common.NormKind`).
+#: What the kernels run (``kernels/feature_extractor.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The kernels' ``MAX_LAYER_NORM_CHANNELS`` (restated so that answering "can it run?" imports no triton; a test
+#: checks that the two agree).
+MAX_LAYER_NORM_CHANNELS = 512
 
 
 def _kernels():
-    from ..kernels import feature_extractor as kernels  # imports triton
+    from ...kernels import feature_extractor as kernels  # imports triton
 
     return kernels
-
-
-def _frames(samples: int, kernel: int, stride: int) -> int:
-    return (samples - kernel) // stride + 1
 
 
 @torch.library.custom_op("unispeech_fast::triton_feature_extractor_layer", mutates_args=())
@@ -109,11 +50,11 @@ def _triton_layer(
 def _(x, weight, bias, norm_weight, norm_bias, stride, norm, eps):
     B, _, L = x.shape
     C_out, _, K = weight.shape
-    T = _frames(L, K, stride)
+    T = conv_output_length(L, K, stride)
     y = x.new_empty((B, C_out, T))
-    if norm == 1:
+    if norm == NormKind.LAYER:
         shape = (B, T)
-    elif norm == 2:
+    elif norm == NormKind.GROUP:
         shape = (B, C_out)
     else:
         shape = (0,)
@@ -205,8 +146,6 @@ def _triton_not_supported_reasons(
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         reasons.append(f"x must be a waveform [batch, samples], got shape {tuple(getattr(x, 'shape', ()))}")
         return reasons
-    if x.dtype not in _TRITON_DTYPES:
-        reasons.append(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         reasons.append("bfloat16 is not supported by the Triton interpreter (CPU tensors); use a GPU")
     n = len(conv_weights)
@@ -216,7 +155,6 @@ def _triton_not_supported_reasons(
                        f"{len(norm_biases)}, {len(conv_strides)}")
         return reasons
     c_in, length = 1, x.shape[1]
-    max_ln = 512  # kernels.feature_extractor.MAX_LAYER_NORM_CHANNELS (not imported: keeps triton lazy)
     for i in range(n):
         w, b, g, beta, s = conv_weights[i], conv_biases[i], norm_weights[i], norm_biases[i], conv_strides[i]
         if w.dim() != 3 or w.shape[1] != c_in:
@@ -232,13 +170,13 @@ def _triton_not_supported_reasons(
                 reasons.append(f"{name}[{i}] must have shape ({w.shape[0]},), got {tuple(t.shape)}")
         if (g is None) != (beta is None):
             reasons.append(f"norm_weights[{i}] and norm_biases[{i}] must both be given or both be None")
-        if g is not None and norm_type == "layer" and w.shape[0] > max_ln:
+        if g is not None and norm_type == "layer" and w.shape[0] > MAX_LAYER_NORM_CHANNELS:
             reasons.append(f"layer norm over {w.shape[0]} channels (layer {i}); the triton kernel holds at "
-                           f"most {max_ln} channels per frame")
+                           f"most {MAX_LAYER_NORM_CHANNELS} channels per frame")
         if not isinstance(s, int) or s < 1:
             reasons.append(f"conv_strides[{i}] must be a positive int, got {s!r}")
             return reasons
-        length = _frames(length, w.shape[2], s)
+        length = conv_output_length(length, w.shape[2], s)
         if length < 1:
             reasons.append(f"{x.shape[1]} samples are fewer than the receptive field (layer {i} has no output frame)")
             return reasons
@@ -246,18 +184,9 @@ def _triton_not_supported_reasons(
     return reasons
 
 
-@dispatch.register("feature_extractor", "triton", not_supported_reasons=_triton_not_supported_reasons)
 def feature_extractor_triton(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
+    x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
+):
     """Triton backend: one fused Triton layer per conv (implicit-GEMM conv, bias, norm, exact gelu).
 
     Forward and backward are Triton kernels (``unispeech_fast.kernels.feature_extractor``, conv backward included);
@@ -265,34 +194,8 @@ def feature_extractor_triton(
     """
     h = x[:, None, :]
     for i, w in enumerate(conv_weights):
-        norm = 0 if norm_weights[i] is None else _NORM_CODES[norm_type]
+        norm = int(NormKind.of(norm_type, norm_weights[i] is not None))
         h = torch.ops.unispeech_fast.triton_feature_extractor_layer(
             h, w, conv_biases[i], norm_weights[i], norm_biases[i], int(conv_strides[i]), norm, float(eps)
         )[0]
     return h
-
-
-def feature_extractor(
-    x: torch.Tensor,
-    conv_weights: Sequence[torch.Tensor],
-    conv_biases: Sequence[torch.Tensor | None],
-    norm_weights: Sequence[torch.Tensor | None],
-    norm_biases: Sequence[torch.Tensor | None],
-    conv_strides: Sequence[int],
-    norm_type: str,
-    activation: str = "gelu",
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Conv feature extractor on the selected backend; see :func:`feature_extractor_ref`."""
-    return dispatch.call(
-        "feature_extractor",
-        x=x,
-        conv_weights=list(conv_weights),
-        conv_biases=list(conv_biases),
-        norm_weights=list(norm_weights),
-        norm_biases=list(norm_biases),
-        conv_strides=list(conv_strides),
-        norm_type=norm_type,
-        activation=activation,
-        eps=eps,
-    )

@@ -1,40 +1,18 @@
-"""The encoder's dense layers: ``y = x W^T + b``.
-
-Backends: ``eager`` (:func:`linear_ref`, ``F.linear``: on CPU that is MKL's sgemm) and ``cpp`` (CPU
-float32 inference through oneDNN's matmul, ``torch.ops.mkldnn._linear_pointwise``, which ships with
-torch; on the AMD EPYC development machine MKL's sgemm ran at about 210 GFLOP/s against oneDNN's
-about 460 at the base model's shapes, see ``benchmarks/results/``).
-
-The models route their plain ``nn.Linear`` layers through this op only under ``backend("auto")`` and
-``backend("cpp")`` (:func:`unispeech_fast.modules.dense`); under a forced ``eager``, ``triton`` or
-``cuda`` backend the dense layers are ``F.linear``, as they are not among those backends' kernels.
-
-Accuracy: a plain oneDNN matmul accumulates the whole reduction dim in one fp32 sum; measured against
-fp64, its max error at K = 3072 was about 3x MKL's, which blocks the reduction. The ``cpp`` backend
-therefore splits K into chunks of at most :data:`K_CHUNK` (each with its own accumulator, summed in
-fp32), which brings the error to within about 2x of MKL's at every base-model shape
-(``tests/test_linear.py`` checks this against an fp64 reference).
-"""
+"""The ``cpp`` backend of ``linear``: CPU float32 inference through oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``, which ships with torch), the reduction split into chunks of at most
+:data:`K_CHUNK` (see the package docstring)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
+__all__ = ["DTYPES", "K_CHUNK", "linear_cpp"]
 
-__all__ = ["linear", "linear_ref", "K_CHUNK"]
+#: What oneDNN's matmul runs here (float32 inference).
+DTYPES = (torch.float32,)
 
-#: Largest reduction length one oneDNN call accumulates (see the module docstring).
+#: Largest reduction length one oneDNN call accumulates (see the package docstring).
 K_CHUNK = 768
-
-
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Eager reference: ``F.linear(x, weight, bias)``; ``x`` ``[..., K]``, ``weight`` ``[N, K]``."""
-    return F.linear(x, weight, bias)
-
-
-dispatch.register("linear", "eager")(linear_ref)
 
 
 def _onednn_op():
@@ -49,10 +27,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and _onednn_op() is not None  # r
 
 def _cpp_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
     reasons = []
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        reasons.append(f"the oneDNN linear serves CPU tensors, got {x.device.type}")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        reasons.append(f"the oneDNN linear runs float32 only, got {x.dtype}")
+    if any(t is not None and t.dtype not in DTYPES for t in (weight, bias)):  # x: the capabilities
+        reasons.append(f"the oneDNN linear runs float32 weights and biases only, got {weight.dtype}"
+                       f"{'' if bias is None else ', ' + str(bias.dtype)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         reasons.append("the oneDNN linear has no backward (an input requires grad)")
     if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
@@ -98,10 +75,3 @@ def _linear_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             out = part if out is None else out.add_(part)
     return out.view(*lead, weight.shape[0])
 
-
-dispatch.register("linear", "cpp", not_supported_reasons=_cpp_reasons)(linear_cpp)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b`` on the current backend (see :mod:`unispeech_fast.dispatch`)."""
-    return dispatch.call("linear", x=x, weight=weight, bias=bias)

@@ -24,7 +24,7 @@
 //     floats, recomputes the conv exactly as `gn_stats` did (from the bias, same order, so v - mean is
 //     the same value the statistics saw: with near-zero variance a different rounding would be
 //     multiplied by up to 1/sqrt(eps)), applies (v - mean) * rstd * gamma + beta, GELU and stores.
-// Shared memory per block (floats; `layer0_smem_bytes` in unispeech_fast/ops/_cuda.py restates it for
+// Shared memory per block (floats; `layer0_smem_bytes` in unispeech_fast/ops/feature_extractor/extension.py restates it for
 // dispatch, which compares it with the device's opt-in limit; keep the two in step):
 //   frames kernel: (31 * stride + K) + C_out * (K + 3) + 8 * 32 * 3 + 32 * 2
 //   gn_stats: (1023 * stride + K) + 16 * K;  gn_apply: that + 3 * 16

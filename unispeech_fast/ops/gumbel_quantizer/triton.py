@@ -1,147 +1,17 @@
-"""The Gumbel-softmax product vector quantizer.
-
-Logits ``[batch, frames, G * V]`` are split into G groups of V codevector logits. In training each
-group draws a hard straight-through one-hot ``y = onehot(argmax(l + n)) - s.detach() + s`` with
-``s = softmax((l + n) / tau)`` and Gumbel noise n (forward is hard, gradient flows through s); in
-eval it is ``onehot(argmax(l))``. The output concatenates, over groups, the selected rows of the
-codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_gv)`` with ``p`` the
-mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
-(bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
-it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
-"""
+"""The ``triton`` backend of ``gumbel_quantizer``: launchers, custom ops with fakes and autograd, dispatch entry."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ._triton_common import device_guard
+from .._triton_common import cdiv, device_guard
 
-__all__ = ["gumbel_quantizer", "gumbel_quantizer_ref"]
-
-
-def _perplexity(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``probs`` ``[N, G, V]``; ``mask`` bool ``[N]`` or None (mean over every row)."""
-    if mask is None:
-        marginal = probs.mean(dim=0)
-    else:
-        marginal = torch.where(mask[:, None, None], probs, torch.zeros_like(probs)).sum(dim=0) / mask.sum()
-    return torch.exp(-torch.sum(torch.xlogy(marginal, marginal), dim=-1)).sum()
-
-
-def gumbel_quantizer_ref(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    gumbels: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Eager reference (transformers' ``GumbelVectorQuantizer.forward`` after ``weight_proj``).
-
-    Args:
-        logits: ``[batch, frames, num_groups * V]``.
-        codevectors: ``[1, num_groups * V, D / num_groups]``.
-        sample: True for the training path (Gumbel sampling, torch RNG), False for argmax.
-        gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only, for tests).
-            With it the call computes exactly what ``F.gumbel_softmax(hard=True)`` computes when it
-            draws that noise, in fp32 (fp64 for fp64 logits, so tests get a high-precision reference).
-        mask: optional bool ``[batch, frames]``: the perplexity's marginal is the mean over the frames
-            where it is True (forward and gradient); None means every frame.
-        return_indices: also return the chosen code per group, int64 ``[batch, frames, num_groups]``.
-
-    Returns:
-        ``(quantized [batch, frames, D], perplexity scalar)``, plus the indices if ``return_indices``.
-    """
-    batch, frames, _ = logits.shape
-    flat = logits.reshape(batch * frames * num_groups, -1)
-    row_mask = None if mask is None else mask.reshape(batch * frames).to(device=logits.device, dtype=torch.bool)
-    if gumbels is not None and not sample:
-        raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
-    if sample and gumbels is not None:
-        if gumbels.shape != logits.shape:
-            raise ValueError(f"gumbels must have the shape of logits {tuple(logits.shape)}, got {tuple(gumbels.shape)}")
-        work = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        # F.gumbel_softmax(hard=True), step by step, with the given noise instead of a fresh draw.
-        y_soft = ((work + gumbels.reshape(flat.shape).to(work.dtype)) / temperature).softmax(-1)
-        index = y_soft.max(-1, keepdim=True)[1]
-        y_hard = torch.zeros_like(work, memory_format=torch.legacy_contiguous_format).scatter_(-1, index, 1.0)
-        probs = (y_hard - y_soft.detach() + y_soft).type_as(flat)
-        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1), row_mask)
-    elif sample:
-        probs = F.gumbel_softmax(flat.float(), tau=temperature, hard=True).type_as(flat)
-        soft = torch.softmax(flat.view(batch * frames, num_groups, -1).float(), dim=-1)
-        perplexity = _perplexity(soft, row_mask)
-    else:
-        idx = flat.argmax(dim=-1)
-        probs = flat.new_zeros(*flat.shape).scatter_(-1, idx.view(-1, 1), 1.0)
-        perplexity = _perplexity(probs.view(batch * frames, num_groups, -1), row_mask)
-    probs = probs.view(batch * frames, -1)
-    per_group = probs.unsqueeze(-1) * codevectors
-    quantized = per_group.view(batch * frames, num_groups, probs.shape[-1] // num_groups, -1).sum(-2)
-    if return_indices:
-        # The forward value of the straight-through one-hot is exactly 1 on the chosen code.
-        indices = probs.detach().view(batch, frames, num_groups, -1).argmax(-1)
-        return quantized.view(batch, frames, -1), perplexity, indices
-    return quantized.view(batch, frames, -1), perplexity
-
-
-dispatch.register("gumbel_quantizer", "eager", is_stochastic=lambda sample=False, **_: bool(sample))(
-    gumbel_quantizer_ref
-)
-
-
-def gumbel_quantizer(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
-
-    ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
-    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
-    Without them the call and its results are exactly those of before these options existed.
-    """
-    extra = {}
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
-                not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-            raise ValueError(
-                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
-                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
-            )
-        if mask.device != logits.device:
-            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
-        if not bool(mask.any()):
-            raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
-        extra["mask"] = mask
-    if return_indices:
-        extra["return_indices"] = True
-    return dispatch.call(
-        "gumbel_quantizer",
-        logits=logits,
-        codevectors=codevectors,
-        num_groups=num_groups,
-        temperature=temperature,
-        sample=sample,
-        **extra,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
 # _triton_backward: allocate, pick blocks, launch) -> custom ops with autograd (torch.library) ->
 # _gumbel_quantizer_triton (the dispatch entry, which draws the Philox seed).
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the kernels run (``kernels/gumbel_quantizer.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _row_weights(mask, n, device):
@@ -153,7 +23,7 @@ def _row_weights(mask, n, device):
 
 
 def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, gumbels, mask):
-    from ..kernels import gumbel_quantizer as kern
+    from ...kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
     n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
@@ -165,7 +35,7 @@ def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, 
     out_dtype = torch.promote_types(logits.dtype, codevectors.dtype)
     out = torch.empty(n, num_groups * dg, device=logits.device, dtype=out_dtype)
     index = torch.empty(n, num_groups, device=logits.device, dtype=torch.int32)
-    blocks = _cdiv(n, cfg.rows_fwd)
+    blocks = cdiv(n, cfg.rows_fwd)
     partial = torch.empty(blocks, num_groups, num_codes, device=logits.device, dtype=torch.float32)
     soft = torch.empty((n, num_groups, num_codes) if sample else (0,), device=logits.device, dtype=torch.float32)
     explicit = gumbels is not None
@@ -187,10 +57,6 @@ def _triton_forward(logits, codevectors, num_groups, temperature, sample, seed, 
     return out.view(batch, frames, num_groups * dg), perplexity, soft, index, marginal
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tensor, n) -> torch.Tensor:
     """``c_gv = gP * dP/dm_gv / N`` with ``dP/dm_gv = -exp(H_g) (log m_gv + 1)`` (fp32 ``[G, V]``);
     ``N`` is the number of rows, or of masked rows with a perplexity mask.
@@ -205,7 +71,7 @@ def _perplexity_coefficients(marginal: torch.Tensor, grad_perplexity: torch.Tens
 
 def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index, marginal, num_groups,
                      temperature, sample, need_logits, need_codevectors, mask):
-    from ..kernels import gumbel_quantizer as kern
+    from ...kernels import gumbel_quantizer as kern
 
     batch, frames, gv = logits.shape
     n, num_codes, dg = batch * frames, gv // num_groups, codevectors.shape[-1]
@@ -226,7 +92,7 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
         coef = _perplexity_coefficients(marginal, grad_perplexity, count)
         grad_flat = torch.empty(n, gv, device=logits.device, dtype=logits.dtype)
         if n > 0:
-            kern._gumbel_bwd_logits_kernel[(_cdiv(n, cfg.block_n_bwd), num_groups)](
+            kern._gumbel_bwd_logits_kernel[(cdiv(n, cfg.block_n_bwd), num_groups)](
                 gq, book, soft, flat, coef, weight, grad_flat,
                 n, num_codes, dg, gq.stride(0), flat.stride(0), grad_flat.stride(0), float(temperature),
                 BLOCK_N=cfg.block_n_bwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_bwd,
@@ -236,7 +102,7 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
     if need_codevectors:
         acc = torch.zeros(gv, dg, device=codevectors.device, dtype=torch.float32)
         if n > 0:
-            kern._gumbel_bwd_codevectors_kernel[(_cdiv(n, kern.SCATTER_BLOCK_N), num_groups)](
+            kern._gumbel_bwd_codevectors_kernel[(cdiv(n, kern.SCATTER_BLOCK_N), num_groups)](
                 gq, index, acc, n, num_codes, dg, gq.stride(0),
                 BLOCK_N=kern.SCATTER_BLOCK_N, BLOCK_D=kern.SCATTER_BLOCK_D,
                 num_warps=kern.SCATTER_NUM_WARPS, num_stages=kern.NUM_STAGES,
@@ -351,9 +217,8 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
     num_codes = logits.shape[-1] // num_groups
     if codevectors.shape[:2] != (1, logits.shape[-1]):
         reasons.append(f"codevectors must be [1, {logits.shape[-1]}, D/G], got {tuple(codevectors.shape)}")
-    for name, t in (("logits", logits), ("codevectors", codevectors)):
-        if t.dtype not in _TRITON_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+    if codevectors.dtype not in DTYPES:
+        reasons.append(f"codevectors dtype {codevectors.dtype} is not one of float16, bfloat16, float32")
     if codevectors.device != logits.device:
         reasons.append(f"codevectors on {codevectors.device} but logits on {logits.device}")
     if logits.device.type == "cpu" and torch.bfloat16 in (logits.dtype, codevectors.dtype):
@@ -372,21 +237,9 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
     return reasons
 
 
-@dispatch.register(
-    "gumbel_quantizer", "triton",
-    not_supported_reasons=_triton_not_supported_reasons,
-    is_stochastic=lambda sample=False, **_: bool(sample),
-)
 def _gumbel_quantizer_triton(
-    logits: torch.Tensor,
-    codevectors: torch.Tensor,
-    num_groups: int,
-    temperature: float,
-    sample: bool,
-    gumbels: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    return_indices: bool = False,
-) -> tuple[torch.Tensor, ...]:
+    logits, codevectors, num_groups, temperature, sample, gumbels=None, mask=None, return_indices=False
+):
     """Triton backend: fused sample/argmax + codevector gather + marginals; see the kernels' docstring.
 
     Training draws a Philox seed from torch's default generator of ``logits.device`` (so

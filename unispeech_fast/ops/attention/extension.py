@@ -1,7 +1,10 @@
-"""The ``cpp`` backend of ``attention``: the C++ CPU flash attention (``csrc/cpu/attention.cpp``).
+"""The ``cpp`` and ``cuda`` backends of ``attention``: ``torch.ops.unispeech_fast.attention_fwd`` (schema in
+``csrc/schemas.cpp``; kernels ``csrc/cpu/attention.cpp`` and ``csrc/cuda/attention.cu``), its fake and autograd
+formula (registered when the extension loads, :func:`unispeech_fast.ops._extension_ops.on_load`), and the
+dispatch entries. Importing this module loads nothing.
 
-Layers: the kernel ``torch.ops.unispeech_fast.attention_fwd`` (schema in ``csrc/schemas.cpp``, fake in
-:mod:`._extension_ops`) -> its autograd formula (:func:`register_autograd`; there is no C++ backward:
+``cpp``: the kernel -> its fake and autograd formula
+(:func:`_register`; there is no C++ backward:
 the backward recomputes the forward with PyTorch's SDPA under autograd, activation-checkpoint style,
 in fp32 for half inputs, with the reference's masking) -> the dispatch backend
 :func:`attention_cpp` (argument handling, ``not_supported_reasons``).
@@ -13,6 +16,10 @@ rounded to the input dtype once (see the kernel's header comment). Key padding m
 attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
 served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
 inference only: with gradients its recomputing backward always costs more than the eager backend's.
+
+``cuda``: the CUDA flash-attention forward, inference only (float16/bfloat16, head_dim 64 or 128). The
+CUDA kernels were written on a machine without a GPU: they are compile-checked for sm_80 and sm_90 by
+``scripts/check_cuda.py`` and compared with the eager references by the ``gpu``-marked tests.
 """
 
 from __future__ import annotations
@@ -20,17 +27,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch
-from .attention import _last_dim_contiguous, attention_ref, right_padded_lengths
+from ... import dispatch
+from .._extension_ops import _ops, cuda_ops, on_load
+from .padding import mask_lengths, padding_mask_reasons, right_padded_lengths
+from .reference import attention_ref
+from .triton import _last_dim_contiguous
 
-__all__ = ["attention_cpp", "register_autograd"]
+__all__ = ["CUDA_DTYPES", "attention_cpp", "attention_cuda"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CPP_MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
 _AUTO_SKIPS_TRAINING = (
     "auto does not take the C++ attention for calls that need gradients: its backward recomputes the forward "
     "and then runs SDPA's forward and backward, so it always costs more than eager; force it with backend('cpp')"
 )
+_CUDA_HEAD_DIMS = (64, 128)
+#: What the CUDA kernel runs (tensor cores; csrc/cuda/attention.cu).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves training"
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -74,39 +88,34 @@ def _backward(ctx, grad_out):
     return dq, dk, dv, None, dhm, None
 
 
-def register_autograd() -> None:
-    """Register the recomputing backward of ``unispeech_fast::attention_fwd`` (called once the extension
-    is loaded, by :func:`unispeech_fast.ops._extension_ops.ensure_registered`)."""
+@on_load("attention_fwd")
+def _register() -> None:
+    """Register the fake and the recomputing backward of ``unispeech_fast::attention_fwd`` (called once the
+    extension is loaded, by :func:`unispeech_fast.ops._extension_ops.ensure_registered`)."""
+
+    @torch.library.register_fake("unispeech_fast::attention_fwd")
+    def _(q, k, v, seqlens, head_mask, scale):
+        return q.new_empty(q.shape)
+
     torch.library.register_autograd("unispeech_fast::attention_fwd", _backward, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
-def _cpp_reasons(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> list[str]:
+# ---------------------------------------------------------------------------------------------- cpp
+def _cpp_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Why the C++ attention cannot run this call (empty when it can)."""
     if need_weights:
         return []  # served by the reference (the kernel never materialises the probabilities)
     reasons = []
     tensors = {"q": q, "k": k, "v": v}
-    if any(t.device.type != "cpu" for t in tensors.values()):
-        reasons.append("the C++ attention serves CPU tensors, got " + ", ".join(t.device.type for t in tensors.values()))
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         reasons.append(f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
                        f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)")
         return reasons
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in _CPP_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"the C++ attention runs float32, bfloat16, float16 or float64 for q, k and v alike, got "
                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        reasons.append(f"the C++ attention supports head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.shape[-1] > _CPP_MAX_HEAD_DIM:
+        reasons.append(f"the C++ attention supports head_dim <= {_CPP_MAX_HEAD_DIM}, got {q.shape[-1]}")
     if dropout_p > 0.0:
         reasons.append(f"the C++ attention has no dropout (training with attention dropout), got dropout_p={dropout_p}")
     if dispatch.current_backend() == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
@@ -128,16 +137,7 @@ def _cpp_reasons(
     return reasons
 
 
-def attention_cpp(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_cpp(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Flash attention on ``torch.ops.unispeech_fast.attention_fwd`` (CPU); see :func:`attention_ref`.
 
     q, k, v ``[batch, frames, heads, head_dim]`` (strided views of one fused projection are used in
@@ -148,8 +148,6 @@ def attention_cpp(
         dispatch.log_once("attention-cpp-need-weights", "attention: the cpp backend does not materialise the "
                           "attention probabilities; calls with need_weights=True run the eager reference")
         return attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
-    from ._extension_ops import _ops
-
     ops = _ops()
     # Dispatch checked the mask is right-padded (_cpp_reasons), so its row sums are the lengths.
     seqlens = None if key_padding_mask is None else key_padding_mask.sum(dim=-1, dtype=torch.int32)
@@ -158,4 +156,52 @@ def attention_cpp(
     return ops.attention_fwd(q, k, v, seqlens, head_mask, scale), None
 
 
-dispatch.register("attention", "cpp", not_supported_reasons=_cpp_reasons)(attention_cpp)
+
+# ---------------------------------------------------------------------------------------------- cuda
+def _cuda_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
+    reasons = []
+    tensors = {"q": q, "k": k, "v": v}
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        reasons.append(f"q, k and v must be [batch, frames, heads, head_dim] of one shape, got "
+                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    elif q.shape[-1] not in _CUDA_HEAD_DIMS:
+        reasons.append(f"the CUDA attention supports head_dim {_CUDA_HEAD_DIMS}, got {q.shape[-1]}")
+    if any(t.dim() > 0 and t.stride(-1) != 1 for t in tensors.values()):
+        reasons.append("q, k and v need a contiguous last dim")
+    if need_weights:
+        reasons.append("the CUDA attention does not return the attention probabilities (need_weights=True)")
+    if dropout_p > 0.0:
+        reasons.append(f"the CUDA attention has no dropout, got dropout_p={dropout_p}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        reasons.append(_NO_BACKWARD)
+    if head_mask is not None:
+        if head_mask.dim() != 1 or q.dim() != 4 or head_mask.shape[0] != q.shape[2]:
+            reasons.append(f"head_mask must be [heads], got {tuple(head_mask.shape)}")
+        if torch.is_grad_enabled() and head_mask.requires_grad:
+            reasons.append("head_mask requires grad, but " + _NO_BACKWARD)
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or q.dim() != 4 or key_padding_mask.shape != q.shape[:2]:
+            reasons.append(f"key_padding_mask must be bool [batch, frames], got {key_padding_mask.dtype} "
+                           f"{tuple(key_padding_mask.shape)}")
+        elif not reasons and not torch.compiler.is_compiling():
+            # Data-dependent (host syncs); under torch.compile the models' guarantee is relied on, and a row
+            # without valid keys still gets the reference's uniform attention from the kernel.
+            reasons.extend(padding_mask_reasons(key_padding_mask))
+    return reasons
+
+
+def attention_cuda(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
+    """Flash-attention forward (``torch.ops.unispeech_fast.attention_fwd``); inference only.
+
+    ``out = head_mask[h] * softmax(scale q k^T + mask) v`` with the key padding given as lengths (the
+    mask must be right-padded). Dispatch refuses a row whose keys are all padded; the kernel itself
+    gives such a row the reference's uniform attention over every key. Returns ``(out, None)``.
+    """
+    # Dispatch checked the mask is right-padded (_cuda_reasons), so its row sums are the lengths.
+    seqlens = None if key_padding_mask is None else mask_lengths(key_padding_mask)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out = cuda_ops().attention_fwd(q, k, v, seqlens, head_mask, float(scale))
+    return out, None

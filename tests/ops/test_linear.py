@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import unispeech_fast as uf
 from unispeech_fast import dispatch
 from unispeech_fast.ops import linear, linear_ref
-from unispeech_fast.ops.linear import _cpp_reasons, linear_cpp
+from unispeech_fast.ops.linear.extension import _cpp_reasons, linear_cpp
 from conftest import tiny_config_kwargs
 
 needs_onednn = pytest.mark.skipif(bool(_cpp_reasons(torch.ones(1, 1), torch.ones(1, 1))),
@@ -88,7 +88,7 @@ def test_models_call_wrapped_or_hooked_projections_as_modules():
 def test_cpp_linear_is_a_registered_op_that_torch_compile_keeps():
     """The cpp backend is the custom op ``unispeech_fast::onednn_linear`` (fake shapes checked by opcheck),
     so a compiled model keeps it; see tests/test_reliability.py for the whole model."""
-    from unispeech_fast.ops.linear import _onednn_linear
+    from unispeech_fast.ops.linear.extension import _onednn_linear
 
     for x, w, b in [(torch.randn(2, 5, 7), torch.randn(3, 7), torch.randn(3)),
                     (torch.randn(9, 1000), torch.randn(4, 1000), None)]:

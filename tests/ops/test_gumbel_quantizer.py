@@ -17,11 +17,15 @@ from unispeech_fast import dispatch
 from unispeech_fast.configuration import UniSpeechConfig
 from unispeech_fast.modules import GumbelVectorQuantizer
 from unispeech_fast.ops import gumbel_quantizer, gumbel_quantizer_ref
-gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer")  # the package exports a function of that name
+from _tolerance import FLOOR, assert_within_2x_eager
+
+gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_impl = gq_module._gumbel_quantizer_triton
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The shared rule (tests/_tolerance.py); for half inputs the floors these tests have always had (10x the shared
+# ones: kept, since the shared ones would tighten them, bf16 on GPUs only).
+HALF_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def _inputs(batch, frames, groups, codes, width, dtype, device=DEVICE, scale=2.0):
@@ -41,13 +45,6 @@ def _run(fn, logits, codevectors, groups, tau, sample, weight, ppl_weight=0.7, *
     return q.detach(), ppl.detach(), lg.grad, cv.grad
 
 
-def _err(a, b):
-    if a is None or b is None:
-        assert a is None and b is None
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
 def _check_against_fp64(logits, codevectors, noise, groups, tau, sample):
     dtype = logits.dtype
     weight = torch.randn(*logits.shape[:2], codevectors.shape[-1] * groups, device=logits.device, dtype=torch.float64)
@@ -60,9 +57,7 @@ def _check_against_fp64(logits, codevectors, noise, groups, tau, sample):
             assert o is None and e is None, "eval: logits get no gradient"
             continue
         assert o.dtype == e.dtype and o.shape == e.shape, (name, o.dtype, e.dtype, o.shape, e.shape)
-        scale = max(1.0, r.abs().max().item())
-        bound = 2 * _err(e, r) + FLOOR[dtype] * scale
-        assert _err(o, r) <= bound, f"{name}: kernel error {_err(o, r):.3e} > bound {bound:.3e} (eager {_err(e, r):.3e})"
+        assert_within_2x_eager(name, o, e, r, HALF_FLOOR.get(dtype, FLOOR[dtype]))
     return out
 
 
@@ -344,7 +339,7 @@ def _cpp_impl():
     ext = importlib.import_module("unispeech_fast.ops._extension_ops")
     if not ext.ensure_registered():
         pytest.fail("the C++ extension is not built: the cpp backend of gumbel_quantizer cannot be checked")
-    return ext.gumbel_quantizer_ext
+    return importlib.import_module("unispeech_fast.ops.gumbel_quantizer.extension").gumbel_quantizer_ext
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -372,8 +367,7 @@ def test_triton_masked_within_twice_eager_error(sample):
         if o is None:
             assert e is None and not sample
             continue
-        scale = max(1.0, r.abs().max().item())
-        assert _err(o, r) <= 2 * _err(e, r) + FLOOR[torch.float32] * scale, name
+        assert_within_2x_eager(name, o, e, r, FLOOR[torch.float32])
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -401,7 +395,7 @@ def test_cpp_masked_matches_eager(sample):
                                        atol=1e-8 if loose else 1e-11, msg=name)
     for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), ours32, eager32, ref64):
         if r is not None:
-            assert _err(o, r) <= 2 * _err(e, r) + 1e-6 * max(1.0, r.abs().max().item()), name
+            assert_within_2x_eager(name, o, e, r, FLOOR[torch.float32])
 
 
 @pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
@@ -432,10 +426,9 @@ def test_mask_input_errors_and_cuda_reason():
         gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask[:, :4])
     with pytest.raises(ValueError, match="selects no frame"):
         gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=torch.zeros_like(mask))
-    ext = importlib.import_module("unispeech_fast.ops._extension_ops")
-    # The CUDA kernel takes the mask too (tests/test_cuda_ops.py): on CPU tensors only the device is refused.
-    cuda_reasons = ext._gumbel_cuda_reasons(logits, codevectors, 2, 1.5, False, mask=mask)
-    assert cuda_reasons == ["the CUDA gumbel_quantizer serves CUDA tensors, got cpu"], cuda_reasons
+    ext = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.extension")
+    # The CUDA kernel takes the mask too (tests/test_cuda_ops.py): its reasons never refuse a mask.
+    assert not any("mask" in r for r in ext._gumbel_cuda_reasons(logits, codevectors, 2, 1.5, False, mask=mask))
     # Through dispatch with a mask, every backend that runs agrees with the reference.
     expected = gumbel_quantizer_ref(logits, codevectors, 2, 1.5, False, mask=mask)
     for name in ("eager", "triton", "cpp"):

@@ -10,7 +10,7 @@
 // while the tile is in cache. GroupNorm needs the whole time axis: the tile pass stores z and each tile's
 // per-channel (count, mean, M2), merged with Chan's parallel-variance formula; a second streaming pass
 // normalises and applies GELU in place. Tasks run on at::parallel_for; each GEMM is single-threaded.
-// No backward here: unispeech_fast/ops/_extension_ops.py differentiates by recomputing the eager layer.
+// No backward here: unispeech_fast/ops/feature_extractor/extension.py differentiates by recomputing the eager layer.
 #include <torch/library.h>
 
 #include <optional>

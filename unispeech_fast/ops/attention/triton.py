@@ -1,176 +1,17 @@
-"""Bidirectional multi-head attention with a key-padding mask and a per-head mask.
-
-``out[b, t, h] = sum_s m_h * softmax_s(scale * q[b,t,h] . k[b,s,h] + mask[b,s]) v[b,s,h]`` where
-``mask`` is 0 for valid keys and -inf-like for padded ones, and ``m_h`` is ``head_mask[h]`` (which
-multiplies that head's attention probabilities, so 0 removes the head). Padded *query* rows are not
-masked: like transformers, their outputs are defined (they attend to the valid keys) but carry no
-meaning. Tensors use the ``[batch, frames, heads, head_dim]`` layout that a fused QKV projection
-produces without transposes.
-"""
+"""The ``triton`` backend of ``attention``: launchers for ``unispeech_fast.kernels.attention``, the custom
+ops ``unispeech_fast::triton_attention_fwd`` / ``_bwd`` with fakes and autograd, and the dispatch entry."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ._triton_common import device_guard, fp32_dot_precision
+from ... import dispatch
+from .._triton_common import cdiv, device_guard, fp32_dot_precision
+from .padding import mask_lengths, padding_mask_reasons
+from .reference import attention_eager
 
-__all__ = ["attention", "attention_ref", "padding_checked_once"]
-
-
-def attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-    upcast: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Explicit-softmax reference (transformers' eager attention, plus the head mask).
-
-    Args:
-        q, k, v: ``[batch, frames, heads, head_dim]``.
-        key_padding_mask: bool ``[batch, frames]``, True for keys that may be attended to.
-        head_mask: ``[heads]``, multiplies each head's attention probabilities.
-        dropout_p: dropout on the attention probabilities (pass 0 in eval).
-        scale: score scale, default ``head_dim ** -0.5``.
-        need_weights: also return the probabilities ``[batch, heads, frames, frames]``.
-        upcast: compute in fp32 (fp64 inputs stay fp64) and cast the result back.
-
-    Returns:
-        ``(out [batch, frames, heads, head_dim], weights or None)``.
-    """
-    dtype = q.dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    scores = torch.matmul(qh, kh.transpose(2, 3)) * scale
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
-    if head_mask is not None:
-        probs = probs * head_mask.to(probs.dtype).view(1, -1, 1, 1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, vh).transpose(1, 2)
-    return out.to(dtype), (probs.to(dtype) if need_weights else None)
-
-
-_padding_scope: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("unispeech_fast_padding", default=None)
-
-
-@contextlib.contextmanager
-def padding_checked_once(key_padding_mask: torch.Tensor | None) -> Iterator[None]:
-    """The scope of one encoder forward: attention calls inside it that get this same mask tensor
-    (unmodified: same version counter) share one computation of its lengths and of the kernels' padding
-    checks (:func:`padding_mask_reasons`, two host syncs), instead of repeating them in every layer.
-    Computed lazily on first use, dropped when the scope ends; no effect while torch.compile traces."""
-    if key_padding_mask is None or torch.compiler.is_compiling():
-        yield
-        return
-    token = _padding_scope.set((key_padding_mask, _version_of(key_padding_mask), {}))
-    try:
-        yield
-    finally:
-        _padding_scope.reset(token)
-
-
-def _version_of(t: torch.Tensor) -> int | None:
-    """``t._version``, or None for an inference tensor (made under ``torch.inference_mode``), which has no
-    version counter (reading it raises): such a mask is recognised by identity alone."""
-    return None if t.is_inference() else t._version
-
-
-def _scope_memo(key_padding_mask: torch.Tensor) -> dict | None:
-    if torch.compiler.is_compiling():
-        return None
-    scope = _padding_scope.get()
-    if scope is None or scope[0] is not key_padding_mask or scope[1] != _version_of(key_padding_mask):
-        return None
-    return scope[2]
-
-
-def mask_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """int32 ``[batch]`` row sums of ``key_padding_mask`` (the valid lengths of a right-padded mask), once
-    per :func:`padding_checked_once` scope."""
-    memo = _scope_memo(key_padding_mask)
-    if memo is not None and "lengths" in memo:
-        return memo["lengths"]
-    lengths = key_padding_mask.sum(dim=-1, dtype=torch.int32)
-    if memo is not None:
-        memo["lengths"] = lengths
-    return lengths
-
-
-def right_padded_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor | None:
-    """int32 ``[batch]`` valid lengths when ``key_padding_mask`` (bool ``[batch, frames]``, True = valid)
-    is right-padded in every row (a run of True, then False), else None. One host sync."""
-    lengths = mask_lengths(key_padding_mask)
-    positions = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
-    if not torch.equal(positions[None, :] < lengths[:, None], key_padding_mask):
-        return None
-    return lengths
-
-
-def padding_mask_reasons(key_padding_mask: torch.Tensor) -> list[str]:
-    """Why the kernel backends (triton, cuda) refuse ``key_padding_mask`` (bool ``[batch, frames]``): it
-    must be right-padded, and every row needs a valid key. A row without one is refused by every kernel
-    backend alike, so auto gives it to eager; the kernels themselves (reached without this check under
-    torch.compile) give it the reference's uniform attention over all keys. Host syncs, once per
-    :func:`padding_checked_once` scope."""
-    memo = _scope_memo(key_padding_mask)
-    if memo is not None and "reasons" in memo:
-        return list(memo["reasons"])
-    lengths = right_padded_lengths(key_padding_mask)
-    if lengths is None:
-        reasons = ["key_padding_mask must be right-padded (a valid prefix, then padding) in every row"]
-    elif bool((lengths == 0).any()):
-        reasons = ["key_padding_mask has a batch row with no valid frame"]
-    else:
-        reasons = []
-    if memo is not None:
-        memo["reasons"] = list(reasons)
-    return reasons
-
-
-def _attention_eager(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The eager backend: PyTorch SDPA (transformers' default path), or the explicit reference when
-    the probabilities are requested. The head mask scales each head's output, which equals scaling
-    its probabilities."""
-    if need_weights:
-        return attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
-    )
-    if head_mask is not None:
-        out = out * head_mask.to(out.dtype).view(1, -1, 1, 1)
-    return out.transpose(1, 2), None
-
-
-dispatch.register("attention", "eager", is_stochastic=lambda dropout_p=0.0, **_: dropout_p > 0.0)(_attention_eager)
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # Layers: private kernels (``unispeech_fast.kernels.attention``) -> launchers ``_triton_fwd`` /
 # ``_triton_bwd`` (allocate, pick blocks, launch) -> custom ops ``unispeech_fast::triton_attention_fwd``
 # / ``_bwd`` (fake shapes and autograd, so the op composes with torch.compile) -> the registered
@@ -222,7 +63,7 @@ def _triton_fwd(q, k, v, lengths, head_mask, seed, dropout_p, scale):
     lse = torch.empty((batch, heads, frames), device=q.device, dtype=torch.float32)
     hm, sd = _placeholders(q, head_mask, seed)
     block_m, block_n, block_d, warps, stages = _launch_settings(q, "fwd")
-    grid = (_cdiv(frames, block_m), batch * heads)
+    grid = (cdiv(frames, block_m), batch * heads)
     with _device_guard(q.device):
         kern._attn_fwd[grid](
             q, k, v, out, lse, lengths, hm, sd,
@@ -261,12 +102,12 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
             heads, frames, head_dim, float(scale), float(dropout_p),
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_pre")
-        kern._attn_bwd_rows[(_cdiv(frames, block_m), batch * heads)](
+        kern._attn_bwd_rows[(cdiv(frames, block_m), batch * heads)](
             *rows_args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, COMPUTE_DQ=False,
             num_warps=warps, num_stages=stages,
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_kv")
-        kern._attn_bwd_dkdv[(_cdiv(frames, block_n), batch * heads)](
+        kern._attn_bwd_dkdv[(cdiv(frames, block_n), batch * heads)](
             q, k, v, dout, dk, dv, lse, delta, lengths, hm, sd,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -278,15 +119,11 @@ def _triton_bwd(dout, q, k, v, lse, lengths, head_mask, seed, dropout_p, scale):
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, num_warps=warps, num_stages=stages,
         )
         block_m, block_n, block_d, warps, stages = _launch_settings(q, "bwd_q")
-        kern._attn_bwd_rows[(_cdiv(frames, block_m), batch * heads)](
+        kern._attn_bwd_rows[(cdiv(frames, block_m), batch * heads)](
             *rows_args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags, COMPUTE_DQ=True,
             num_warps=warps, num_stages=stages,
         )
     return dq, dk, dv
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("unispeech_fast::triton_attention_fwd", mutates_args=())
@@ -352,16 +189,7 @@ def _fwd_backward(ctx, dout, dlse):
 _triton_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _triton_reasons(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> list[str]:
+def _triton_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """Why the Triton kernels cannot run this call (empty when they can)."""
     if need_weights:
         return []  # served by the eager path (the kernels never materialise the probabilities)
@@ -403,16 +231,7 @@ def _triton_reasons(
     return reasons
 
 
-def _attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _attention_triton(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """The triton backend: flash attention without materialising the probabilities.
 
     ``need_weights=True`` is served by the eager path (logged once). Dropout draws its Philox seed
@@ -421,7 +240,7 @@ def _attention_triton(
     if need_weights:
         dispatch.log_once("attention-triton-need-weights", "attention: the triton backend does not materialise "
                           "the attention probabilities; calls with need_weights=True run the eager path")
-        return _attention_eager(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
+        return attention_eager(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
     batch, frames = q.shape[:2]
     if key_padding_mask is None:
         lengths = torch.full((batch,), frames, device=q.device, dtype=torch.int32)
@@ -434,35 +253,3 @@ def _attention_triton(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _triton_attention_fwd(q, k, v, lengths, hm, seed, float(dropout_p), scale)
     return out, None
-
-
-dispatch.register(
-    "attention",
-    "triton",
-    not_supported_reasons=_triton_reasons,
-    is_stochastic=lambda dropout_p=0.0, **_: dropout_p > 0.0,
-)(_attention_triton)
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    head_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    scale: float | None = None,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention on the selected backend; see :func:`attention_ref` for the arguments."""
-    return dispatch.call(
-        "attention",
-        q=q,
-        k=k,
-        v=v,
-        key_padding_mask=key_padding_mask,
-        head_mask=head_mask,
-        dropout_p=dropout_p,
-        scale=scale,
-        need_weights=need_weights,
-    )

@@ -1,67 +1,21 @@
-"""The grouped, weight-normed positional convolution with its residual add.
-
-``y = x + act(conv1d(x, W, bias, padding=K//2, groups)[..., :T])`` with ``W = g * v / ||v||``, the
-norm taken over the output- and input-channel dims separately for each tap (weight norm with
-``dim=2``, as ``torch.nn.utils.parametrizations.weight_norm(conv, dim=2)`` computes it). For even K
-the convolution yields T + 1 frames and the last is dropped (transformers' ``SamePad``).
-
-Backends: ``eager`` (:func:`pos_conv_ref`) and ``triton`` (``kernels/pos_conv.py``: one fused
-implicit-GEMM kernel for conv + bias + exact GELU + residual; backward as GELU'-scaling, a second
-implicit GEMM for the input gradient and a split reduction for the weight gradient), registered as
-the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd``. The weight norm itself stays in
-torch: folded on every call (no cache that could go stale), and differentiated by torch's
-weight-norm backward under autograd.
-"""
+"""The ``triton`` backend of ``pos_conv``: weight folding, launchers for ``unispeech_fast.kernels.pos_conv``,
+the custom ops ``unispeech_fast::triton_pos_conv_fwd`` / ``_bwd`` with fakes and autograd, and the
+dispatch entry."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
-from ..activations import get_activation
-from ._triton_common import device_guard, fp32_dot_precision
+from .._triton_common import cdiv, device_guard, fp32_dot_precision
 
-__all__ = ["pos_conv", "pos_conv_ref"]
-
-
-def pos_conv_ref(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
-    """Eager reference.
-
-    Args:
-        x: hidden states ``[batch, frames, hidden]``.
-        weight_g: ``[1, 1, kernel]``; weight_v: ``[hidden, hidden // groups, kernel]``; bias ``[hidden]``.
-
-    Returns:
-        ``x + pos(x)``, ``[batch, frames, hidden]``.
-    """
-    kernel = weight_v.shape[-1]
-    weight = torch._weight_norm(weight_v, weight_g, 2)
-    h = F.conv1d(x.transpose(1, 2), weight, bias, padding=kernel // 2, groups=groups)
-    if kernel % 2 == 0:
-        h = h[:, :, :-1]
-    h = get_activation(activation)(h).transpose(1, 2)
-    return x + h
-
-
-dispatch.register("pos_conv", "eager")(pos_conv_ref)
-
-
-# ---------------------------------------------------------------------------------------------- triton
 # Weight folding. ``W = torch._weight_norm(v, g, 2)`` is packed per group into the GEMM layout the
 # kernels read, ``Wp[g, k * C + ci, co] = W[g * C + co, ci, k]`` (``[groups, K * C, C]``), with torch ops
 # on every call: under autograd torch's own weight-norm backward (and the permute's) carries the packed
 # weight's gradient to ``weight_g`` and ``weight_v``, and without grad nothing is kept between calls, so
 # the packed weight can never disagree with g and v however they were changed (``.data`` writes, which
 # bypass the version counter, included). Folding costs one pass over v, small next to the conv itself.
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the kernels run (``kernels/pos_conv.py``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (batch; groups x channel blocks)
 
@@ -83,19 +37,19 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _configs(dtype: torch.dtype, device: torch.device) -> dict[str, tuple[int, ...]]:
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     return kernels.INTERPRETER_CONFIGS if _interpreting(device) else kernels.GPU_CONFIGS[_DTYPE_NAMES[dtype]]
 
 
 def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, device):
     """One implicit-GEMM conv launch (forward, or the input gradient with the flipped weight)."""
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, _ = inp.shape
     groups, red, channels = packed.shape
     block_t, block_co, block_r, warps, stages = _configs(inp.dtype, device)["conv"]
-    grid = (_cdiv(frames, block_t), groups * _cdiv(channels, block_co), batch)
+    grid = (cdiv(frames, block_t), groups * cdiv(channels, block_co), batch)
     kernels._conv_kernel[grid](
         inp, packed, bias if bias is not None else inp, res, out, pre,
         frames, channels, red, offset,
@@ -104,10 +58,6 @@ def _launch_conv(inp, packed, bias, res, out, pre, offset, gelu, save_pre, devic
         DOT_PRECISION=_dot_precision(inp.dtype, device),
         BLOCK_T=block_t, BLOCK_CO=block_co, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, save_pre: bool):
@@ -129,24 +79,24 @@ def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) 
     run to run, and the partial buffer stays small because (reduction blocks x groups) already gives
     thousands of programs at the real sizes, so few time splits are needed to fill the GPU.
     """
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, _ = x.shape
     groups, red, channels = packed.shape
     kernel = red // channels
     block_r, block_co, block_t, warps, stages = _configs(x.dtype, x.device)["grad_weight"]
-    n_t_tiles = _cdiv(frames, block_t)
+    n_t_tiles = cdiv(frames, block_t)
     total = batch * n_t_tiles
-    base = _cdiv(red, block_r) * groups * _cdiv(channels, block_co)
+    base = cdiv(red, block_r) * groups * cdiv(channels, block_co)
     if _interpreting(x.device):
         splits = min(2, total)  # exercises the two-stage reduction at test sizes
     else:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(total, _cdiv(target, base), 64))
-    tiles_per_split = _cdiv(total, splits)
-    splits = _cdiv(total, tiles_per_split)
+        splits = max(1, min(total, cdiv(target, base), 64))
+    tiles_per_split = cdiv(total, splits)
+    splits = cdiv(total, tiles_per_split)
     partial = torch.empty((splits, groups, red, channels), dtype=torch.float32, device=x.device)
-    grid = (_cdiv(red, block_r), groups * _cdiv(channels, block_co), splits)
+    grid = (cdiv(red, block_r), groups * cdiv(channels, block_co), splits)
     kernels._grad_weight_kernel[grid](
         x, grad_pre, partial,
         batch, frames, channels, red, -(kernel // 2), n_t_tiles, tiles_per_split,
@@ -158,7 +108,7 @@ def _grad_weight(x: torch.Tensor, grad_pre: torch.Tensor, packed: torch.Tensor) 
 
 
 def _backward(grad_out, x, packed, pre, has_bias: bool, weight_grad: bool):
-    from ..kernels import pos_conv as kernels
+    from ...kernels import pos_conv as kernels
 
     batch, frames, hidden = x.shape
     groups, red, channels = packed.shape
@@ -172,7 +122,7 @@ def _backward(grad_out, x, packed, pre, has_bias: bool, weight_grad: bool):
     grad_pre = torch.empty_like(grad_out)
     block, warps = _configs(x.dtype, x.device)["gelu_grad"]
     numel = grad_out.numel()
-    kernels._gelu_grad_kernel[(_cdiv(numel, block),)](grad_out, pre, grad_pre, numel, BLOCK=block, num_warps=warps)
+    kernels._gelu_grad_kernel[(cdiv(numel, block),)](grad_out, pre, grad_pre, numel, BLOCK=block, num_warps=warps)
 
     # grad_x = grad_out + conv of grad_pre with W transposed (ci <-> co) and its taps flipped
     flipped = packed.view(groups, kernel, channels, channels).flip(1).transpose(2, 3).reshape(groups, red, channels)
@@ -239,14 +189,7 @@ def _fwd_backward(ctx, grad_out, _grad_pre):
 _triton_pos_conv_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _triton_not_supported(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> list[str]:
+def _triton_not_supported(x, weight_g, weight_v, bias, groups, activation="gelu"):
     reasons = []
     if activation != "gelu":
         reasons.append(f"the triton kernel fuses only activation 'gelu' (exact erf), got {activation!r}")
@@ -263,8 +206,6 @@ def _triton_not_supported(
         reasons.append(f"weight_g must have shape (1, 1, {kernel}), got {tuple(weight_g.shape)}")
     if bias is not None and tuple(bias.shape) != (hidden,):
         reasons.append(f"bias must have shape ({hidden},), got {tuple(bias.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
     for name, t in (("weight_g", weight_g), ("weight_v", weight_v), ("bias", bias)):
         if t is None:
             continue
@@ -279,15 +220,7 @@ def _triton_not_supported(
     return reasons
 
 
-@dispatch.register("pos_conv", "triton", not_supported_reasons=_triton_not_supported)
-def _pos_conv_triton(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
+def _pos_conv_triton(x, weight_g, weight_v, bias, groups, activation="gelu"):
     """Triton backend: weight norm folded (on every call), then one fused kernel."""
     packed = _fold_weight(weight_g, weight_v, groups).contiguous()
     needs_grad = torch.is_grad_enabled() and (
@@ -295,17 +228,3 @@ def _pos_conv_triton(
     )
     out, _ = torch.ops.unispeech_fast.triton_pos_conv_fwd(x, packed, bias, needs_grad)
     return out
-
-
-def pos_conv(
-    x: torch.Tensor,
-    weight_g: torch.Tensor,
-    weight_v: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    activation: str = "gelu",
-) -> torch.Tensor:
-    """Positional conv plus residual on the selected backend; see :func:`pos_conv_ref`."""
-    return dispatch.call(
-        "pos_conv", x=x, weight_g=weight_g, weight_v=weight_v, bias=bias, groups=groups, activation=activation
-    )
