@@ -601,9 +601,10 @@ def test_gumbel_cuda_reasons_let_a_masked_call_through():
     CUDA tensors: here that the extension was built without CUDA; with a CUDA build, no reason at all)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from unispeech_fast.ops import _extension_ops as ext
+    from unispeech_fast.ops import _extension_ops
+    from unispeech_fast.ops.gumbel_quantizer import extension as ext
 
-    ext.ensure_registered()  # load the extension outside the fake mode
+    _extension_ops.ensure_registered()  # load the extension outside the fake mode
     with FakeTensorMode():
         logits = torch.empty(2, 5, 2 * 320, device="cuda")
         codevectors = torch.empty(1, 2 * 320, 128, device="cuda")
@@ -613,8 +614,7 @@ def test_gumbel_cuda_reasons_let_a_masked_call_through():
         masked = ext._gumbel_cuda_reasons(logits, codevectors, 2, 2.0, sample, mask=mask, return_indices=True)
         assert masked == plain, (masked, plain)
         assert not any("mask" in r for r in masked), masked
-        if not _extension.status().has_cuda:
-            assert masked == ["the extension has no CUDA kernel for gumbel_quantizer_fwd"], masked
+        assert masked == [], masked  # device and kernel presence are the capability check's (dispatch.registry)
     # Every other check stays: a masked call with too many groups is still refused for that reason.
     with FakeTensorMode():
         many = torch.empty(2, 5, 33 * 4, device="cuda")
