@@ -40,6 +40,10 @@ SPILL_BUDGET_BYTES = 64
 #: bytes (``_known_spills.py``, generated from this checker's logs). Such a variant fails only when it spills
 #: more than its entry; every other variant fails above :data:`SPILL_BUDGET_BYTES`. Open (issue 16 item 8).
 KNOWN_SPILLS = _KNOWN_SPILLS
+#: Headroom on a known spill: ptxas reported different spill sizes for the same variant in different runs on
+#: the development machine (for example 144 and 152 B, 76 and 88 B, 2760 and 2864 B on 2026-11-30), so an
+#: allowance is its measured value plus this many percent; a new spill above the budget still fails.
+KNOWN_SPILL_SLACK_PERCENT = 25
 
 #: Modules of this package that define ``aot_variants()``.
 KERNEL_MODULES: tuple[str, ...] = ("attention", "feature_extractor", "pos_conv", "gumbel_quantizer", "contrastive_loss")
@@ -129,7 +133,8 @@ def compile_variant(variant: AotVariant, arch: int) -> dict[str, Any]:
     errors = []
     if shared > limit:
         errors.append(f"needs {shared} bytes of shared memory, sm_{arch} allows {limit}")
-    allowed = max(SPILL_BUDGET_BYTES, KNOWN_SPILLS.get((variant.name, arch), 0))
+    known = KNOWN_SPILLS.get((variant.name, arch), 0)
+    allowed = max(SPILL_BUDGET_BYTES, known + known * KNOWN_SPILL_SLACK_PERCENT // 100)
     if report["spill_stores"] > allowed:
         errors.append(f"spills {report['spill_stores']} bytes of registers ({report['registers']} registers used), "
                       f"budget {allowed}: pick a config that does not spill")
