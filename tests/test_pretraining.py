@@ -289,6 +289,60 @@ def test_utterance_contrastive_bce_hand_computed():
     assert abs(loss.item() - (f0 + f1 + f2)) < 1e-5
 
 
+def _graph_names(tensor):
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_gathers_of_repeated_indices_have_a_reproducible_backward():
+    """The utterance candidates and the eager contrastive negatives gather rows by repeated indices.
+    Advanced indexing's backward (IndexBackward0: index_put_ with accumulate) adds the repeats with
+    atomic float adds in thread order on CPU (float32, >= 32768 elements, > 1 thread), so two equal
+    runs differed in the last bits (2 threads); index_select's backward adds them in index order."""
+    from unispeech_fast.ops.contrastive_loss import contrastive_loss_ref
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        m, k, d = 400, 100, 64  # M*K*D far above the 32768 elements of the atomic path
+        speaker = torch.randn(m, d, generator=g)
+        targets = torch.randn(m, d, generator=g, requires_grad=True)
+        candidates = torch.randint(0, m, (m, k), generator=g)
+        utterance = torch.arange(m) // 100
+        grads = []
+        for _ in range(4):
+            targets.grad = None
+            loss = utterance_contrastive_loss(speaker, targets, utterance, candidates, 0.1)
+            loss.backward()
+            grads.append(targets.grad.clone())
+        assert "IndexBackward0" not in _graph_names(loss)
+        assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+        batch, frames = 4, 100
+        predictions = torch.randn(batch, frames, d, generator=g)
+        mask = torch.rand(batch, frames, generator=g) < 0.5
+        negatives = torch.randint(0, batch * frames, (batch, frames, k), generator=g)
+        flat = torch.randn(batch, frames, d, generator=g, requires_grad=True)
+        grads = []
+        for _ in range(4):
+            flat.grad = None
+            loss = contrastive_loss_ref(predictions, flat, negatives, mask, 0.1)
+            loss.backward()
+            grads.append(flat.grad.clone())
+        assert "IndexSelectBackward0" in _graph_names(loss)  # (its IndexBackward0 nodes gather distinct rows)
+        assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sat_label_embeddings_init_and_checkpoint_values(tmp_path):
     model = _tiny("UniSpeechSat")
     emb = model.label_embeddings_concat.detach()

@@ -178,21 +178,12 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
     written for that step or after it).
 
-    On CPU the run holds ``torch.use_deterministic_algorithms(True)`` (restored on return): some CPU
-    backward kernels otherwise add in thread order (the accumulating index writes behind the
-    pre-training heads' gathers), and a run would then not repeat itself bit for bit.
+    A CPU run repeats itself bit for bit (and so resumes exactly) with PyTorch's default algorithms:
+    the models avoid the CPU kernel that two compared 2-thread runs found adding in thread order, the
+    backward of advanced-indexing gathers with repeated indices (``index_put_`` with
+    ``accumulate=True`` uses atomic float adds on float32 tensors of 32768+ elements with more than
+    one thread); see :func:`unispeech_fast.pretraining.utterance_contrastive_loss`.
     """
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if torch.device(opts.device).type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
-        return _train(model, entries, opts, resume=resume, extra_files=extra_files, log=log, objective=objective)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None, extra_files, log,
-           objective) -> dict:
     from ..audio import _min_samples
     from ..training import SpeechDataCollator, _frames, sample_seed
 
