@@ -434,6 +434,44 @@ def _check_frame_labels(name: str, labels, batch: int, frames: int | None, num_c
     return labels
 
 
+def _frame_lengths(frame_mask: torch.Tensor | None, batch: int, frames: int) -> list[int]:
+    return frame_mask.sum(-1).tolist() if frame_mask is not None else [frames] * batch
+
+
+def _check_noise_seeds(noise_seeds, batch: int) -> list[int]:
+    if not isinstance(noise_seeds, torch.Tensor) or noise_seeds.dtype != torch.int64 or \
+            tuple(noise_seeds.shape) != (batch,):
+        got = (f"{tuple(noise_seeds.shape)} {noise_seeds.dtype}" if isinstance(noise_seeds, torch.Tensor)
+               else type(noise_seeds).__name__)
+        raise ValueError(f"noise_seeds must be an int64 tensor [batch={batch}], one seed per sample "
+                         f"(SpeechDataCollator(..., noise_seeds=True) makes it), got {got}")
+    seeds = noise_seeds.tolist()
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"noise_seeds must be non-negative, got {min(seeds)}")
+    return seeds
+
+
+def per_sample_draws(seeds: list[int], lengths: list[int], frames: int, device, replace_prob: float | None = None,
+                     gumbel_width: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The in-model draws of the seeding rule (README "Training"): sample ``b``'s own generator, seeded
+    by ``seeds[b]``, draws over its ``lengths[b]`` frames, in this order, the replace mix (with
+    ``replace_prob``: bool ``[B, frames]``, ``U(0, 1) < replace_prob`` per frame) and the Gumbel noise
+    (with ``gumbel_width``: float32 ``[B, frames, gumbel_width]``, ``-log(Exp(1))`` as
+    ``F.gumbel_softmax`` draws it). Padded frames get False and 0. A sample's draws depend on its
+    seed and its own frame count only: not on its rank, its batch or the batch's padded length."""
+    batch = len(seeds)
+    replace = None if replace_prob is None else torch.zeros(batch, frames, dtype=torch.bool, device=device)
+    gumbels = None if not gumbel_width else torch.zeros(batch, frames, gumbel_width, device=device)
+    for b, (seed, length) in enumerate(zip(seeds, lengths)):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        if replace is not None:
+            replace[b, :length] = torch.rand(length, generator=generator, device=device) < replace_prob
+        if gumbels is not None:
+            noise = torch.empty(length, gumbel_width, device=device).exponential_(generator=generator)
+            gumbels[b, :length] = -noise.log()
+    return replace, gumbels
+
+
 def _cosine_logits(x: torch.Tensor, embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
     """``cos(x_i, e_c) / temperature`` for every row of ``x [..., D]`` and ``embeddings [C, D]``."""
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -490,10 +528,13 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        noise_seeds: torch.Tensor | None = None,
     ) -> UniSpeechForPreTrainingOutput | tuple:
         """``mask_time_indices`` bool ``[B, T]``; ``sampled_negative_indices`` ``[B, T, K]`` into the
         flattened ``B*T`` axis (:func:`unispeech_fast.pretraining.sample_negative_indices`);
-        ``labels`` ``[B, target_len]`` phone ids in ``[0, num_ctc_classes)``. See the class docstring."""
+        ``labels`` ``[B, target_len]`` phone ids in ``[0, num_ctc_classes)``; ``noise_seeds`` int64
+        ``[B]``: the replace mix and (in training) the Gumbel noise come from per-sample generators
+        (:func:`per_sample_draws`) instead of torch's global one. See the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         if labels is not None and sampled_negative_indices is None:
             raise ValueError("labels (the phone CTC branch) need sampled_negative_indices and mask_time_indices: "
@@ -507,6 +548,12 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
         frame_mask = None
         if attention_mask is not None:
             frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
+        replace = gumbels = None
+        if noise_seeds is not None:
+            replace, gumbels = per_sample_draws(
+                _check_noise_seeds(noise_seeds, batch), _frame_lengths(frame_mask, batch, frames), frames,
+                last.device, self.config.replace_prob, self.quantizer.gumbel_width if self.quantizer.training else 0)
+        noise = {} if gumbels is None else {"gumbels": gumbels}
         mask = codes = None
         if with_loss:
             mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
@@ -514,15 +561,17 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
                 blank = self._ctc_blank()
                 _check_frame_labels("labels", labels, batch, None, self.config.num_ctc_classes)
             quantized, perplexity, codes = self.quantizer(self.dropout_features(extract_features), mask=mask,
-                                                          return_indices=True)
+                                                          return_indices=True, **noise)
         else:
-            quantized, perplexity = self.quantizer(self.dropout_features(extract_features))
+            quantized, perplexity = self.quantizer(self.dropout_features(extract_features), **noise)
         quantized = self.project_hid(self.project_q(quantized.to(self.project_q.weight.dtype)))
-        # The replace mix of the CTC branch: R ~ Bernoulli(replace_prob) per frame, drawn on a [T, B]
-        # matrix as the authors (and transformers' dead code) do, so the RNG stream matches transformers'.
-        replace = torch.bernoulli(
-            torch.full((last.size(0), last.size(1)), self.config.replace_prob, device=last.device).transpose(0, 1)
-        ).bool().transpose(0, 1)[..., None]
+        if replace is None:
+            # The replace mix of the CTC branch: R ~ Bernoulli(replace_prob) per frame, drawn on a [T, B]
+            # matrix as the authors (and transformers' dead code) do, so the RNG stream matches transformers'.
+            replace = torch.bernoulli(
+                torch.full((last.size(0), last.size(1)), self.config.replace_prob, device=last.device).transpose(0, 1)
+            ).bool().transpose(0, 1)
+        replace = replace[..., None]
         ctc_loss = None
         if labels is not None:
             mixed = last.masked_fill(replace, 0.0) + quantized.masked_fill(~replace, 0.0)
@@ -611,13 +660,18 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        noise_seeds: torch.Tensor | None = None,
     ) -> UniSpeechSatForPreTrainingOutput | tuple:
-        """``labels`` ``[B, T]`` frame cluster ids in ``[0, num_clusters)`` or -100; see the class docstring."""
+        """``labels`` ``[B, T]`` frame cluster ids in ``[0, num_clusters)`` or -100; ``noise_seeds`` int64
+        ``[B]``: in training, the Gumbel noise of a masked frame is its sample's (:func:`per_sample_draws`,
+        rows of the masked frames) instead of a draw from torch's global generator. See the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         if labels is None:
             last, extract_features, hidden_states, attentions = self._run_backbone(
                 input_values, attention_mask, mask_time_indices, head_mask, oa, oh
             )
+            if noise_seeds is not None:
+                _check_noise_seeds(noise_seeds, last.shape[0])
             logits = self.dropout_features(extract_features)
             out = UniSpeechSatForPreTrainingOutput(None, logits, last, None, None, hidden_states, attentions)
             return out if rd else out.to_tuple()
@@ -637,6 +691,7 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
             frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
         mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
         labels = _check_frame_labels("labels", labels, batch, frames, config.num_clusters).to(last.device)
+        seeds = None if noise_seeds is None else _check_noise_seeds(noise_seeds, batch)
         num_masked = mask.sum()
         temperature = config.contrastive_logits_temperature
 
@@ -652,7 +707,12 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
             h = self.layer_norm_for_extract(h)
         h = h[mask]  # [M, H]
         speaker = self.speaker_proj(h)
-        quantized, perplexity = self.quantizer(h[None])
+        noise = {}
+        if seeds is not None and self.quantizer.training:
+            _, gumbels = per_sample_draws(seeds, _frame_lengths(frame_mask, batch, frames), frames, last.device,
+                                          gumbel_width=self.quantizer.gumbel_width)
+            noise["gumbels"] = gumbels[mask][None]
+        quantized, perplexity = self.quantizer(h[None], **noise)
         targets = self.project_q(quantized[0].to(self.project_q.weight.dtype))
         utterance = mask.nonzero()[:, 0]  # the row of each masked frame
         m = h.shape[0]

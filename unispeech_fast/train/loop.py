@@ -14,7 +14,8 @@ adapts the loop to a head: ``check(entry, example)`` names why a loaded example 
 file is then skipped and listed), ``prepare(batch, step, plan_index)`` adds inputs to the collated
 batch, ``loss(out, batch)`` is the loss to minimise, ``start_step(model, step)`` runs before each
 step and returns extra metrics, ``settings()`` the options a resume must repeat (kept in the
-checkpoint). Without one, the loss is the model's ``loss``.
+checkpoint), ``collator_options()`` keyword arguments of the batches'
+:class:`~unispeech_fast.training.SpeechDataCollator`. Without one, the loss is the model's ``loss``.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     if resume is not None:
         _set_rng_state(model, torch.load(os.path.join(resume, f"rng-rank{rank}.pt"), weights_only=True))
 
-    collator = SpeechDataCollator(model)
+    collator = SpeechDataCollator(model, **(objective.collator_options() if objective is not None else {}))
     per_step = world * opts.grad_accum
     device = torch.device(opts.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -300,7 +301,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
                         ppl = float(out.codevector_perplexity.detach())
                 else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
                     # the ranks in step (DDP needs a forward on every rank) and adds nothing
-                    silent = collator([{"input_values": torch.zeros(min_samples)}])
+                    silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
                     silent = {k: v.to(device) for k, v in silent.items()}
                     out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
                                                                      dtype=torch.bool, device=device))

@@ -8,6 +8,8 @@ codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_
 mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
 (bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
 it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
+Explicit noise ``gumbels`` (the shape of the logits) replaces the draw from torch's global generator:
+the pre-training heads pass per-sample noise under the seeding rule (README "Training").
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ CAPABILITIES = {
                          kernels=("gumbel_quantizer_fwd",)),
 }
 
-_stochastic = lambda sample=False, **_: bool(sample)  # noqa: E731  (Gumbel sampling draws noise)
+# Gumbel sampling draws noise, unless the call brings its own (then verify mode compares it with the reference)
+_stochastic = lambda sample=False, gumbels=None, **_: bool(sample) and gumbels is None  # noqa: E731
 dispatch.register("gumbel_quantizer", "eager", is_stochastic=_stochastic)(gumbel_quantizer_ref)
 dispatch.register("gumbel_quantizer", "triton", capabilities=CAPABILITIES["triton"], is_stochastic=_stochastic,
                   not_supported_reasons=triton._triton_not_supported_reasons)(triton._gumbel_quantizer_triton)
@@ -51,14 +54,31 @@ def gumbel_quantizer(
     sample: bool,
     mask: torch.Tensor | None = None,
     return_indices: bool = False,
+    gumbels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
 
     ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
-    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
+    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs;
+    ``gumbels`` (float, the shape and device of ``logits``, ``sample=True`` only) is the Gumbel noise to
+    use instead of a draw from torch's global generator (every backend reads it as float32, the dtype
+    they draw in; fp64 logits read it as fp64).
     Without them the call and its results are exactly those of before these options existed.
     """
     extra = {}
+    if gumbels is not None:
+        if not sample:
+            raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
+        if not isinstance(gumbels, torch.Tensor) or not gumbels.is_floating_point() or \
+                not isinstance(logits, torch.Tensor) or gumbels.shape != logits.shape:
+            raise ValueError(
+                f"gumbels must be a float tensor of the shape of logits {tuple(getattr(logits, 'shape', ()))}, got "
+                f"{tuple(gumbels.shape) if isinstance(gumbels, torch.Tensor) else type(gumbels).__name__}"
+                f"{' ' + str(gumbels.dtype) if isinstance(gumbels, torch.Tensor) else ''}"
+            )
+        if gumbels.device != logits.device:
+            raise ValueError(f"gumbels must be on {logits.device}, got {gumbels.device}")
+        extra["gumbels"] = gumbels
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
                 not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
