@@ -177,6 +177,25 @@ def test_trainer_bf16_autocasts_on_cpu(tmp_path):
     assert all(np.isfinite(_losses(trainer)))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("family,head", [("UniSpeechSat", "ForCTC"), ("UniSpeech", "ForPreTraining"),
+                                         ("UniSpeechSat", "ForPreTraining")])
+def test_trainer_mixed_precision_on_gpu(tmp_path, precision, family, head):
+    """Trainer on CUDA: fp16=True runs the forward under fp16 autocast with a GradScaler (Accelerate's),
+    bf16=True under bf16 autocast; the weights stay fp32 and finite and the losses finite."""
+    model = _model(family, head)
+    seen = []
+    layer = model.base_model.encoder.layers[0].feed_forward.output_dense
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer = _trainer(model, head, tmp_path, max_steps=3, use_cpu=False, **{precision: True})
+    trainer.train()
+    assert (trainer.accelerator.scaler is not None) == (precision == "fp16")
+    assert seen and set(seen) == {torch.float16 if precision == "fp16" else torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.is_cuda and torch.isfinite(p).all() for p in model.parameters())
+    assert len(_losses(trainer)) == 3 and all(np.isfinite(_losses(trainer)))
+
+
 def test_trainer_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     """Dropout, LayerDrop and SpecAugment on: Trainer restores its RNG states, our masks come from seeds."""
     full = _model("UniSpeechSat", "ForCTC", layerdrop=0.3)
