@@ -301,6 +301,17 @@ def _graph_names(tensor):
     return names
 
 
+def _repeated_grads(loss_fn, leaf, times=4):
+    """The last loss and the gradient of ``leaf`` from ``times`` backward passes of ``loss_fn()``."""
+    grads = []
+    for _ in range(times):
+        leaf.grad = None
+        loss = loss_fn()
+        loss.backward()
+        grads.append(leaf.grad.clone())
+    return loss, grads
+
+
 def test_gathers_of_repeated_indices_have_a_reproducible_backward():
     """The utterance candidates and the eager contrastive negatives gather rows by repeated indices.
     Advanced indexing's backward (IndexBackward0: index_put_ with accumulate) adds the repeats with
@@ -317,12 +328,8 @@ def test_gathers_of_repeated_indices_have_a_reproducible_backward():
         targets = torch.randn(m, d, generator=g, requires_grad=True)
         candidates = torch.randint(0, m, (m, k), generator=g)
         utterance = torch.arange(m) // 100
-        grads = []
-        for _ in range(4):
-            targets.grad = None
-            loss = utterance_contrastive_loss(speaker, targets, utterance, candidates, 0.1)
-            loss.backward()
-            grads.append(targets.grad.clone())
+        loss, grads = _repeated_grads(lambda: utterance_contrastive_loss(speaker, targets, utterance, candidates, 0.1),
+                                      targets)
         assert "IndexBackward0" not in _graph_names(loss)
         assert all(torch.equal(grads[0], grad) for grad in grads[1:])
 
@@ -331,12 +338,7 @@ def test_gathers_of_repeated_indices_have_a_reproducible_backward():
         mask = torch.rand(batch, frames, generator=g) < 0.5
         negatives = torch.randint(0, batch * frames, (batch, frames, k), generator=g)
         flat = torch.randn(batch, frames, d, generator=g, requires_grad=True)
-        grads = []
-        for _ in range(4):
-            flat.grad = None
-            loss = contrastive_loss_ref(predictions, flat, negatives, mask, 0.1)
-            loss.backward()
-            grads.append(flat.grad.clone())
+        loss, grads = _repeated_grads(lambda: contrastive_loss_ref(predictions, flat, negatives, mask, 0.1), flat)
         assert "IndexSelectBackward0" in _graph_names(loss)  # (its IndexBackward0 nodes gather distinct rows)
         assert all(torch.equal(grads[0], grad) for grad in grads[1:])
     finally:

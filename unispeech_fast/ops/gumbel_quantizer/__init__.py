@@ -46,6 +46,15 @@ dispatch.register("gumbel_quantizer", "cuda", capabilities=CAPABILITIES["cuda"],
                   not_supported_reasons=extension._gumbel_cuda_reasons)(extension.gumbel_quantizer_ext)
 
 
+def _got(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_device(name: str, x: torch.Tensor, logits: torch.Tensor) -> None:
+    if x.device != logits.device:
+        raise ValueError(f"{name} must be on {logits.device}, got {x.device}")
+
+
 def gumbel_quantizer(
     logits: torch.Tensor,
     codevectors: torch.Tensor,
@@ -66,29 +75,20 @@ def gumbel_quantizer(
     Without them the call and its results are exactly those of before these options existed.
     """
     extra = {}
+    shape = tuple(getattr(logits, "shape", ()))
     if gumbels is not None:
         if not sample:
             raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
         if not isinstance(gumbels, torch.Tensor) or not gumbels.is_floating_point() or \
                 not isinstance(logits, torch.Tensor) or gumbels.shape != logits.shape:
-            raise ValueError(
-                f"gumbels must be a float tensor of the shape of logits {tuple(getattr(logits, 'shape', ()))}, got "
-                f"{tuple(gumbels.shape) if isinstance(gumbels, torch.Tensor) else type(gumbels).__name__}"
-                f"{' ' + str(gumbels.dtype) if isinstance(gumbels, torch.Tensor) else ''}"
-            )
-        if gumbels.device != logits.device:
-            raise ValueError(f"gumbels must be on {logits.device}, got {gumbels.device}")
+            raise ValueError(f"gumbels must be a float tensor of the shape of logits {shape}, got {_got(gumbels)}")
+        _check_device("gumbels", gumbels, logits)
         extra["gumbels"] = gumbels
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
                 not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-            raise ValueError(
-                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
-                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
-            )
-        if mask.device != logits.device:
-            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
+            raise ValueError(f"mask must be a bool tensor [batch, frames] = {shape[:2]}, got {_got(mask)}")
+        _check_device("mask", mask, logits)
         if not bool(mask.any()):
             raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
         extra["mask"] = mask
