@@ -70,8 +70,9 @@ def gumbel_quantizer(
     ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
     ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs;
     ``gumbels`` (float, the shape and device of ``logits``, ``sample=True`` only) is the Gumbel noise to
-    use instead of a draw from torch's global generator (every backend reads it as float32, the dtype
-    they draw in; fp64 logits read it as fp64).
+    use instead of a draw from torch's global generator. Float32 noise (what the backends draw and the
+    pre-training heads pass) is read exactly everywhere; the triton, cpp and cuda backends round noise
+    of another dtype to float32, the eager reference computes in ``promote(logits, float32)``.
     Without them the call and its results are exactly those of before these options existed.
     """
     extra = {}
