@@ -78,7 +78,8 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     # Leave without interpreter finalisation: gloo's worker threads were seen to abort a finished run there
-    # (SIGABRT, "terminate called without an active exception"); the outputs are written and closed.
+    # (SIGABRT, "terminate called without an active exception"); the outputs are written and closed. After
+    # DDP, destroy_process_group() does not stop those threads (README "Training", DDP teardown).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -3,11 +3,11 @@ included, under the seeding rule of README "Training"; and find_unused_parameter
 every head's default config without LayerDrop.
 
 The pretraining heads follow the same rule: masks and UniSpeech's negatives per sample (the
-collator's ``mask_seed``), their summed losses scaled by ``world / (masked frames of the global
-batch)`` (fairseq's sample-size normalisation, so the averaged gradient is one process's). Gumbel
-noise is element-wise like dropout (each rank draws its own from the global torch RNG, equal in law):
-the equality cases turn it off as they turn dropout off (the quantizer in eval mode: argmax codes),
-set UniSpeech's CTC replace probability to 0 (an element-wise Bernoulli draw as well) and
+collator's ``mask_seed``), the Gumbel noise and UniSpeech's CTC replace mix per sample too (the
+collator's ``noise_seeds``: each sample's own generator), their summed losses scaled by
+``world / (masked frames of the global batch)`` (fairseq's sample-size normalisation, so the
+averaged gradient is one process's). The equality cases keep the quantizer in training mode
+(Gumbel sampling) and UniSpeech's ``replace_prob`` at its default 0.5; they set
 UniSpeech-SAT's utterance-contrastive weight to 0 (its candidates are drawn among a rank's own
 batch). The diversity term (the codebook perplexity of the batch's mean code distribution) and
 SAT's feature penalty (a mean over the batch's frames) are statistics of a rank's batch, as in
@@ -57,8 +57,6 @@ for _family, _head in HEADS:
         _equal.update(feat_quantizer_dropout=0.0, diversity_loss_weight=0.0)  # a batch statistic (docstring)
         if _family == "UniSpeechSat":
             _equal.update(utterance_contrastive_loss_weight=0.0, feature_penalty_weight=0.0, proj_codevector_dim=24)
-        else:  # the CTC branch's h/q replace mix is an element-wise Bernoulli draw: p = 0 makes it fixed
-            _equal.update(replace_prob=0.0)
     CASES[f"equal-{_family}{_head}"] = (_family, _head, _equal, True, 1234)
     # find_unused_parameters=False: the default config (dropout, in-model SpecAugment) without LayerDrop.
     _sat_pretraining = dict(proj_codevector_dim=24) if (_family, _head) == ("UniSpeechSat", "ForPreTraining") else {}
@@ -72,6 +70,10 @@ CASES["sat-no-spec-augment"] = ("UniSpeechSat", "ForCTC", dict(layerdrop=0.0, ma
 # Control: the same as equal-UniSpeechSatForCTC but SpecAugment drawn inside the model from NumPy's
 # global RNG (seeded alike on every rank): each rank draws for its own half, so DDP != one process.
 CASES["in-model-masks"] = ("UniSpeechSat", "ForCTC", dict(NO_DROPOUT, layerdrop=0.5), True, 1234)
+# Control: equal-UniSpeechForPreTraining with the Gumbel noise and replace mix drawn per rank from the
+# global torch RNG (no noise_seeds): DDP != one process, so the equality above rests on the rule.
+CASES["per-rank-noise"] = CASES["equal-UniSpeechForPreTraining"]
+PER_RANK_DRAWS = ("in-model-masks", "per-rank-noise")
 
 
 def _config(family, overrides):
@@ -105,8 +107,6 @@ def _run(name, rank, world, dtype=torch.float32):
     if name == "sat-no-spec-augment-frozen-embed":
         model.base_model.masked_spec_embed.requires_grad_(False)
     pretraining = head == "ForPreTraining"
-    if pretraining and name.startswith("equal-"):
-        model.quantizer.eval()  # no Gumbel noise (see the module docstring)
     if pretraining and family == "UniSpeechSat" and not config.do_stable_layer_norm:
         # transformers' layer_norm_for_extract is used by pre-LN models only: a post-LN model leaves it
         # without a gradient, so find_unused_parameters=False needs it frozen (as masked_spec_embed above)
@@ -115,7 +115,9 @@ def _run(name, rank, world, dtype=torch.float32):
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
-    collate = SpeechDataCollator(config, pad_to_samples=PAD_TO, num_negatives=_num_negatives(config, head))
+    # Gumbel noise and the replace mix from the samples' seeds (not in the controls)
+    collate = SpeechDataCollator(config, pad_to_samples=PAD_TO, num_negatives=_num_negatives(config, head),
+                                 noise_seeds=pretraining and name not in PER_RANK_DRAWS)
     per_rank = WORLD * PER_RANK // world
     losses = []
     for step in range(STEPS):
@@ -215,9 +217,11 @@ def test_ddp_two_ranks_equal_one_process(ranks, family, head):
         torch.testing.assert_close(ranks[1][name][1][key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_ddp_with_masks_drawn_per_rank_is_not_one_process(ranks):
-    """The control that shows the check above can fail: per-rank draws from a shared seed differ."""
-    ddp_error, fp32_error = _fp32_distances(ranks, "in-model-masks")
+@pytest.mark.parametrize("name", PER_RANK_DRAWS)
+def test_ddp_with_draws_made_per_rank_is_not_one_process(ranks, name):
+    """The controls that show the check above can fail: per-rank draws from a shared seed differ
+    (SpecAugment masks drawn in the model; Gumbel noise and replace mix from the global torch RNG)."""
+    ddp_error, fp32_error = _fp32_distances(ranks, name)
     assert ddp_error > 100 * fp32_error
 
 

@@ -289,6 +289,62 @@ def test_utterance_contrastive_bce_hand_computed():
     assert abs(loss.item() - (f0 + f1 + f2)) < 1e-5
 
 
+def _graph_names(tensor):
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _repeated_grads(loss_fn, leaf, times=4):
+    """The last loss and the gradient of ``leaf`` from ``times`` backward passes of ``loss_fn()``."""
+    grads = []
+    for _ in range(times):
+        leaf.grad = None
+        loss = loss_fn()
+        loss.backward()
+        grads.append(leaf.grad.clone())
+    return loss, grads
+
+
+def test_gathers_of_repeated_indices_have_a_reproducible_backward():
+    """The utterance candidates and the eager contrastive negatives gather rows by repeated indices.
+    Advanced indexing's backward (IndexBackward0: index_put_ with accumulate) adds the repeats with
+    atomic float adds in thread order on CPU (float32, >= 32768 elements, > 1 thread), so two equal
+    runs differed in the last bits (2 threads); index_select's backward adds them in index order."""
+    from unispeech_fast.ops.contrastive_loss import contrastive_loss_ref
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        m, k, d = 400, 100, 64  # M*K*D far above the 32768 elements of the atomic path
+        speaker = torch.randn(m, d, generator=g)
+        targets = torch.randn(m, d, generator=g, requires_grad=True)
+        candidates = torch.randint(0, m, (m, k), generator=g)
+        utterance = torch.arange(m) // 100
+        loss, grads = _repeated_grads(lambda: utterance_contrastive_loss(speaker, targets, utterance, candidates, 0.1),
+                                      targets)
+        assert "IndexBackward0" not in _graph_names(loss)
+        assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+        batch, frames = 4, 100
+        predictions = torch.randn(batch, frames, d, generator=g)
+        mask = torch.rand(batch, frames, generator=g) < 0.5
+        negatives = torch.randint(0, batch * frames, (batch, frames, k), generator=g)
+        flat = torch.randn(batch, frames, d, generator=g, requires_grad=True)
+        loss, grads = _repeated_grads(lambda: contrastive_loss_ref(predictions, flat, negatives, mask, 0.1), flat)
+        assert "IndexSelectBackward0" in _graph_names(loss)  # (its IndexBackward0 nodes gather distinct rows)
+        assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sat_label_embeddings_init_and_checkpoint_values(tmp_path):
     model = _tiny("UniSpeechSat")
     emb = model.label_embeddings_concat.detach()
@@ -334,3 +390,107 @@ def test_tiny_unispeech_sat_overfits_without_collapse():
     losses, ppls = _overfit(model, lambda m: m(x, attn, mask_time_indices=mask, labels=labels))
     assert losses[-1] < 0.5 * losses[0], losses
     assert min(ppls[-10:]) > 2 * 2, ppls
+
+
+# ---------------------------------------------------------------------------- the seeding rule's draws
+def test_per_sample_draws_depend_on_the_sample_alone():
+    """A sample's replace mix and Gumbel noise come from its own seed over its own frames: the same
+    alone, beside another sample, or padded further; padding gets none; the global RNG is untouched."""
+    from unispeech_fast.models.heads import per_sample_draws
+
+    state = torch.get_rng_state()
+    replace, gumbels = per_sample_draws([11, 7], [5, 8], 13, "cpu", replace_prob=0.5, gumbel_width=6)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert replace.shape == (2, 13) and replace.dtype == torch.bool
+    assert gumbels.shape == (2, 13, 6) and gumbels.dtype == torch.float32
+    alone = per_sample_draws([7], [8], 8, "cpu", replace_prob=0.5, gumbel_width=6)
+    assert torch.equal(replace[1, :8], alone[0][0]) and torch.equal(gumbels[1, :8], alone[1][0])
+    first = per_sample_draws([11], [5], 5, "cpu", replace_prob=0.5, gumbel_width=6)
+    assert torch.equal(replace[0, :5], first[0][0]) and torch.equal(gumbels[0, :5], first[1][0])
+    assert not replace[0, 5:].any() and not gumbels[0, 5:].any() and not gumbels[1, 8:].any()
+    # the replace mix is drawn first, so it is the same whether Gumbel noise follows (training) or not (eval)
+    assert torch.equal(per_sample_draws([11, 7], [5, 8], 13, "cpu", replace_prob=0.5)[0], replace)
+    assert not torch.equal(gumbels[0, :5], gumbels[1, :5])  # another seed, other draws
+    # the noise is F.gumbel_softmax's -log(Exp(1))
+    expected = -torch.empty(5, 6).exponential_(generator=torch.Generator().manual_seed(11)).log()
+    assert torch.equal(per_sample_draws([11], [5], 5, "cpu", gumbel_width=6)[1][0], expected)
+
+
+def _layer_norm_tiny(family, **overrides):
+    # pre-LN with layer-norm conv features: padding does not change a sample's valid frames, so a
+    # batch's summed losses are the sums of its samples' (up to float rounding)
+    return _tiny(family, do_stable_layer_norm=True, feat_extract_norm="layer", **overrides).train()
+
+
+def test_unispeech_noise_seeds_make_the_loss_a_sum_over_samples():
+    """With noise_seeds, Gumbel noise and the replace mix are per sample: the loss of a padded batch
+    is the sum of its samples' losses computed alone, and no draw comes from the global RNG."""
+    from unispeech_fast.training import SpeechDataCollator
+
+    torch.manual_seed(0)
+    model = _layer_norm_tiny("UniSpeech", diversity_loss_weight=0.0)  # a statistic of the batch, not a sum
+    waves = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (4000, 3100)]
+    labels = [torch.tensor([5, 9, 9, 3, 7]), torch.tensor([4, 2])]
+    collate = SpeechDataCollator(model, num_negatives=6, noise_seeds=True)
+
+    def loss(indices, seed, seeded=True):
+        batch = collate([{"input_values": waves[i], "labels": labels[i], "mask_seed": 100 + i} for i in indices])
+        if not seeded:
+            del batch["noise_seeds"]
+        torch.manual_seed(seed)
+        return model(**batch).loss
+
+    together = loss([0, 1], seed=1)
+    assert torch.equal(together, loss([0, 1], seed=2))  # the global RNG draws nothing
+    torch.testing.assert_close(together, loss([0], 3) + loss([1], 4), rtol=1e-5, atol=1e-5)
+    # control: from the global RNG the draws depend on the batch (and the seed)
+    unseeded = [loss(indices, 1, seeded=False).item() for indices in ([0, 1], [0], [1])]
+    assert abs(unseeded[0] - unseeded[1] - unseeded[2]) > 1e-3
+
+
+def test_sat_noise_seeds_give_each_masked_frame_its_samples_noise(monkeypatch):
+    """UniSpeech-SAT quantizes the masked frames of the batch: each one's Gumbel noise is its sample's,
+    whatever else is in the batch and however long the padding; eval draws none."""
+    from unispeech_fast import ops
+    from unispeech_fast.training import SpeechDataCollator, _frames
+
+    torch.manual_seed(0)
+    model = _layer_norm_tiny("UniSpeechSat")
+    waves = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (4000, 3100)]
+    seen = []
+    real = ops.gumbel_quantizer
+    monkeypatch.setattr(ops, "gumbel_quantizer", lambda *a, **kw: seen.append(kw.get("gumbels")) or real(*a, **kw))
+
+    def noise(indices, pad_to=None):
+        collate = SpeechDataCollator(model, pad_to_samples=pad_to, noise_seeds=True)
+        examples = [{"input_values": waves[i], "mask_seed": 100 + i,
+                     "labels": torch.randint(0, 7, (_frames(model.config, waves[i].numel()),))} for i in indices]
+        batch = collate(examples)
+        batch["labels"] = F.pad(batch["labels"], (0, batch["mask_time_indices"].shape[1] - batch["labels"].shape[1]),
+                                value=-100)
+        model(**batch)
+        counts = batch["mask_time_indices"].sum(1).tolist()
+        return list(seen.pop()[0].split(counts))  # the noise rows of each sample's masked frames
+
+    both = noise([0, 1])
+    assert both[0].shape[1] == model.quantizer.gumbel_width and both[0].abs().min() > 0
+    assert torch.equal(both[0], noise([0])[0]) and torch.equal(both[1], noise([1])[0])
+    assert torch.equal(both[1], noise([1], pad_to=4800)[0])
+    model.eval()  # eval: argmax codes, the quantizer takes no noise
+    batch = SpeechDataCollator(model, noise_seeds=True)([{"input_values": waves[0], "mask_seed": 1}])
+    model(**batch, labels=torch.zeros_like(batch["mask_time_indices"], dtype=torch.long))
+    assert seen.pop() is None
+
+
+def test_noise_seeds_input_errors():
+    model = _tiny("UniSpeech").train()
+    x, attn, frame_mask, mask = _batch(model)
+    neg = sample_negative_indices(mask, 6, attention_mask=frame_mask, generator=torch.Generator().manual_seed(0))
+    for bad, match in ((torch.tensor([1, 2], dtype=torch.int32), "int64 tensor \\[batch=2\\]"),
+                       (torch.tensor([1, 2, 3]), "int64 tensor \\[batch=2\\]"), ([1, 2], "got list"),
+                       (torch.tensor([1, -2]), "non-negative")):
+        with pytest.raises(ValueError, match=match):
+            model(x, attn, mask_time_indices=mask, sampled_negative_indices=neg, noise_seeds=bad)
+    sat = _tiny("UniSpeechSat").train()
+    with pytest.raises(ValueError, match="noise_seeds must be an int64 tensor"):
+        sat(x, attn, mask_time_indices=mask, noise_seeds=torch.tensor([1]))

@@ -157,6 +157,37 @@ def test_finetune_each_task(tmp_path, task, family, labels):
     assert ((out / "final" / "vocab.json").is_file()) == (task == "ctc")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("command,family", [("finetune", "UniSpeechSat"), ("pretrain", "UniSpeechSat"),
+                                            ("pretrain", "UniSpeech")])
+def test_cuda_runs_the_forward_under_bf16_autocast(tmp_path, monkeypatch, command, family):
+    """``--device cuda``: every forward under CUDA bf16 autocast (no GradScaler: bf16 needs none), fp32
+    weights, finite losses, and the weights move."""
+    cls = getattr(uf, family + ("ForCTC" if command == "finetune" else "ForPreTraining"))
+    seen = []
+    forward = cls.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                     next(self.parameters()).dtype, next(self.parameters()).device.type))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    model = _checkpoint(tmp_path, family)
+    out = tmp_path / "run"
+    if command == "finetune":
+        assert _finetune(model, _corpus(tmp_path), out, "--task", "ctc", "--max-steps", "3", "--device", "cuda") == 0
+    else:
+        tsv, labels = _fairseq_corpus(tmp_path, family)
+        assert _pretrain(model, tsv, out, "--labels", str(labels), "--max-steps", "3", "--device", "cuda") == 0
+    assert seen and set(seen) == {(True, torch.bfloat16, torch.float32, "cuda")}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in _weights(out / "final").values())
+    final, start = (cls.from_pretrained(path).base_model.state_dict() for path in (out / "final", model))
+    assert any(not torch.equal(v, start[k]) for k, v in final.items())
+
+
 def test_batches_left_over_at_an_epoch_end_are_logged(tmp_path, capsys):
     """4 batches per epoch and 3 per step (accumulation 3): one batch is left and the log says so."""
     model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)

@@ -73,7 +73,8 @@ def _trainer(model, head, tmp_path, max_steps=3, callbacks=(), equal_lengths=Fal
         model=model,
         args=transformers.TrainingArguments(**kw),
         train_dataset=TinySpeechDataset(head, model.config, equal_lengths=equal_lengths),
-        data_collator=SpeechDataCollator(model, num_negatives=_num_negatives(model.config, head)),
+        data_collator=SpeechDataCollator(model, num_negatives=_num_negatives(model.config, head),
+                                         noise_seeds=head == "ForPreTraining"),
         callbacks=list(callbacks),
     )
 
@@ -174,6 +175,25 @@ def test_trainer_bf16_autocasts_on_cpu(tmp_path):
     assert seen and set(seen) == {torch.bfloat16}
     assert model.dtype == torch.float32
     assert all(np.isfinite(_losses(trainer)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("family,head", [("UniSpeechSat", "ForCTC"), ("UniSpeech", "ForPreTraining"),
+                                         ("UniSpeechSat", "ForPreTraining")])
+def test_trainer_mixed_precision_on_gpu(tmp_path, precision, family, head):
+    """Trainer on CUDA: fp16=True runs the forward under fp16 autocast with a GradScaler (Accelerate's),
+    bf16=True under bf16 autocast; the weights stay fp32 and finite and the losses finite."""
+    model = _model(family, head)
+    seen = []
+    layer = model.base_model.encoder.layers[0].feed_forward.output_dense
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer = _trainer(model, head, tmp_path, max_steps=3, use_cpu=False, **{precision: True})
+    trainer.train()
+    assert (trainer.accelerator.scaler is not None) == (precision == "fp16")
+    assert seen and set(seen) == {torch.float16 if precision == "fp16" else torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.is_cuda and torch.isfinite(p).all() for p in model.parameters())
+    assert len(_losses(trainer)) == 3 and all(np.isfinite(_losses(trainer)))
 
 
 def test_trainer_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
@@ -323,3 +343,21 @@ def test_collator_negatives_depend_only_on_the_sample():
         collate([{"input_values": torch.ones(1100)}])
     with pytest.raises(ValueError, match="num_negatives must be a positive int"):
         SpeechDataCollator(model, num_negatives=0)
+
+
+def test_collator_noise_seeds_depend_only_on_the_sample():
+    """noise_seeds=True gives each example an int64 seed of its own, derived from its mask_seed (the
+    pre-training heads draw its Gumbel noise and replace mix from it), whatever the batch."""
+    model = _model("UniSpeech", "ForPreTraining")
+    collate = SpeechDataCollator(model, noise_seeds=True)
+    examples = [{"input_values": torch.randn(1100 + 60 * i, generator=torch.Generator().manual_seed(i)),
+                 "mask_seed": sample_seed(0, i)} for i in range(4)]
+    seeds = collate(examples)["noise_seeds"]
+    assert seeds.dtype == torch.int64 and seeds.shape == (4,) and (seeds >= 0).all() and len(set(seeds.tolist())) == 4
+    halves = torch.cat([collate(examples[2:])["noise_seeds"], collate(examples[:2])["noise_seeds"]])
+    assert torch.equal(halves, seeds[[2, 3, 0, 1]])
+    assert "noise_seeds" not in SpeechDataCollator(model)(examples)  # only when asked (other heads refuse it)
+    with pytest.raises(ValueError, match="noise_seeds=True needs training examples with 'mask_seed'"):
+        collate([{"input_values": torch.ones(1100)}])
+    with pytest.raises(ValueError, match="noise_seeds must be a bool"):
+        SpeechDataCollator(model, noise_seeds=1)

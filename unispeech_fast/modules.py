@@ -445,20 +445,30 @@ class GumbelVectorQuantizer(nn.Module):
         self.weight_proj = nn.Linear(in_dim, self.num_groups * self.num_vars)
         self.temperature: float = 2
 
+    @property
+    def gumbel_width(self) -> int:
+        """The last dimension of the Gumbel noise: one value per codevector logit, ``G * V``."""
+        return self.num_groups * self.num_vars
+
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
-                return_indices: bool = False) -> tuple[torch.Tensor, ...]:
+                return_indices: bool = False, gumbels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """
         Args:
             hidden_states (Tensor): shape ``[batch, frames, in_dim]``.
             mask (Tensor or None): bool, shape ``[batch, frames]``; restricts the perplexity to those frames.
+            gumbels (Tensor or None): in training, the Gumbel noise ``[batch, frames, G*V]`` to use instead
+                of a draw from torch's global generator (the seeding rule, README "Training").
         Returns:
             Tensor: quantized, shape ``[batch, frames, codevector_dim]``.
             Tensor: perplexity, a scalar.
             Tensor: with ``return_indices``, the codes, shape ``[batch, frames, num_groups]``.
         """
         logits = self.weight_proj(hidden_states)
+        if gumbels is not None and not self.training:
+            raise ValueError("gumbels (explicit Gumbel noise) is only used in training: the quantizer is in eval mode")
+        extra = {} if gumbels is None else {"gumbels": gumbels}
         return ops.gumbel_quantizer(logits, self.codevectors, self.num_groups, self.temperature, self.training,
-                                    mask=mask, return_indices=return_indices)
+                                    mask=mask, return_indices=return_indices, **extra)
 
 
 @torch.no_grad()

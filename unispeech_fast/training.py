@@ -16,10 +16,15 @@ batch:
   that sample's own masked frames;
 - batch-level draws (LayerDrop) come from a generator of the encoder's own, seeded identically on
   every rank (:meth:`PreTrainedModel.seed_layerdrop`), so every rank drops the same layers;
-- element-wise dropout and the Gumbel noise of the quantizer stay on the global torch RNG: ranks
-  draw different values from the same distribution (equal in law, not bitwise); so do
-  UniSpeech-SAT's utterance-contrastive candidates, which a rank draws among its own batch's masked
-  frames.
+- the pre-training heads' in-model draws, the Gumbel noise of the quantizer and UniSpeech's CTC
+  replace mix, come from a generator per sample seeded from the sample's seed (the collator's
+  ``noise_seeds=True`` hands them to the model as ``noise_seeds``), over the sample's own frames:
+  they depend on ``(base_seed, epoch, global_index)`` only, not on the rank, the world size, the
+  rest of the batch or its padded length (without ``noise_seeds``, the global torch RNG, as
+  transformers draws them);
+- element-wise dropout stays on the global torch RNG: ranks draw different values from the same
+  distribution (equal in law, not bitwise); so do UniSpeech-SAT's utterance-contrastive candidates,
+  which a rank draws among its own batch's masked frames.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ def sample_seed(base_seed: int, index: int, epoch: int = 0) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(np.random.SeedSequence([int(base_seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0])
+
+
+# The streams of a sample's seed: each kind of per-sample draw gets its own seed derived from it.
+_NEGATIVES_STREAM, _NOISE_STREAM = 1, 2
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """A non-negative int64 seed for one stream of a sample's draws, a function of ``(seed, stream)``."""
+    return int(np.random.SeedSequence([int(seed), stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _frames(config, samples: int) -> int:
@@ -74,18 +88,26 @@ class SpeechDataCollator:
       ``sampled_negative_indices [B, frames, num_negatives]``, each row's drawn by
       :func:`~unispeech_fast.pretraining.sample_negative_indices` among its own masked frames from a
       generator seeded by the example's ``mask_seed`` (so they too do not depend on the rank or batch).
+    - ``noise_seeds=True`` (for both ``ForPreTraining`` heads): the batch also gets ``noise_seeds``
+      (int64 ``[B]``, one per example, derived from its ``mask_seed``); the head then draws the
+      sample's Gumbel noise and (UniSpeech) replace mix from it
+      (:func:`~unispeech_fast.models.heads.per_sample_draws`). Other heads do not take this input.
     """
 
-    def __init__(self, config, pad_to_samples: int | None = None, num_negatives: int | None = None) -> None:
+    def __init__(self, config, pad_to_samples: int | None = None, num_negatives: int | None = None,
+                 noise_seeds: bool = False) -> None:
         if pad_to_samples is not None and (isinstance(pad_to_samples, bool) or not isinstance(pad_to_samples, int)
                                            or pad_to_samples < 1):
             raise ValueError(f"pad_to_samples must be a positive int or None, got {pad_to_samples!r}")
         if num_negatives is not None and (isinstance(num_negatives, bool) or not isinstance(num_negatives, int)
                                           or num_negatives < 1):
             raise ValueError(f"num_negatives must be a positive int or None, got {num_negatives!r}")
+        if not isinstance(noise_seeds, bool):
+            raise ValueError(f"noise_seeds must be a bool, got {noise_seeds!r}")
         self.config = getattr(config, "config", config)  # a model or its config
         self.pad_to_samples = pad_to_samples
         self.num_negatives = num_negatives
+        self.noise_seeds = noise_seeds
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -136,9 +158,12 @@ class SpeechDataCollator:
                 if self.num_negatives is not None:
                     batch["sampled_negative_indices"] = self._negatives(
                         batch["mask_time_indices"], lengths, [ex["mask_seed"] for ex in examples])
-        elif self.num_negatives is not None:
-            raise ValueError("num_negatives needs training examples with 'mask_seed' (the negatives are drawn "
-                             "among the masked frames)")
+            if self.noise_seeds:
+                batch["noise_seeds"] = torch.tensor([_stream_seed(ex["mask_seed"], _NOISE_STREAM) for ex in examples],
+                                                    dtype=torch.int64)
+        elif self.num_negatives is not None or self.noise_seeds:
+            option = "num_negatives" if self.num_negatives is not None else "noise_seeds=True"
+            raise ValueError(f"{option} needs training examples with 'mask_seed' (the draws are per sample)")
         return batch
 
     def _negatives(self, mask: torch.Tensor, lengths: list[int], seeds: list[int]) -> torch.Tensor:
@@ -147,8 +172,7 @@ class SpeechDataCollator:
         frames = mask.shape[1]
         rows = []
         for b, (length, seed) in enumerate(zip(lengths, seeds)):
-            generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([int(seed), 1]).generate_state(1, np.uint64)[0] >> 1))
+            generator = torch.Generator().manual_seed(_stream_seed(seed, _NEGATIVES_STREAM))
             valid = torch.zeros(1, frames, dtype=torch.bool)
             valid[0, :length] = True
             rows.append(sample_negative_indices(mask[b:b + 1], self.num_negatives, valid, generator=generator)

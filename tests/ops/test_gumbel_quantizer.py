@@ -258,6 +258,8 @@ def test_dispatch_reasons_and_stochastic_flag():
     logits, codevectors, _ = _inputs(1, 3, 2, 7, 3, torch.float32)
     impl = dispatch._REGISTRY["gumbel_quantizer"]["triton"]
     assert impl.is_stochastic(logits=logits, sample=True) and not impl.is_stochastic(logits=logits, sample=False)
+    # explicit noise makes a sampling call a function of its inputs: verify mode compares it with the reference
+    assert not impl.is_stochastic(logits=logits, sample=True, gumbels=torch.zeros_like(logits))
     kw = dict(logits=logits, codevectors=codevectors, num_groups=2, temperature=2.0, sample=False)
     assert impl.not_supported_reasons(**kw) == []
     big = torch.zeros(1, 1, 2 * 513, device=DEVICE)
@@ -436,3 +438,35 @@ def test_mask_input_errors_and_cuda_reason():
             q, ppl = gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask)
         assert torch.equal(q, expected[0])
         torch.testing.assert_close(ppl, expected[1])
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+def test_public_op_samples_with_explicit_gumbels_on_every_backend(backend_name):
+    """``gumbels`` reaches whichever backend runs (the pre-training heads' per-sample noise, README
+    "Training"): the codes are the reference's with that noise, and the global RNG is not drawn from."""
+    if backend_name == "cpp":
+        _cpp_impl()
+    logits, codevectors, noise, mask = _masked_inputs()
+    expected = gumbel_quantizer_ref(logits, codevectors, 2, 1.5, True, gumbels=noise, mask=mask, return_indices=True)
+    state = torch.get_rng_state()
+    with uf.backend(backend_name):
+        q, ppl, idx = gumbel_quantizer(logits, codevectors, 2, 1.5, True, mask=mask, return_indices=True,
+                                       gumbels=noise)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(idx, expected[2]) and not torch.equal(idx, logits.view(3, 11, 2, 7).argmax(-1))
+    torch.testing.assert_close(q, expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ppl, expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_explicit_gumbels_input_errors():
+    logits, codevectors, noise, _ = _masked_inputs()
+    with pytest.raises(ValueError, match="gumbels .* only used with sample=True"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, False, gumbels=noise)
+    with pytest.raises(ValueError, match="gumbels must be a float tensor of the shape of logits"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, True, gumbels=noise[:, :4])
+    with pytest.raises(ValueError, match="gumbels must be a float tensor"):
+        gumbel_quantizer(logits, codevectors, 2, 1.5, True, gumbels=noise.long())
+    module = GumbelVectorQuantizer(UniSpeechConfig(num_codevector_groups=2, num_codevectors_per_group=7,
+                                                   codevector_dim=6), in_dim=5).eval()
+    with pytest.raises(ValueError, match="only used in training"):
+        module(torch.randn(3, 11, 5), gumbels=noise)

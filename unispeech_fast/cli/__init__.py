@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A torchrun worker (finetune, pretrain, corpus jobs) whose command has returned: every output is
         # written and closed and the process group destroyed. Leave without interpreter finalisation, where
         # gloo's worker threads were seen to abort a finished run (SIGABRT, "terminate called without an
-        # active exception"; tests/test_train_cli.py, about one run in several on 2 CPU cores).
+        # active exception"; tests/test_train_cli.py, about one run in several on 2 CPU cores). Once a DDP
+        # wrapper was built, destroy_process_group() leaves the gloo backend and its threads alive (torch
+        # 2.13; README "Training" says what was established), so they run on into finalisation.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -48,6 +48,7 @@ __all__ = [
     "ForXVector",
     "UniSpeechPreTrainingHead",
     "UniSpeechSatPreTrainingHead",
+    "per_sample_draws",
 ]
 
 
@@ -78,6 +79,28 @@ class _Head(PreTrainedModel):
             n = config.num_hidden_layers + 1
             self.layer_weights = nn.Parameter(torch.ones(n) / n)
 
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ):
+        """``input_values [B, samples]`` (and ``attention_mask``, 1 = sample) through the backbone and the
+        head; ``labels`` and the outputs are each head's (its ``_head_forward``). Returns the head's
+        output object, or its tuple with ``return_dict=False``. (The pretraining heads have their own.)"""
+        oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
+        out = self._head_forward(input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh)
+        return out if rd else out.to_tuple()
+
+    def _head_forward(self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh):
+        """The head's forward with the output flags ``oa``/``oh`` resolved; returns its output object."""
+        raise NotImplementedError
+
     def _run_backbone(self, input_values, attention_mask, mask_time_indices, head_mask, output_attentions,
                       output_hidden_states):
         return self.base_model._encode(
@@ -97,6 +120,13 @@ class _Head(PreTrainedModel):
         hidden = weighted_layer_sum(hidden_states, self.layer_weights) if weighted else last
         return hidden, hidden_states if output_hidden_states else None, attentions
 
+    def _encode_for_class_labels(self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh):
+        """:meth:`_encode_for_classifier` after checking ``input_values`` and the class ``labels [batch]``."""
+        check_input_values(self, input_values)
+        if labels is not None:
+            _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
+        return self._encode_for_classifier(input_values, attention_mask, mask_time_indices, head_mask, oa, oh)
+
 
 class ForCTC(_Head):
     """Backbone + dropout + ``lm_head`` (H -> vocab_size), CTC loss with blank = ``pad_token_id``."""
@@ -115,20 +145,11 @@ class ForCTC(_Head):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_time_indices: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CausalLMOutput | tuple:
+    def _head_forward(
+        self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
+    ) -> CausalLMOutput:
         """``labels`` ``[batch, target_len]`` with ids in ``[0, vocab_size)``; -100 and ``pad_token_id``
         entries are padding. Returns ``CausalLMOutput(loss, logits [B, T, vocab], ...)``."""
-        oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         check_input_values(self, input_values)
         if labels is not None:
             if (not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex()
@@ -153,8 +174,7 @@ class ForCTC(_Head):
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_values, dtype=torch.long)
             input_lengths = self._get_feat_extract_output_lengths(mask.long().sum(-1)).to(torch.long)
             loss = ctc_loss(logits, labels, input_lengths, self.config)
-        out = CausalLMOutput(loss, logits, hidden_states, attentions)
-        return out if rd else out.to_tuple()
+        return CausalLMOutput(loss, logits, hidden_states, attentions)
 
 
 def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, logit_lengths: torch.Tensor, config) -> torch.Tensor:
@@ -193,24 +213,12 @@ class ForSequenceClassification(_Head):
         self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
         self.post_init()
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_time_indices: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
+    def _head_forward(
+        self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
+    ) -> SequenceClassifierOutput:
         """``labels`` ``[batch]`` class ids. Returns ``SequenceClassifierOutput(loss, logits [B, num_labels], ...)``."""
-        oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
-        check_input_values(self, input_values)
-        if labels is not None:
-            _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
-        hidden, hidden_states, attentions = self._encode_for_classifier(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
+        hidden, hidden_states, attentions = self._encode_for_class_labels(
+            input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
         )
         hidden = self.projector(hidden)
         if attention_mask is None:
@@ -223,8 +231,7 @@ class ForSequenceClassification(_Head):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
-        out = SequenceClassifierOutput(loss, logits, hidden_states, attentions)
-        return out if rd else out.to_tuple()
+        return SequenceClassifierOutput(loss, logits, hidden_states, attentions)
 
 
 class ForAudioFrameClassification(_Head):
@@ -238,20 +245,11 @@ class ForAudioFrameClassification(_Head):
         self.num_labels = config.num_labels
         self.post_init()
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_time_indices: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> TokenClassifierOutput | tuple:
+    def _head_forward(
+        self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
+    ) -> TokenClassifierOutput:
         """``labels`` ``[batch, frames, num_labels]`` one-/multi-hot; the loss is cross-entropy against
         their argmax over every frame, padded frames included (as transformers computes it)."""
-        oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         hidden, hidden_states, attentions = self._encode_for_classifier(
             input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
@@ -266,8 +264,7 @@ class ForAudioFrameClassification(_Head):
             loss = F.cross_entropy(
                 logits.view(-1, self.num_labels), torch.argmax(labels.view(-1, self.num_labels), dim=1)
             )
-        out = TokenClassifierOutput(loss, logits, hidden_states, attentions)
-        return out if rd else out.to_tuple()
+        return TokenClassifierOutput(loss, logits, hidden_states, attentions)
 
 
 # ------------------------------------------------------------------------------------ x-vector layers
@@ -346,24 +343,12 @@ class ForXVector(_Head):
             input_lengths = input_lengths - (kernel - 1) * (dilation if use_dilation else 1)
         return input_lengths
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_time_indices: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> XVectorOutput | tuple:
+    def _head_forward(
+        self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
+    ) -> XVectorOutput:
         """``labels`` ``[batch]`` speaker ids. Returns ``XVectorOutput(loss, logits, embeddings, ...)``."""
-        oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
-        check_input_values(self, input_values)
-        if labels is not None:
-            _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
-        hidden, hidden_states, attentions = self._encode_for_classifier(
-            input_values, attention_mask, mask_time_indices, head_mask, oa, oh
+        hidden, hidden_states, attentions = self._encode_for_class_labels(
+            input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
         )
         needed = 2 + sum((k - 1) * d for k, d in zip(self.config.tdnn_kernel, self.config.tdnn_dilation))
         if hidden.shape[1] < needed:
@@ -393,16 +378,43 @@ class ForXVector(_Head):
         embeddings = self.feature_extractor(torch.cat([mean, std], dim=-1))
         logits = self.classifier(embeddings)
         loss = self.objective(logits, labels) if labels is not None else None
-        out = XVectorOutput(loss, logits, embeddings, hidden_states, attentions)
-        return out if rd else out.to_tuple()
+        return XVectorOutput(loss, logits, embeddings, hidden_states, attentions)
 
 
 class _PreTrainingHead(_Head):
+    """What both pretraining heads share: the quantizer branch, the frame mask, the diversity term and
+    the in-model draws of the seeding rule."""
+
+    def _make_quantizer_branch(self, config, quantizer_in: int, hid_in: int, hid_out: int) -> None:
+        """The backbone, ``dropout_features``, ``quantizer``, ``project_q`` and ``project_hid``, in
+        transformers' order (the initialisation draws follow it)."""
+        self._make_backbone(config)
+        self.dropout_features = nn.Dropout(config.feat_quantizer_dropout)
+        self.quantizer = GumbelVectorQuantizer(config, in_dim=quantizer_in)
+        self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)
+        self.project_hid = nn.Linear(hid_in, hid_out)
+
     def set_gumbel_temperature(self, temperature: float) -> None:
         """Set the quantizer's Gumbel-softmax temperature (used in training; anneal it per step)."""
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.quantizer.temperature = temperature
+
+    def _frame_mask(self, frames: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if attention_mask is None else self._get_feature_vector_attention_mask(frames, attention_mask)
+
+    def _diversity_loss(self, perplexity: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
+        """``(G*V - perplexity) / (G*V) * N``."""
+        num_codes = self.config.num_codevectors_per_group * self.config.num_codevector_groups
+        return (num_codes - perplexity) / num_codes * num_masked
+
+    def _sample_draws(self, seeds: list[int], frame_mask, batch: int, frames: int, device,
+                      replace_prob: float | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:func:`per_sample_draws` over each sample's frames: the replace mix (with ``replace_prob``)
+        and, in training, the quantizer's Gumbel noise."""
+        lengths = frame_mask.sum(-1).tolist() if frame_mask is not None else [frames] * batch
+        return per_sample_draws(seeds, lengths, frames, device, replace_prob,
+                                self.quantizer.gumbel_width if self.quantizer.training else 0)
 
 
 def _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, device) -> torch.Tensor:
@@ -432,6 +444,40 @@ def _check_frame_labels(name: str, labels, batch: int, frames: int | None, num_c
         raise ValueError(f"{name} must be in [0, {num_classes}) or -100 to ignore, got values in "
                          f"[{int(valid.min())}, {int(valid.max())}]")
     return labels
+
+
+def _check_noise_seeds(noise_seeds, batch: int) -> list[int]:
+    if not isinstance(noise_seeds, torch.Tensor) or noise_seeds.dtype != torch.int64 or \
+            tuple(noise_seeds.shape) != (batch,):
+        got = (f"{tuple(noise_seeds.shape)} {noise_seeds.dtype}" if isinstance(noise_seeds, torch.Tensor)
+               else type(noise_seeds).__name__)
+        raise ValueError(f"noise_seeds must be an int64 tensor [batch={batch}], one seed per sample "
+                         f"(SpeechDataCollator(..., noise_seeds=True) makes it), got {got}")
+    seeds = noise_seeds.tolist()
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"noise_seeds must be non-negative, got {min(seeds)}")
+    return seeds
+
+
+def per_sample_draws(seeds: list[int], lengths: list[int], frames: int, device, replace_prob: float | None = None,
+                     gumbel_width: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The in-model draws of the seeding rule (README "Training"): sample ``b``'s own generator, seeded
+    by ``seeds[b]``, draws over its ``lengths[b]`` frames, in this order, the replace mix (with
+    ``replace_prob``: bool ``[B, frames]``, ``U(0, 1) < replace_prob`` per frame) and the Gumbel noise
+    (with ``gumbel_width``: float32 ``[B, frames, gumbel_width]``, ``-log(Exp(1))`` as
+    ``F.gumbel_softmax`` draws it). Padded frames get False and 0. A sample's draws depend on its
+    seed and its own frame count only: not on its rank, its batch or the batch's padded length."""
+    batch = len(seeds)
+    replace = None if replace_prob is None else torch.zeros(batch, frames, dtype=torch.bool, device=device)
+    gumbels = None if not gumbel_width else torch.zeros(batch, frames, gumbel_width, device=device)
+    for b, (seed, length) in enumerate(zip(seeds, lengths)):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        if replace is not None:
+            replace[b, :length] = torch.rand(length, generator=generator, device=device) < replace_prob
+        if gumbels is not None:
+            noise = torch.empty(length, gumbel_width, device=device).exponential_(generator=generator)
+            gumbels[b, :length] = -noise.log()
+    return replace, gumbels
 
 
 def _cosine_logits(x: torch.Tensor, embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -470,11 +516,7 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._make_backbone(config)
-        self.dropout_features = nn.Dropout(config.feat_quantizer_dropout)
-        self.quantizer = GumbelVectorQuantizer(config, in_dim=config.conv_dim[-1])
-        self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)
-        self.project_hid = nn.Linear(config.proj_codevector_dim, config.hidden_size)
+        self._make_quantizer_branch(config, config.conv_dim[-1], config.proj_codevector_dim, config.hidden_size)
         self.ctc_proj = nn.Linear(config.hidden_size, config.num_ctc_classes)
         self.dropout = nn.Dropout(config.final_dropout)
         self.post_init()
@@ -490,10 +532,13 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        noise_seeds: torch.Tensor | None = None,
     ) -> UniSpeechForPreTrainingOutput | tuple:
         """``mask_time_indices`` bool ``[B, T]``; ``sampled_negative_indices`` ``[B, T, K]`` into the
         flattened ``B*T`` axis (:func:`unispeech_fast.pretraining.sample_negative_indices`);
-        ``labels`` ``[B, target_len]`` phone ids in ``[0, num_ctc_classes)``. See the class docstring."""
+        ``labels`` ``[B, target_len]`` phone ids in ``[0, num_ctc_classes)``; ``noise_seeds`` int64
+        ``[B]``: the replace mix and (in training) the Gumbel noise come from per-sample generators
+        (:func:`per_sample_draws`) instead of torch's global one. See the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         if labels is not None and sampled_negative_indices is None:
             raise ValueError("labels (the phone CTC branch) need sampled_negative_indices and mask_time_indices: "
@@ -504,9 +549,12 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
             input_values, attention_mask, mask_time_indices, head_mask, oa, oh
         )
         batch, frames = last.shape[:2]
-        frame_mask = None
-        if attention_mask is not None:
-            frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
+        frame_mask = self._frame_mask(frames, attention_mask)
+        replace = gumbels = None
+        if noise_seeds is not None:
+            replace, gumbels = self._sample_draws(_check_noise_seeds(noise_seeds, batch), frame_mask, batch, frames,
+                                                  last.device, self.config.replace_prob)
+        noise = {} if gumbels is None else {"gumbels": gumbels}
         mask = codes = None
         if with_loss:
             mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
@@ -514,15 +562,17 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
                 blank = self._ctc_blank()
                 _check_frame_labels("labels", labels, batch, None, self.config.num_ctc_classes)
             quantized, perplexity, codes = self.quantizer(self.dropout_features(extract_features), mask=mask,
-                                                          return_indices=True)
+                                                          return_indices=True, **noise)
         else:
-            quantized, perplexity = self.quantizer(self.dropout_features(extract_features))
+            quantized, perplexity = self.quantizer(self.dropout_features(extract_features), **noise)
         quantized = self.project_hid(self.project_q(quantized.to(self.project_q.weight.dtype)))
-        # The replace mix of the CTC branch: R ~ Bernoulli(replace_prob) per frame, drawn on a [T, B]
-        # matrix as the authors (and transformers' dead code) do, so the RNG stream matches transformers'.
-        replace = torch.bernoulli(
-            torch.full((last.size(0), last.size(1)), self.config.replace_prob, device=last.device).transpose(0, 1)
-        ).bool().transpose(0, 1)[..., None]
+        if replace is None:
+            # The replace mix of the CTC branch: R ~ Bernoulli(replace_prob) per frame, drawn on a [T, B]
+            # matrix as the authors (and transformers' dead code) do, so the RNG stream matches transformers'.
+            replace = torch.bernoulli(
+                torch.full((last.size(0), last.size(1)), self.config.replace_prob, device=last.device).transpose(0, 1)
+            ).bool().transpose(0, 1)
+        replace = replace[..., None]
         ctc_loss = None
         if labels is not None:
             mixed = last.masked_fill(replace, 0.0) + quantized.masked_fill(~replace, 0.0)
@@ -537,8 +587,7 @@ class UniSpeechPreTrainingHead(_PreTrainingHead):
         if with_loss:
             contrastive = ops.contrastive_loss(last, quantized.to(last.dtype), sampled_negative_indices.to(last.device),
                                                mask, self.config.contrastive_logits_temperature, code_indices=codes)
-            num_codes = self.config.num_codevectors_per_group * self.config.num_codevector_groups
-            diversity = (num_codes - perplexity) / num_codes * mask.sum()
+            diversity = self._diversity_loss(perplexity, mask.sum())
             loss = contrastive + self.config.diversity_loss_weight * diversity
             if ctc_loss is not None:
                 a = self.config.pretraining_value("pretraining_ctc_weight")
@@ -588,11 +637,7 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._make_backbone(config)
-        self.dropout_features = nn.Dropout(config.feat_quantizer_dropout)
-        self.quantizer = GumbelVectorQuantizer(config, in_dim=config.hidden_size)
-        self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)
-        self.project_hid = nn.Linear(config.hidden_size, config.proj_codevector_dim)
+        self._make_quantizer_branch(config, config.hidden_size, config.hidden_size, config.proj_codevector_dim)
         self.dropout = nn.Dropout(config.final_dropout)
         self.speaker_proj = nn.Linear(config.hidden_size, config.codevector_dim)
         self.label_embeddings_concat = nn.Parameter(torch.zeros(config.num_clusters, config.codevector_dim))
@@ -611,13 +656,18 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        noise_seeds: torch.Tensor | None = None,
     ) -> UniSpeechSatForPreTrainingOutput | tuple:
-        """``labels`` ``[B, T]`` frame cluster ids in ``[0, num_clusters)`` or -100; see the class docstring."""
+        """``labels`` ``[B, T]`` frame cluster ids in ``[0, num_clusters)`` or -100; ``noise_seeds`` int64
+        ``[B]``: in training, the Gumbel noise of a masked frame is its sample's (:func:`per_sample_draws`,
+        rows of the masked frames) instead of a draw from torch's global generator. See the class docstring."""
         oa, oh, rd = self._resolve_output_flags(output_attentions, output_hidden_states, return_dict)
         if labels is None:
             last, extract_features, hidden_states, attentions = self._run_backbone(
                 input_values, attention_mask, mask_time_indices, head_mask, oa, oh
             )
+            if noise_seeds is not None:
+                _check_noise_seeds(noise_seeds, last.shape[0])
             logits = self.dropout_features(extract_features)
             out = UniSpeechSatForPreTrainingOutput(None, logits, last, None, None, hidden_states, attentions)
             return out if rd else out.to_tuple()
@@ -632,11 +682,10 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
         )
         logits = self.dropout_features(extract_features)
         batch, frames = last.shape[:2]
-        frame_mask = None
-        if attention_mask is not None:
-            frame_mask = self._get_feature_vector_attention_mask(frames, attention_mask)
+        frame_mask = self._frame_mask(frames, attention_mask)
         mask = _check_pretraining_masks(mask_time_indices, frame_mask, batch, frames, last.device)
         labels = _check_frame_labels("labels", labels, batch, frames, config.num_clusters).to(last.device)
+        seeds = None if noise_seeds is None else _check_noise_seeds(noise_seeds, batch)
         num_masked = mask.sum()
         temperature = config.contrastive_logits_temperature
 
@@ -652,15 +701,17 @@ class UniSpeechSatPreTrainingHead(_PreTrainingHead):
             h = self.layer_norm_for_extract(h)
         h = h[mask]  # [M, H]
         speaker = self.speaker_proj(h)
-        quantized, perplexity = self.quantizer(h[None])
+        noise = {}
+        if seeds is not None and self.quantizer.training:
+            noise["gumbels"] = self._sample_draws(seeds, frame_mask, batch, frames, last.device)[1][mask][None]
+        quantized, perplexity = self.quantizer(h[None], **noise)
         targets = self.project_q(quantized[0].to(self.project_q.weight.dtype))
         utterance = mask.nonzero()[:, 0]  # the row of each masked frame
         m = h.shape[0]
         candidates = torch.randint(0, m, (m, config.pretraining_value("num_utterance_negatives")), device=h.device)
         utterance_loss = utterance_contrastive_loss(speaker, targets, utterance, candidates, temperature)
 
-        num_codes = config.num_codevectors_per_group * config.num_codevector_groups
-        diversity_loss = (num_codes - perplexity) / num_codes * num_masked
+        diversity_loss = self._diversity_loss(perplexity, num_masked)
         valid = frame_mask if frame_mask is not None else torch.ones_like(mask)
         feature_penalty = conv[valid].float().pow(2).mean() * num_masked
         loss = (prediction_loss

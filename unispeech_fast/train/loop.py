@@ -14,7 +14,8 @@ adapts the loop to a head: ``check(entry, example)`` names why a loaded example 
 file is then skipped and listed), ``prepare(batch, step, plan_index)`` adds inputs to the collated
 batch, ``loss(out, batch)`` is the loss to minimise, ``start_step(model, step)`` runs before each
 step and returns extra metrics, ``settings()`` the options a resume must repeat (kept in the
-checkpoint). Without one, the loss is the model's ``loss``.
+checkpoint), ``collator_options()`` keyword arguments of the batches'
+:class:`~unispeech_fast.training.SpeechDataCollator`. Without one, the loss is the model's ``loss``.
 """
 
 from __future__ import annotations
@@ -178,21 +179,12 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
     written for that step or after it).
 
-    On CPU the run holds ``torch.use_deterministic_algorithms(True)`` (restored on return): some CPU
-    backward kernels otherwise add in thread order (the accumulating index writes behind the
-    pre-training heads' gathers), and a run would then not repeat itself bit for bit.
+    A CPU run repeats itself bit for bit (and so resumes exactly) with PyTorch's default algorithms:
+    the models avoid the CPU kernel that two compared 2-thread runs found adding in thread order, the
+    backward of advanced-indexing gathers with repeated indices (``index_put_`` with
+    ``accumulate=True`` uses atomic float adds on float32 tensors of 32768+ elements with more than
+    one thread); see :func:`unispeech_fast.pretraining.utterance_contrastive_loss`.
     """
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if torch.device(opts.device).type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
-        return _train(model, entries, opts, resume=resume, extra_files=extra_files, log=log, objective=objective)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None, extra_files, log,
-           objective) -> dict:
     from ..audio import _min_samples
     from ..training import SpeechDataCollator, _frames, sample_seed
 
@@ -239,7 +231,7 @@ def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | Non
     if resume is not None:
         _set_rng_state(model, torch.load(os.path.join(resume, f"rng-rank{rank}.pt"), weights_only=True))
 
-    collator = SpeechDataCollator(model)
+    collator = SpeechDataCollator(model, **(objective.collator_options() if objective is not None else {}))
     per_step = world * opts.grad_accum
     device = torch.device(opts.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -309,7 +301,7 @@ def _train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | Non
                         ppl = float(out.codevector_perplexity.detach())
                 else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
                     # the ranks in step (DDP needs a forward on every rank) and adds nothing
-                    silent = collator([{"input_values": torch.zeros(min_samples)}])
+                    silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
                     silent = {k: v.to(device) for k, v in silent.items()}
                     out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
                                                                      dtype=torch.bool, device=device))

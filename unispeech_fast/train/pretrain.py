@@ -9,13 +9,16 @@ Per micro-batch (plan index ``i`` of step ``s``, see :mod:`.loop`):
   utterance mixing (UniSpeech-SAT, :func:`~unispeech_fast.pretraining.utterance_mixing`) and the
   contrastive negatives (UniSpeech, :func:`~unispeech_fast.pretraining.sample_negative_indices`,
   padding excluded). The plan index does not depend on the rank, so a resumed run draws the same;
+- the Gumbel noise and (UniSpeech) the CTC branch's replace mix come from each sample's own
+  generator (the collator's ``noise_seeds``, derived from the sample seed), so they too do not depend
+  on the rank, the world size or the padding (README "Training", the seeding rule);
 - the Gumbel temperature of step ``s`` is ``max(max_t * decay ** (s - 1), min_t)`` (fairseq's
   schedule, a function of the number of updates done), set with ``set_gumbel_temperature``;
 - the loss is the head's summed loss divided by the batch's number of masked frames (the authors'
   per-frame normalisation), then averaged over micro-batches and ranks as in ``finetune``.
 
-The Gumbel noise, SAT's utterance candidates and dropout draw from the global torch RNG, which is
-seeded ``seed + rank`` and saved in every checkpoint, so resume is exact.
+SAT's utterance candidates and dropout draw from the global torch RNG, which is seeded
+``seed + rank`` and saved in every checkpoint, so resume is exact.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class PretrainObjective:
     def settings(self) -> dict:
         """What an exact resume must repeat (kept in the checkpoint and compared on ``--resume``)."""
         return {"objective": "pretrain", "gumbel_temperature": list(self.schedule), "mixing_prob": self.mixing_prob}
+
+    def collator_options(self) -> dict:
+        """Per-sample seeds for the heads' Gumbel noise and replace mix (the seeding rule)."""
+        return {"noise_seeds": True}
 
     def start_step(self, model, step: int) -> dict:
         tau = gumbel_temperature(step, self.schedule)

@@ -54,7 +54,9 @@ def contrastive_loss_ref(
     flat_targets = targets.reshape(batch * frames, dim)
     pred = _normalise(predictions.reshape(batch * frames, dim)[rows].to(work))  # [M, D]
     pos = _normalise(flat_targets[rows].to(work))  # [M, D]
-    neg = _normalise(flat_targets[neg_idx].to(work))  # [M, K, D]
+    # index_select: its backward adds repeated negatives in index order (advanced indexing's backward
+    # adds them with atomic float adds in thread order on CPU; see pretraining.utterance_contrastive_loss)
+    neg = _normalise(flat_targets.index_select(0, neg_idx.reshape(-1)).view(*neg_idx.shape, dim).to(work))  # [M, K, D]
     logits = torch.cat([(pred * pos).sum(-1, keepdim=True), torch.einsum("md,mkd->mk", pred, neg)], dim=1)
     logits = logits / temperature
     with torch.no_grad():

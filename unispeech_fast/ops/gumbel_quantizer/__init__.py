@@ -8,6 +8,8 @@ codebook ``[1, G * V, D / G]``. The perplexity is ``sum_g exp(-sum_v p_gv log p_
 mean of ``softmax(l)`` (training) or of the one-hots (eval) over all frames, or, with ``mask``
 (bool ``[batch, frames]``, e.g. the masked non-padded frames of pre-training), over the frames where
 it is True (transformers' Wav2Vec2 quantizer rule); ``mask=None`` is the unmasked mean, bit for bit.
+Explicit noise ``gumbels`` (the shape of the logits) replaces the draw from torch's global generator:
+the pre-training heads pass per-sample noise under the seeding rule (README "Training").
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ CAPABILITIES = {
                          kernels=("gumbel_quantizer_fwd",)),
 }
 
-_stochastic = lambda sample=False, **_: bool(sample)  # noqa: E731  (Gumbel sampling draws noise)
+# Gumbel sampling draws noise, unless the call brings its own (then verify mode compares it with the reference)
+_stochastic = lambda sample=False, gumbels=None, **_: bool(sample) and gumbels is None  # noqa: E731
 dispatch.register("gumbel_quantizer", "eager", is_stochastic=_stochastic)(gumbel_quantizer_ref)
 dispatch.register("gumbel_quantizer", "triton", capabilities=CAPABILITIES["triton"], is_stochastic=_stochastic,
                   not_supported_reasons=triton._triton_not_supported_reasons)(triton._gumbel_quantizer_triton)
@@ -41,6 +44,15 @@ dispatch.register("gumbel_quantizer", "cpp", capabilities=CAPABILITIES["cpp"], i
                   not_supported_reasons=extension._gumbel_cpp_reasons)(extension.gumbel_quantizer_ext)
 dispatch.register("gumbel_quantizer", "cuda", capabilities=CAPABILITIES["cuda"], is_stochastic=_stochastic,
                   not_supported_reasons=extension._gumbel_cuda_reasons)(extension.gumbel_quantizer_ext)
+
+
+def _got(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_device(name: str, x: torch.Tensor, logits: torch.Tensor) -> None:
+    if x.device != logits.device:
+        raise ValueError(f"{name} must be on {logits.device}, got {x.device}")
 
 
 def gumbel_quantizer(
@@ -51,24 +63,33 @@ def gumbel_quantizer(
     sample: bool,
     mask: torch.Tensor | None = None,
     return_indices: bool = False,
+    gumbels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gumbel vector quantizer on the selected backend; see :func:`gumbel_quantizer_ref`.
 
     ``mask`` (bool ``[batch, frames]``, at least one True) restricts the perplexity to those frames;
-    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs.
+    ``return_indices`` adds the chosen codes ``[batch, frames, num_groups]`` (int64) to the outputs;
+    ``gumbels`` (float, the shape and device of ``logits``, ``sample=True`` only) is the Gumbel noise to
+    use instead of a draw from torch's global generator. Float32 noise (what the backends draw and the
+    pre-training heads pass) is read exactly everywhere; the triton, cpp and cuda backends round noise
+    of another dtype to float32, the eager reference computes in ``promote(logits, float32)``.
     Without them the call and its results are exactly those of before these options existed.
     """
     extra = {}
+    shape = tuple(getattr(logits, "shape", ()))
+    if gumbels is not None:
+        if not sample:
+            raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
+        if not isinstance(gumbels, torch.Tensor) or not gumbels.is_floating_point() or \
+                not isinstance(logits, torch.Tensor) or gumbels.shape != logits.shape:
+            raise ValueError(f"gumbels must be a float tensor of the shape of logits {shape}, got {_got(gumbels)}")
+        _check_device("gumbels", gumbels, logits)
+        extra["gumbels"] = gumbels
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or \
                 not isinstance(logits, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:2]):
-            raise ValueError(
-                f"mask must be a bool tensor [batch, frames] = {tuple(getattr(logits, 'shape', ())[:2])}, got "
-                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-                f"{' ' + str(mask.dtype) if isinstance(mask, torch.Tensor) else ''}"
-            )
-        if mask.device != logits.device:
-            raise ValueError(f"mask must be on {logits.device}, got {mask.device}")
+            raise ValueError(f"mask must be a bool tensor [batch, frames] = {shape[:2]}, got {_got(mask)}")
+        _check_device("mask", mask, logits)
         if not bool(mask.any()):
             raise ValueError("mask selects no frame: the perplexity over masked frames is undefined")
         extra["mask"] = mask

@@ -71,13 +71,13 @@ def _gumbel_shape_reasons(logits, codevectors, num_groups, temperature) -> list[
 
 
 def _gumbel_cpp_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
-                        return_indices=False) -> list[str]:
+                        return_indices=False, gumbels=None) -> list[str]:
     """The C++ kernel's call-specific limits (its devices, dtypes and kernel: the package's capabilities)."""
     return _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
 
 
 def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, mask=None,
-                         return_indices=False) -> list[str]:
+                         return_indices=False, gumbels=None) -> list[str]:
     reasons = _gumbel_shape_reasons(logits, codevectors, num_groups, temperature)
     # The kernel's limits (csrc/cuda/gumbel_quantizer.cu: kMaxGroups, and V in one block's shared memory).
     if num_groups > 32:
@@ -88,12 +88,14 @@ def _gumbel_cuda_reasons(logits, codevectors, num_groups, temperature, sample, m
     return reasons
 
 
-def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, mask=None, return_indices=False):
+def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, mask=None, return_indices=False,
+                         gumbels=None):
     """Gumbel quantizer on ``torch.ops.unispeech_fast.gumbel_quantizer_fwd``.
 
     In sample mode the noise is drawn here exactly as ``F.gumbel_softmax`` draws it (float32,
     ``-Exp(1).log()`` over the ``[N*G, V]`` logits), so under one ``torch.manual_seed`` the codes equal
-    the eager backend's. Eval mode gives the logits no gradient (argmax), as the eager reference.
+    the eager backend's; explicit ``gumbels`` (the shape of ``logits``) are used instead, as float32.
+    Eval mode gives the logits no gradient (argmax), as the eager reference.
     Returns ``(quantized [batch, frames, D], perplexity)`` in the eager reference's dtypes, plus the
     codes ``[batch, frames, G]`` (int64) with ``return_indices``; ``mask`` (bool ``[batch, frames]``)
     restricts the perplexity to its frames.
@@ -104,8 +106,9 @@ def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, m
     if not sample:
         flat = flat.detach()
     codebook = codevectors.reshape(gv, -1)
-    gumbels = None
-    if sample:
+    if gumbels is not None:
+        gumbels = gumbels.reshape(batch * frames, gv).to(torch.float32).contiguous()
+    elif sample:
         noise = torch.empty((batch * frames * num_groups, gv // num_groups), dtype=torch.float32, device=logits.device)
         gumbels = -noise.exponential_().log()
         gumbels = gumbels.view(batch * frames, gv)
