@@ -56,6 +56,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def cuda_ops():
+    """``torch.ops.unispeech_fast`` for the ``gpu`` tests of the CUDA kernels; fails (does not skip) on a GPU
+    machine whose extension was built without CUDA."""
+    from unispeech_fast import _extension
+
+    status = _extension.status()
+    assert status.has_cuda, f"the gpu tests need unispeech_fast._C built with CUDA: {status.cuda_reason}"
+    return torch.ops.unispeech_fast
+
+
 FAMILIES = {
     "UniSpeech": ["Model", "ForCTC", "ForSequenceClassification", "ForPreTraining"],
     "UniSpeechSat": [
