@@ -28,10 +28,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from unispeech_fast.ops.contrastive_loss.common import MAX_D  # the one source, shared with the backend's reasons
+
 __all__ = ["MAX_D", "BLOCK_M", "BLOCK_DS", "block_d", "aot_variants"]
 
-#: The widest feature axis one program holds in registers.
-MAX_D = 1024
 #: Masked rows per program.
 BLOCK_M = 16
 

@@ -283,9 +283,12 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.unispeech_fast.triton_contrastive_loss_fwd, args)
 
 
-def test_declared_limits_agree_with_the_kernels():
-    """The limits the triton backend declares (without importing triton) are the kernels' own."""
+def test_feature_width_limit_is_the_kernels_widest_block():
+    """The one limit (``ops/contrastive_loss/common.py``, read by the triton backend's reasons without triton) is
+    the widest feature block the launcher picks from; the kernels' block choice refuses past it."""
     from unispeech_fast.kernels import contrastive_loss as kern
-    from unispeech_fast.ops.contrastive_loss import triton as backend
+    from unispeech_fast.ops.contrastive_loss.common import MAX_D
 
-    assert backend.MAX_D == kern.MAX_D
+    assert max(kern.BLOCK_DS) == MAX_D and kern.block_d(MAX_D) == MAX_D
+    with pytest.raises(ValueError, match="feature width D"):
+        kern.block_d(MAX_D + 1)

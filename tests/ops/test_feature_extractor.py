@@ -363,12 +363,22 @@ def test_every_backend_reads_the_norm_codes_alike(kind):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} ({kind}): {m}")
 
 
-def test_declared_limits_agree_with_the_kernels():
-    """The limits the triton backend declares (without importing triton) are the kernels' own."""
+def test_layer_norm_channel_limit_is_the_launch_tables():
+    """The one limit (``ops/feature_extractor/common.py``, read by the triton backend's reasons without triton) is
+    what the GPU launch table of the layer-norm kernels serves, and the reasons refuse just past it."""
     from unispeech_fast.kernels import feature_extractor as kernels
-    from unispeech_fast.ops.feature_extractor import triton as backend
+    from unispeech_fast.ops.feature_extractor.common import MAX_LAYER_NORM_CHANNELS
 
-    assert backend.MAX_LAYER_NORM_CHANNELS == kernels.MAX_LAYER_NORM_CHANNELS
+    assert max(kernels._GPU_FWD_LAYER) == MAX_LAYER_NORM_CHANNELS
+    assert kernels._layer_norm_block_co(MAX_LAYER_NORM_CHANNELS) in kernels._GPU_FWD_LAYER
+    impl = dispatch._REGISTRY["feature_extractor"]["triton"]
+    x = torch.randn(1, 400)
+    for channels, refused in ((MAX_LAYER_NORM_CHANNELS, False), (MAX_LAYER_NORM_CHANNELS + 1, True)):
+        args = dict(x=x, conv_weights=[torch.randn(channels, 1, 10)], conv_biases=[None],
+                    norm_weights=[torch.ones(channels)], norm_biases=[torch.zeros(channels)], conv_strides=[5],
+                    norm_type="layer")
+        reasons = impl.not_supported_reasons(**args)
+        assert any(f"at most {MAX_LAYER_NORM_CHANNELS} channels" in r for r in reasons) == refused, reasons
 
 
 # ---------------------------------------------------------------------------------------------- C++ op (cpp)

@@ -290,7 +290,9 @@ def test_compile_fullgraph_equals_eager():
 def test_launch_table_limit_matches_dispatch_limit():
     from unispeech_fast.kernels import gumbel_quantizer as kern
 
-    assert kern.MAX_V == gq_module._TRITON_MAX_CODES
+    # The one limit (ops/gumbel_quantizer/common.py, read by the triton backend's reasons without triton) is what
+    # the launch table's widest entry serves.
+    assert max(kern.CONFIGS) == kern.MAX_V
     assert kern.pick_config(320).block_v == 512
     with pytest.raises(ValueError, match="num_codes"):
         kern.pick_config(kern.MAX_V + 1)
