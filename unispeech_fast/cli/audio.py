@@ -276,6 +276,24 @@ def _default_failures_path(args: argparse.Namespace, output: str | None) -> str 
     return None if output is None else output + ".failures.json"
 
 
+def _is_corpus_job(args: argparse.Namespace) -> bool:
+    """A corpus job: ``--manifest`` given, or no AUDIO file (the corpus code then says what is missing)."""
+    return getattr(args, "manifest", None) is not None or not args.audio
+
+
+def _check_files(args: argparse.Namespace, outputs: Sequence[tuple[str, str | None]],
+                 failures_next_to: str | None) -> tuple[str | None, int | None]:
+    """The usage checks of a file command before any model loads: the AUDIO inputs, then each ``(flag, path)`` of
+    ``outputs`` and the failures list (``--failures``, by default next to ``failures_next_to``).
+
+    Returns ``(failures path, None)``, or ``(None, EXIT_USAGE)`` once the problem is printed."""
+    failures_path = _default_failures_path(args, failures_next_to)
+    problem = _check_inputs(args) or _check_outputs(args, [*outputs, ("--failures", failures_path)])
+    if problem:
+        return None, error(problem, EXIT_USAGE)
+    return failures_path, None
+
+
 def _write_or_fail(write: Callable[[], None], what: str) -> int | None:
     """Run ``write``; an ``OSError`` becomes an ``error:`` line and :data:`EXIT_FAILURE`."""
     try:
@@ -351,7 +369,7 @@ def _save_safetensors(tensors: dict, path: str) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
+    if _is_corpus_job(args):
         return run_corpus(args, "embed")
 
     from .. import audio
@@ -415,13 +433,11 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
+    if _is_corpus_job(args):
         return run_corpus(args, "transcribe")
-
-    failures_path = _default_failures_path(args, args.output)
-    problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _check_files(args, [("--output", args.output)], args.output)
+    if code is not None:
+        return code
 
     def task(model, options):
         audio._require_head(model, "ForCTC", "transcribe")
@@ -444,13 +460,11 @@ def run_transcribe(args: argparse.Namespace) -> int:
 def run_diarize(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
+    if _is_corpus_job(args):
         return run_corpus(args, "diarize")
-
-    failures_path = _default_failures_path(args, args.output)
-    problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _check_files(args, [("--output", args.output)], args.output)
+    if code is not None:
+        return code
     ids: dict[str, str] = {}
     for path in args.audio:  # RTTM lines carry only the recording id: it must tell the files apart
         file_id = audio.rttm_file_id(os.path.splitext(os.path.basename(path))[0])
@@ -482,11 +496,10 @@ def run_verify_speakers(args: argparse.Namespace) -> int:
 
     if len(args.audio) < 2:
         return error("verify-speakers compares files: give at least two AUDIO files", EXIT_USAGE)
-    failures_path = _default_failures_path(args, args.output or args.embeddings)
-    problem = _check_inputs(args) or _check_outputs(
-        args, [("--output", args.output), ("--embeddings", args.embeddings), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _check_files(args, [("--output", args.output), ("--embeddings", args.embeddings)],
+                                       args.output or args.embeddings)
+    if code is not None:
+        return code
     if args.embeddings is not None and not args.embeddings.endswith((".npy", ".safetensors")):
         return error(f"--embeddings {args.embeddings}: the name must end in .npy or .safetensors", EXIT_USAGE)
 
