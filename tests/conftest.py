@@ -113,6 +113,51 @@ def hf_model(family: str, head: str, **overrides):
     return getattr(transformers, family + head)(config).eval()
 
 
+#: The character vocabulary of the tiny CTC checkpoints (transformers' wav2vec2 layout: pad, bos, eos, unk, the word
+#: delimiter, a-z, apostrophe): 32 entries, the tiny config's ``vocab_size``.
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(ord("a") + i) for i in range(26)] + ["'"]
+#: Config overrides of a layer-norm (UniSpeech-SAT large style) feature encoder.
+LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
+
+
+def write_tiny_checkpoints(root, heads: dict, seed: int) -> dict[str, str]:
+    """Tiny random layer-norm UniSpeech-SAT checkpoints, written by our ``save_pretrained`` to ``root/<name>`` for each
+    ``name: model class`` of ``heads``, made in that order after ``torch.manual_seed(seed)``; the one named ``"ctc"``
+    gets a ``vocab.json`` of :data:`VOCAB`. Returns the directories by name."""
+    import json
+
+    from unispeech_fast import UniSpeechSatConfig
+
+    torch.manual_seed(seed)
+    out = {}
+    for name, cls in heads.items():
+        cls(UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", **LAYER_NORM))).eval().save_pretrained(root / name)
+        out[name] = str(root / name)
+    if "ctc" in out:
+        with open(os.path.join(out["ctc"], "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(VOCAB)}, f)
+    return out
+
+
+def write_noise(path, samples: int, rng: np.random.Generator, rate: int = 16000) -> None:
+    """A mono file of ``samples`` samples of noise (std 0.1, float32) from ``rng``; the format from the name."""
+    import soundfile as sf
+
+    sf.write(path, (0.1 * rng.standard_normal(samples)).astype(np.float32), rate)
+
+
+def write_truncated_flac(path, samples: int, rng: np.random.Generator) -> None:
+    """A FLAC file whose header promises ``samples`` samples of noise (:func:`write_noise`) but that holds only the
+    first half of its bytes: reading it fails part way."""
+    full = f"{path}.full.flac"
+    write_noise(full, samples, rng)
+    with open(full, "rb") as f:
+        data = f.read()
+    os.remove(full)
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
 def padded_batch(lengths, total=None, generator_seed=0):
     """Random waveforms ``[B, total]`` with a right-padded attention mask for the given lengths."""
     g = torch.Generator().manual_seed(generator_seed)
