@@ -56,6 +56,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``torch.set_num_threads`` is process-wide: a test running a command with ``--threads`` in process does not
+    change the thread count later tests see (``info`` compares its report with it)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cuda_ops():
     """``torch.ops.unispeech_fast`` for the ``gpu`` tests of the CUDA kernels; fails (does not skip) on a GPU
