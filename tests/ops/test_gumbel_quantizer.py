@@ -665,32 +665,41 @@ def test_cuda_eval_matches_reference(cuda_ops, dtype, rows, groups, codes, dg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "masked"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128)])
-def test_cuda_sample_with_given_noise(cuda_ops, dtype, rows, groups, codes, dg):
+@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128), (300, 2, 33, 17)])
+def test_cuda_sample_with_given_noise(cuda_ops, dtype, rows, groups, codes, dg, masked):
+    """The sampling op with given noise (and a perplexity mask over about half the rows, or none) against the
+    float64 oracle, within 2x the eager error."""
     tau = 0.7
     logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
     code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
     gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
-    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0)
+    mask = _row_mask(rows, "cuda") if masked else None
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0, mask)
     gq = torch.randn_like(q)
     g_perp = torch.tensor(0.37, device="cuda")
-    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True)
+    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True, mask)
 
     def run(t):
         ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
-        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t))
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t), mask)
         ((oq * gq.to(t)).sum() + operp * g_perp.to(t)).backward()
         return oq.detach(), oidx, osoft.detach(), operp.detach(), ls.grad, cs.grad
 
     ref, eager = run(torch.float64), run(dtype)
     fp32 = run(torch.float32)  # soft and perplexity are fp32 outputs: their eager peer is the fp32 computation
+    what = "masked gumbel" if masked else "gumbel"
     torch.testing.assert_close(idx, ref[1])
-    _assert_close("gumbel quantized", q, eager[0], ref[0])
-    _assert_close("gumbel soft", soft, fp32[2], ref[2])
-    _assert_close("gumbel perplexity", perp, fp32[3], ref[3])
-    _assert_close("gumbel grad_logits", grad_l, eager[4], ref[4])
-    _assert_close("gumbel grad_codevectors", grad_c, eager[5], ref[5])
+    _assert_close(f"{what} quantized", q, eager[0], ref[0])
+    _assert_close(f"{what} soft", soft, fp32[2], ref[2])
+    _assert_close(f"{what} perplexity", perp, fp32[3], ref[3])
+    _assert_close(f"{what} grad_logits", grad_l, eager[4], ref[4])
+    _assert_close(f"{what} grad_codevectors", grad_c, eager[5], ref[5])
+    if masked:  # rows outside the mask: exactly the gradient without the perplexity term
+        no_perp, _ = cuda_ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau,
+                                                   True, mask)
+        assert torch.equal(grad_l[~mask], no_perp[~mask])
 
 
 @pytest.mark.gpu
@@ -795,40 +804,6 @@ def test_cpp_kernel_mask_is_the_cuda_oracle_formula(sample):
         _, operp = gumbel_quantizer_ref(logits[None], code[None], groups, tau, False, mask=mask[None])
         assert (grad_l == 0).all()
     torch.testing.assert_close(perp, operp.detach(), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128), (300, 2, 33, 17)])
-def test_cuda_masked_sample_with_given_noise(cuda_ops, dtype, rows, groups, codes, dg):
-    tau = 0.7
-    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
-    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
-    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
-    mask = _row_mask(rows, "cuda")
-    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0, mask)
-    gq = torch.randn_like(q)
-    g_perp = torch.tensor(0.37, device="cuda")
-    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True, mask)
-
-    def run(t):
-        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
-        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t), mask)
-        ((oq * gq.to(t)).sum() + operp * g_perp.to(t)).backward()
-        return oq.detach(), oidx, osoft.detach(), operp.detach(), ls.grad, cs.grad
-
-    ref, eager = run(torch.float64), run(dtype)
-    fp32 = run(torch.float32)  # soft and perplexity are fp32 outputs: their eager peer is the fp32 computation
-    torch.testing.assert_close(idx, ref[1])
-    _assert_close("masked gumbel quantized", q, eager[0], ref[0])
-    _assert_close("masked gumbel soft", soft, fp32[2], ref[2])
-    _assert_close("masked gumbel perplexity", perp, fp32[3], ref[3])
-    _assert_close("masked gumbel grad_logits", grad_l, eager[4], ref[4])
-    _assert_close("masked gumbel grad_codevectors", grad_c, eager[5], ref[5])
-    # Rows outside the mask: exactly the gradient without the perplexity term.
-    no_perp, _ = cuda_ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau, True,
-                                               mask)
-    assert torch.equal(grad_l[~mask], no_perp[~mask])
 
 
 @pytest.mark.gpu
