@@ -68,8 +68,8 @@ def _assert_within_2x_eager(tensors, groups, dtype, seed=1, backend="triton"):
 
 # (batch, frames, hidden, groups, kernel): odd and even K, frames 1 / primes / below and above the
 # 16-frame interpreter tile, 8 channels per group (padded to a 16-wide block), 24 channels per
-# group (two channel blocks), and the real K = 128 with 16 groups at a tiny hidden size; then odd channels per
-# group (3, 4, 12), one group, K = 3 / 4 / 5.
+# group (two channel blocks), and the real K = 128 with 16 groups at a tiny hidden size; then one frame with
+# K = 4, three groups of 4 channels with K = 5, and one group of 24 channels with K = 3.
 SHAPES = [
     (2, 1, 32, 4, 8),
     (2, 5, 32, 4, 9),
@@ -130,7 +130,7 @@ def test_fp16_matches_reference(backend, shape):
                             backend=backend)
 
 
-@pytest.mark.parametrize("shape", SHAPES[6:] + SHAPES[:1], ids=lambda s: _ID(*s))
+@pytest.mark.parametrize("shape", SHAPES[6:] + SHAPES[2:3], ids=lambda s: _ID(*s))
 @pytest.mark.parametrize("backend", declaring("pos_conv", torch.float64))
 def test_fp64_matches_reference_to_fp64_precision(backend, shape):
     """In fp64, with and without bias, output and gradients equal the fp64 reference to fp64 precision."""
