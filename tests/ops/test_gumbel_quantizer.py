@@ -53,13 +53,15 @@ def _run(fn, logits, codevectors, groups, tau, sample, weight, ppl_weight=0.7, *
 
 
 def _check_against_fp64(logits, codevectors, noise, groups, tau, sample, backend="triton"):
-    """``backend`` (its Triton implementation itself when given ``noise``) against the fp64 reference."""
+    """``backend`` against the fp64 reference; in sample mode the Triton implementation itself, which takes the
+    explicit ``noise`` (the public function draws its own)."""
     dtype = logits.dtype
     weight = torch.randn(*logits.shape[:2], codevectors.shape[-1] * groups, device=logits.device, dtype=torch.float64)
     kw = {"gumbels": noise} if sample else {}
     ref64 = _run(gumbel_quantizer_ref, logits.double(), codevectors.double(), groups, tau, sample, weight, **kw)
     eager = _run(gumbel_quantizer_ref, logits, codevectors, groups, tau, sample, weight, **kw)
-    impl = triton_impl if backend == "triton" else run_on(backend, gumbel_quantizer)
+    assert backend == "triton" or not sample, "only the Triton implementation takes explicit noise"
+    impl = triton_impl if sample else run_on(backend, gumbel_quantizer)
     out = _run(impl, logits, codevectors, groups, tau, sample, weight, **kw)
     for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), out, eager, ref64):
         if name == "grad_logits" and not sample:
