@@ -281,6 +281,15 @@ def _is_corpus_job(args: argparse.Namespace) -> bool:
     return getattr(args, "manifest", None) is not None or not args.audio
 
 
+def _start(args: argparse.Namespace, command: str, outputs: Sequence[tuple[str, str | None]],
+           failures_next_to: str | None) -> tuple[str | None, int | None]:
+    """What a file command does before loading a model: a corpus job (:func:`_is_corpus_job`) runs as one, else
+    :func:`_check_files`. Returns ``(failures path, None)`` to go on, or ``(None, exit code)``."""
+    if _is_corpus_job(args):
+        return None, run_corpus(args, command)
+    return _check_files(args, outputs, failures_next_to)
+
+
 def _check_files(args: argparse.Namespace, outputs: Sequence[tuple[str, str | None]],
                  failures_next_to: str | None) -> tuple[str | None, int | None]:
     """The usage checks of a file command before any model loads: the AUDIO inputs, then each ``(flag, path)`` of
@@ -331,6 +340,17 @@ def _finish(args: argparse.Namespace, failures: dict[str, str], failures_path: s
     return error(f"{len(failures)} of {total} input(s) failed{where}; "
                   + (f"the results of the other {done} were written" if done else "no results were written"),
                   EXIT_FAILURE)
+
+
+def _write_lines_and_finish(args: argparse.Namespace, lines: Sequence[str], write: bool, failures: dict[str, str],
+                            failures_path: str | None) -> int:
+    """Write ``lines`` to ``--output`` (stdout without one) if ``write`` or there is no ``--output``, then
+    :func:`_finish`; a failed write is the exit code."""
+    if write or args.output is None:
+        code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
+        if code is not None:
+            return code
+    return _finish(args, failures, failures_path)
 
 
 def _write_lines(lines: Sequence[str], output: str | None) -> None:
@@ -433,9 +453,7 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if _is_corpus_job(args):
-        return run_corpus(args, "transcribe")
-    failures_path, code = _check_files(args, [("--output", args.output)], args.output)
+    failures_path, code = _start(args, "transcribe", [("--output", args.output)], args.output)
     if code is not None:
         return code
 
@@ -448,11 +466,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
             return error(f"{exc}" + ("" if args.vocab else " (pass --vocab FILE)"), EXIT_USAGE)
         texts = audio.transcribe(model, args.audio, vocab=vocab, **options)
         lines = [f"{p}\t{t}" for p, t in zip(args.audio, texts) if t is not None]
-        if lines or args.output is None:
-            code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
-            if code is not None:
-                return code
-        return _finish(args, options["failures"], failures_path)
+        return _write_lines_and_finish(args, lines, bool(lines), options["failures"], failures_path)
 
     return _run_task(args, task)
 
@@ -460,9 +474,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
 def run_diarize(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if _is_corpus_job(args):
-        return run_corpus(args, "diarize")
-    failures_path, code = _check_files(args, [("--output", args.output)], args.output)
+    failures_path, code = _start(args, "diarize", [("--output", args.output)], args.output)
     if code is not None:
         return code
     ids: dict[str, str] = {}
@@ -480,11 +492,8 @@ def run_diarize(args: argparse.Namespace) -> int:
         for (file_id, path), segs in zip(ids.items(), segments):
             if segs is not None:
                 lines += audio.rttm_lines(file_id, segs)
-        if len(options["failures"]) < len(args.audio) or args.output is None:
-            code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
-            if code is not None:
-                return code
-        return _finish(args, options["failures"], failures_path)
+        any_done = len(options["failures"]) < len(args.audio)
+        return _write_lines_and_finish(args, lines, any_done, options["failures"], failures_path)
 
     return _run_task(args, task)
 
