@@ -28,10 +28,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from unispeech_fast.ops.contrastive_loss.common import MAX_D  # the one source, shared with the backend's reasons
+
 __all__ = ["MAX_D", "BLOCK_M", "BLOCK_DS", "block_d", "aot_variants"]
 
-#: The widest feature axis one program holds in registers.
-MAX_D = 1024
 #: Masked rows per program.
 BLOCK_M = 16
 
@@ -62,12 +62,9 @@ def _same(i, j, t_pos, t, Codes, G, row_ok, tile_ok, HAS_CODES: tl.constexpr):
 
 
 @triton.jit
-def _contrastive_fwd_kernel(
-    Pred, Targ, Rows, Neg, Codes, PredNorm, TargNorm, Lse, RowLoss,
-    M, K, D, G, inv_tau,
-    HAS_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Forward of ``BLOCK_M`` masked rows (module docstring). Lse, RowLoss fp32 ``[M]``."""
+def _masked_rows(Pred, Rows, PredNorm, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's ``BLOCK_M`` masked rows, shared by both kernels: their index ``r`` (int64), the row and tile
+    masks, the feature columns, the frame ``i = Rows[r]`` and the normalised prediction ``chat`` (fp32)."""
     pid = tl.program_id(0)
     r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < M
@@ -77,6 +74,17 @@ def _contrastive_fwd_kernel(
     i = tl.load(Rows + r64, mask=row_ok, other=0).to(tl.int64)
     chat = tl.load(Pred + i[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     chat = chat / tl.load(PredNorm + i, mask=row_ok, other=1.0)[:, None]
+    return r64, row_ok, cols, tile_ok, i, chat
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    Pred, Targ, Rows, Neg, Codes, PredNorm, TargNorm, Lse, RowLoss,
+    M, K, D, G, inv_tau,
+    HAS_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Forward of ``BLOCK_M`` masked rows (module docstring). Lse, RowLoss fp32 ``[M]``."""
+    r64, row_ok, cols, tile_ok, i, chat = _masked_rows(Pred, Rows, PredNorm, M, D, BLOCK_M, BLOCK_D)
     t_pos = tl.load(Targ + i[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     s0 = tl.sum(chat * t_pos, axis=1) / tl.load(TargNorm + i, mask=row_ok, other=1.0) * inv_tau
     run_max = s0
@@ -101,15 +109,7 @@ def _contrastive_bwd_kernel(
     HAS_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Backward of ``BLOCK_M`` masked rows: V fp32 ``[M, D]`` (stored), U fp32 ``[N, D]`` (atomic adds)."""
-    pid = tl.program_id(0)
-    r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < M
-    r64 = r.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    tile_ok = row_ok[:, None] & (cols < D)[None, :]
-    i = tl.load(Rows + r64, mask=row_ok, other=0).to(tl.int64)
-    chat = tl.load(Pred + i[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    chat = chat / tl.load(PredNorm + i, mask=row_ok, other=1.0)[:, None]
+    r64, row_ok, cols, tile_ok, i, chat = _masked_rows(Pred, Rows, PredNorm, M, D, BLOCK_M, BLOCK_D)
     lse = tl.load(Lse + r64, mask=row_ok, other=0.0)
     t_pos = tl.load(Targ + i[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     norm_pos = tl.load(TargNorm + i, mask=row_ok, other=1.0)

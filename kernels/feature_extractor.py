@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unispeech_fast.ops.feature_extractor.common import NormKind, conv_output_length
+from unispeech_fast.ops.feature_extractor.common import MAX_LAYER_NORM_CHANNELS, NormKind, conv_output_length
 
 from .aot import AotVariant
 
@@ -61,10 +61,6 @@ _K_NONE = 0
 _K_LAYER = 1
 _GROUP_STATS = 2
 _GROUP_APPLY = 3
-
-#: Largest C_out the layer-norm path holds in one tile (all channels of a frame in one program).
-MAX_LAYER_NORM_CHANNELS = 512
-
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit

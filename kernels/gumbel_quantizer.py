@@ -52,6 +52,8 @@ import dataclasses
 import triton
 import triton.language as tl
 
+from unispeech_fast.ops.gumbel_quantizer.common import MAX_CODES
+
 __all__ = ["GumbelConfig", "CONFIGS", "pick_config", "MAX_V", "aot_variants"]
 
 
@@ -81,8 +83,9 @@ CONFIGS: dict[int, GumbelConfig] = {
         GumbelConfig(512, 64, 4, 16, 64, 16, 4, 8),  # UniSpeech: V = 320
     )
 }
-#: The largest number of codes per group the table serves.
-MAX_V = max(CONFIGS)
+#: The largest number of codes per group the table serves: the one limit the triton backend's reasons read too
+#: (``unispeech_fast.ops.gumbel_quantizer.common``); the table's widest entry must serve it.
+MAX_V = MAX_CODES
 #: Pipelining depth of every launch (the loops are short; deeper only costs shared memory).
 NUM_STAGES = 2
 #: Rows per program of the codevector scatter-add, and its DG chunk.

@@ -46,9 +46,9 @@ step build 420 build.log "$PY" -m pip install --no-build-isolation --no-deps --n
 # executable, never `python -m pytest` (it would put the repository root, and so the top-level
 # kernels/, on sys.path).
 ISSUE16=(
-    "tests/test_cuda_ops.py::test_attention_zero_length_row_attends_uniformly"
-    "tests/test_cuda_ops.py::test_conv_norm_gelu_layer0"
-    "tests/test_cuda_ops.py::test_gumbel_quantizer_philox_noise_finite_at_real_size"
+    "tests/ops/test_attention.py::test_cuda_zero_length_row_attends_uniformly"
+    "tests/ops/test_feature_extractor.py::test_cuda_conv_norm_gelu_layer0"
+    "tests/ops/test_gumbel_quantizer.py::test_cuda_philox_noise_finite_at_real_size"
     "tests/ops/test_attention.py::test_dropout_gpu"
     "tests/ops/test_gumbel_quantizer.py::test_gpu_memory_and_philox_statistics_at_real_size"
     "tests/test_triton_common.py"

@@ -56,6 +56,27 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``torch.set_num_threads`` is process-wide: a test running a command with ``--threads`` in process does not
+    change the thread count later tests see (``info`` compares its report with it)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cuda_ops():
+    """``torch.ops.unispeech_fast`` for the ``gpu`` tests of the CUDA kernels; fails (does not skip) on a GPU
+    machine whose extension was built without CUDA."""
+    from unispeech_fast import _extension
+
+    status = _extension.status()
+    assert status.has_cuda, f"the gpu tests need unispeech_fast._C built with CUDA: {status.cuda_reason}"
+    return torch.ops.unispeech_fast
+
+
 FAMILIES = {
     "UniSpeech": ["Model", "ForCTC", "ForSequenceClassification", "ForPreTraining"],
     "UniSpeechSat": [
@@ -100,6 +121,51 @@ def hf_model(family: str, head: str, **overrides):
     import transformers
     config = getattr(transformers, family + "Config")(**tiny_config_kwargs(family, **overrides))
     return getattr(transformers, family + head)(config).eval()
+
+
+#: The character vocabulary of the tiny CTC checkpoints (transformers' wav2vec2 layout: pad, bos, eos, unk, the word
+#: delimiter, a-z, apostrophe): 32 entries, the tiny config's ``vocab_size``.
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(ord("a") + i) for i in range(26)] + ["'"]
+#: Config overrides of a layer-norm (UniSpeech-SAT large style) feature encoder.
+LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
+
+
+def write_tiny_checkpoints(root, heads: dict, seed: int) -> dict[str, str]:
+    """Tiny random layer-norm UniSpeech-SAT checkpoints, written by our ``save_pretrained`` to ``root/<name>`` for each
+    ``name: model class`` of ``heads``, made in that order after ``torch.manual_seed(seed)``; the one named ``"ctc"``
+    gets a ``vocab.json`` of :data:`VOCAB`. Returns the directories by name."""
+    import json
+
+    from unispeech_fast import UniSpeechSatConfig
+
+    torch.manual_seed(seed)
+    out = {}
+    for name, cls in heads.items():
+        cls(UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", **LAYER_NORM))).eval().save_pretrained(root / name)
+        out[name] = str(root / name)
+    if "ctc" in out:
+        with open(os.path.join(out["ctc"], "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(VOCAB)}, f)
+    return out
+
+
+def write_noise(path, samples: int, rng: np.random.Generator, rate: int = 16000) -> None:
+    """A mono file of ``samples`` samples of noise (std 0.1, float32) from ``rng``; the format from the name."""
+    import soundfile as sf
+
+    sf.write(path, (0.1 * rng.standard_normal(samples)).astype(np.float32), rate)
+
+
+def write_truncated_flac(path, samples: int, rng: np.random.Generator) -> None:
+    """A FLAC file whose header promises ``samples`` samples of noise (:func:`write_noise`) but that holds only the
+    first half of its bytes: reading it fails part way."""
+    full = f"{path}.full.flac"
+    write_noise(full, samples, rng)
+    with open(full, "rb") as f:
+        data = f.read()
+    os.remove(full)
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
 
 
 def padded_batch(lengths, total=None, generator_seed=0):

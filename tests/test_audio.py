@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf  # in the test extra
 import torch
 
-from conftest import tiny_config_kwargs
+from conftest import LAYER_NORM, VOCAB, tiny_config_kwargs
 from unispeech_fast import (
     UniSpeechSatConfig,
     UniSpeechSatForAudioFrameClassification,
@@ -28,9 +28,6 @@ from unispeech_fast import (
     audio,
     audio_cli,
 )
-
-LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(ord("a") + i) for i in range(26)] + ["'"]
 
 
 def _tone(freq: float, rate: int, seconds: float, amplitude: float = 1.0) -> np.ndarray:

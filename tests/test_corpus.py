@@ -16,12 +16,9 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile as sf
-import torch
 
-from conftest import tiny_config_kwargs
+from conftest import write_noise, write_tiny_checkpoints, write_truncated_flac
 from unispeech_fast import (
-    UniSpeechSatConfig,
     UniSpeechSatForAudioFrameClassification,
     UniSpeechSatForCTC,
     audio,
@@ -29,21 +26,11 @@ from unispeech_fast import (
     cli,
 )
 
-LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(ord("a") + i) for i in range(26)] + ["'"]
-
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus_ckpts")
-    torch.manual_seed(13)
-    out = {}
-    for name, cls in (("ctc", UniSpeechSatForCTC), ("frames", UniSpeechSatForAudioFrameClassification)):
-        cls(UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", **LAYER_NORM))).eval().save_pretrained(root / name)
-        out[name] = str(root / name)
-    with open(os.path.join(out["ctc"], "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(VOCAB)}, f)
-    return out
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("corpus_ckpts"),
+                                  {"ctc": UniSpeechSatForCTC, "frames": UniSpeechSatForAudioFrameClassification}, 13)
 
 
 @pytest.fixture
@@ -58,13 +45,10 @@ def corpus(tmp_path):
     for k in range(9):
         rel = f"spk{1 + k % 2}/utt{k}.wav"
         n = 1600 + 400 * k
-        sf.write(root / rel, (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
+        write_noise(root / rel, n, rng)
         rels.append(rel)
         sizes.append(n)
-    full = tmp_path / "full.flac"
-    sf.write(full, (0.1 * rng.standard_normal(20000)).astype(np.float32), 16000)
-    data = full.read_bytes()
-    (root / "spk2" / "broken.flac").write_bytes(data[: len(data) // 2])
+    write_truncated_flac(root / "spk2" / "broken.flac", 20000, rng)
     rels.append("spk2/broken.flac")
     sizes.append(20000)
     tsv = tmp_path / "train.tsv"

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import tiny_config_kwargs
+from conftest import LAYER_NORM, tiny_config_kwargs
 from unispeech_fast import (
     UniSpeechSatConfig,
     UniSpeechSatForAudioFrameClassification,
@@ -24,8 +24,6 @@ from unispeech_fast import (
     UniSpeechSatForXVector,
     audio,
 )
-
-LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
 
 
 def _model(cls, **extra):

@@ -15,9 +15,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import tiny_config_kwargs
+from conftest import write_noise, write_tiny_checkpoints, write_truncated_flac
 from unispeech_fast import (
-    UniSpeechSatConfig,
     UniSpeechSatForAudioFrameClassification,
     UniSpeechSatForCTC,
     UniSpeechSatForXVector,
@@ -28,23 +27,11 @@ from unispeech_fast import (
 )
 from unispeech_fast.configuration import ConfigError
 
-LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|"] + [chr(ord("a") + i) for i in range(26)] + ["'"]
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel_ckpts")
-    torch.manual_seed(99)
-    out = {}
-    for name, cls in (("ctc", UniSpeechSatForCTC), ("frames", UniSpeechSatForAudioFrameClassification),
-                      ("xvector", UniSpeechSatForXVector)):
-        model = cls(UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", **LAYER_NORM))).eval()
-        model.save_pretrained(root / name)
-        out[name] = str(root / name)
-    with open(os.path.join(out["ctc"], "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(VOCAB)}, f)
-    return out
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("rel_ckpts"), {
+        "ctc": UniSpeechSatForCTC, "frames": UniSpeechSatForAudioFrameClassification, "xvector": UniSpeechSatForXVector,
+    }, 99)
 
 
 @pytest.fixture
@@ -54,14 +41,9 @@ def files(tmp_path):
     out = {}
     for name, n, ext in (("good1", 3200, "wav"), ("good2", 2600, "wav"), ("good3", 3000, "flac")):
         out[name] = str(tmp_path / f"{name}.{ext}")
-        sf.write(out[name], (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
-    full = str(tmp_path / "full.flac")
-    sf.write(full, (0.1 * rng.standard_normal(20000)).astype(np.float32), 16000)
-    data = open(full, "rb").read()
-    os.remove(full)
+        write_noise(out[name], n, rng)
     out["trunc"] = str(tmp_path / "trunc.flac")
-    with open(out["trunc"], "wb") as f:
-        f.write(data[: len(data) // 2])
+    write_truncated_flac(out["trunc"], 20000, rng)
     return out
 
 

@@ -1,6 +1,7 @@
-"""The file commands' old home: see :mod:`unispeech_fast.cli.audio`. Kept so that
-``python -m unispeech_fast.audio_cli`` (as in README's torchrun commands) and ``from unispeech_fast
-import audio_cli`` keep working."""
+"""The file commands' old home: see :mod:`unispeech_fast.cli.audio`. Kept because it is a public path:
+``python -m unispeech_fast.audio_cli`` is how README's torchrun corpus commands start each rank, and
+``from unispeech_fast import audio_cli`` is used by callers (tests/test_audio.py, test_corpus.py,
+test_reliability_cli.py)."""
 
 from .cli.audio import (ManifestError, add_parsers, build_parser, main, read_manifest, run_corpus, run_diarize,
                         run_embed, run_transcribe, run_verify_speakers, split_by_duration)

@@ -2,7 +2,7 @@
 // head dim 64 or 128, key padding by sequence length, per-head mask. Forward only (inference).
 //
 // UNVERIFIED ON HARDWARE: written and compile-checked (nvcc 13, sm_80/sm_90) on a machine without a
-// GPU; tests/test_cuda_ops.py compares it with the eager reference where a GPU exists.
+// GPU; tests/ops/test_attention.py compares it with the eager reference where a GPU exists.
 //
 // Math, per batch b, head h and query t (L = seqlens[b] clamped to [0, T], or T without seqlens):
 //   s[t, j] = scale * q[b, t, h] . k[b, j, h]                 for keys j < L

@@ -1,7 +1,7 @@
 // conv_norm_gelu_fwd on CUDA: the first feature-extractor layer (one input channel).
 //
 // UNVERIFIED ON HARDWARE: written and compile-checked (nvcc 13, sm_80/sm_90) on a machine without a
-// GPU; tests/test_cuda_ops.py compares it with the eager reference where a GPU exists.
+// GPU; tests/ops/test_feature_extractor.py compares it with the eager reference where a GPU exists.
 //
 // Math (forward only; the op has no backward):
 //   h[b, c, t] = bias[c] + sum_k weight[c, 0, k] * x[b, 0, t * stride + k],  t < (T_in - K) / stride + 1

@@ -1,7 +1,7 @@
 // gumbel_quantizer_fwd / gumbel_quantizer_bwd on CUDA: the Gumbel product vector quantizer.
 //
 // UNVERIFIED ON HARDWARE: written and compile-checked (nvcc 13, sm_80/sm_90) on a machine without a
-// GPU; tests/test_cuda_ops.py compares it with the eager reference where a GPU exists.
+// GPU; tests/ops/test_gumbel_quantizer.py compares it with the eager reference where a GPU exists.
 //
 // Shapes: logits [N, G*V], codevectors [G*V, Dg] (same dtype), quantized [N, G*Dg].
 // Forward, per row n and group g (l = logits[n, g, :]):

@@ -1,7 +1,7 @@
 // pos_conv_fwd / pos_conv_bwd on CUDA: the grouped positional convolution with bias, GELU and residual.
 //
 // UNVERIFIED ON HARDWARE: written and compile-checked (nvcc 13, sm_80/sm_90) on a machine without a
-// GPU; tests/test_cuda_ops.py compares it with the eager reference where a GPU exists.
+// GPU; tests/ops/test_pos_conv.py compares it with the eager reference where a GPU exists.
 //
 // Shapes: x [B, T, H], weight [H, Cg, K] with Cg = H / groups (weight norm already folded in), bias [H].
 // pad = K / 2; for even K the conv yields T + 1 frames and the last is dropped, so every t < T below.

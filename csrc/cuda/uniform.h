@@ -1,5 +1,5 @@
 // Uniform floats from random bits, shared by the CUDA kernels and a host-compiled CPU test
-// (tests/test_cuda_ops.py compiles this header with the host compiler and checks all 2^23 outputs).
+// (tests/ops/test_gumbel_quantizer.py compiles this header with the host compiler and checks all 2^23 outputs).
 // Plain C++: no CUDA or torch headers, so the host compiler builds it unchanged.
 #pragma once
 

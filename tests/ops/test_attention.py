@@ -10,18 +10,22 @@ below) against the same reference and rule: awkward lengths (1, 7, 129, 1000 fra
 several key blocks), key padding (a fully padded row included), head masks, fp32 / bf16 / fp16 / fp64,
 gradients (the backward recomputes the reference), custom-op checks, torch.compile, and whole models
 under ``backend("cpp")``.
+
+The eager reference against an explicit loop; the CUDA attention (``cuda`` backend, ``csrc/cuda/attention.cu``:
+section "cuda backend"): its reasons and row rules on CPU, the kernel on ``gpu``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import pytest
 import torch
 
 import unispeech_fast as uf
-from unispeech_fast import dispatch
+from unispeech_fast import _extension, dispatch
 from unispeech_fast.ops import _extension_ops as ext
 from unispeech_fast.ops.attention import attention, attention_ref
 from unispeech_fast.ops.attention import extension as _attention_cpp  # the cpp (and cuda) backends
@@ -417,6 +421,251 @@ def test_padding_checks_run_once_per_encoder_forward(monkeypatch):
         kpm[1, 3] = True
         attention(q, k, v, key_padding_mask=kpm)
         assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------------------------- reference
+def _attention_loop(q, k, v, mask, head_mask, scale):
+    b, t, h, d = q.shape
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            s = (q[bi, :, hi] @ k[bi, :, hi].T) * scale
+            if mask is not None:
+                s[:, ~mask[bi]] = float("-inf")
+            p = torch.softmax(s, -1) * (1.0 if head_mask is None else head_mask[hi])
+            out[bi, :, hi] = p @ v[bi, :, hi]
+    return out
+
+
+@pytest.mark.parametrize("t,h,d", [(1, 1, 8), (13, 2, 16), (67, 3, 64)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("with_head_mask", [False, True])
+def test_reference_and_eager_against_loop(t, h, d, padded, with_head_mask):
+    q, k, v = (torch.randn(2, t, h, d, dtype=torch.float64) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, t, dtype=torch.bool)
+        mask[1, max(1, t // 2):] = False
+    head_mask = torch.rand(h, dtype=torch.float64) if with_head_mask else None
+    expected = _attention_loop(q, k, v, mask, head_mask, d**-0.5)
+    ref, _ = attention_ref(q, k, v, mask, head_mask)
+    torch.testing.assert_close(ref, expected, atol=1e-12, rtol=0)
+    eager, _ = attention(q, k, v, mask, head_mask)  # dispatch -> eager backend (SDPA)
+    torch.testing.assert_close(eager, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_eager_error_within_policy(dtype):
+    """Tolerance policy baseline: the eager backend's error vs fp64 is within 2x the error of the
+    plain-PyTorch reference in the same dtype (outputs and gradients)."""
+    q, k, v = (torch.randn(2, 45, 2, 64, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[0, 30:] = False
+    grad = torch.randn(2, 45, 2, 64, dtype=torch.float64)
+
+    def run(fn, cast):
+        qc, kc, vc = (x.detach().to(cast).requires_grad_() for x in (q, k, v))
+        out, _ = fn(qc, kc, vc, mask)
+        out.backward(grad.to(cast))
+        return [out.double(), qc.grad.double(), kc.grad.double(), vc.grad.double()]
+
+    gold = run(attention_ref, torch.float64)
+    base = run(attention_ref, dtype)
+    ours = run(attention, dtype)
+    for g, b, o in zip(gold, base, ours):
+        assert (o - g).abs().max() <= 2 * (b - g).abs().max() + 1e-5
+
+
+# ============================================================================================ cuda backend
+# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
+# the dtype times (max |ref| + 1).
+_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _cuda_reasons(*args, **kwargs):
+    """The cuda backend's reasons as registered: the base check of its declared capabilities plus its own."""
+    return dispatch._REGISTRY["attention"]["cuda"].not_supported_reasons(*args, **kwargs)
+
+
+def test_cuda_is_registered():
+    assert "cuda" in dispatch.implemented_backends()["attention"]
+
+
+def test_cuda_reasons_on_cpu():
+    q, k, v = (torch.randn(2, 5, 2, 16, requires_grad=True) for _ in range(3))
+    reasons = _cuda_reasons(q, k, v, dropout_p=0.1, need_weights=True)
+    text = "\n".join(reasons)
+    assert "CUDA tensors" in text and "cpu" in text
+    assert "float16/bfloat16" in text and "torch.float32" in text
+    assert "head_dim" in text and "16" in text
+    assert "need_weights" in text and "dropout_p=0.1" in text
+    assert "the CUDA attention has no backward; the triton backend serves training" in reasons
+    if not _extension.status().has_cuda:
+        assert any(r.startswith("CUDA extension not available") for r in reasons)
+    with torch.no_grad():
+        assert not any("no backward" in r for r in _cuda_reasons(q, k, v))
+
+
+def test_cuda_reasons_check_masks():
+    q, k, v = (torch.randn(2, 5, 3, 64, dtype=torch.float16) for _ in range(3))
+    reasons = _cuda_reasons(q, k, v, torch.ones(2, 5), torch.ones(4))
+    assert any("key_padding_mask must be bool [batch, frames]" in r for r in reasons)
+    assert any("head_mask must be [heads]" in r for r in reasons)
+
+
+def test_cuda_reasons_refuse_grad_head_mask_and_empty_rows():
+    """Issue 16 items 1 and 10: a head_mask that requires grad is refused (the op has no backward), and the
+    kernel backends share one mask check that refuses left padding and rows without a valid key."""
+    from unispeech_fast.ops.attention import padding_mask_reasons
+
+    q, k, v = (torch.randn(2, 5, 2, 64, dtype=torch.float16) for _ in range(3))
+    head_mask = torch.ones(2, requires_grad=True)
+    assert any("head_mask requires grad" in r for r in _cuda_reasons(q, k, v, None, head_mask))
+    with torch.no_grad():
+        assert not any("head_mask" in r for r in _cuda_reasons(q, k, v, None, head_mask))
+    lengths = torch.tensor([5, 0])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    assert padding_mask_reasons(mask) == ["key_padding_mask has a batch row with no valid frame"]
+    assert "right-padded" in padding_mask_reasons(torch.tensor([[False, True, True, True, True], [True] * 5]))[0]
+    assert padding_mask_reasons(torch.arange(5)[None, :] < torch.tensor([[5], [2]])) == []
+
+
+def _emulate_cuda_attention(q, k, v, seqlens, scale, block_n=64):
+    """fp64 re-statement of ``attention_fwd_kernel``'s per-row rules: ``kv_len`` and ``scale_log2`` from the
+    length (L <= 0: all T keys, scale 0), key blocks of 64 with rows at or past ``kv_len`` zero-filled
+    (never read), masked scores -inf, online softmax in base 2, ``out = acc / l``."""
+    batch, seq, heads, _ = q.shape
+    out = torch.empty_like(q)
+    for b in range(batch):
+        length = int(seqlens[b])
+        kv_len = seq if length <= 0 else min(length, seq)
+        scale_log2 = 0.0 if length <= 0 else scale * 1.4426950408889634
+        for h in range(heads):
+            m = torch.full((seq,), -float("inf"), dtype=q.dtype)
+            l = torch.zeros(seq, dtype=q.dtype)
+            acc = torch.zeros(seq, q.shape[-1], dtype=q.dtype)
+            for n0 in range(0, kv_len, block_n):
+                rows = torch.arange(n0, n0 + block_n)
+                valid = rows < kv_len
+                kt = torch.zeros(block_n, q.shape[-1], dtype=q.dtype)
+                vt = torch.zeros_like(kt)
+                kt[valid], vt[valid] = k[b, rows[valid], h], v[b, rows[valid], h]
+                s = torch.where(valid[None, :], (q[b, :, h] @ kt.T) * scale_log2, -float("inf"))
+                m_new = torch.maximum(m, s.max(1).values)
+                p = torch.exp2(s - m_new[:, None])
+                alpha = torch.exp2(m - m_new)
+                l = l * alpha + p.sum(1)
+                acc = acc * alpha[:, None] + p @ vt
+                m = m_new
+            out[b, :, h] = acc / l[:, None]
+    return out
+
+
+def test_cuda_row_rules_match_the_reference_in_fp64():
+    """Issue 16 items 1 and 4 on CPU: the kernel's rules give the reference's uniform attention for a row
+    with no valid key, and a NaN in padded K/V rows does not reach the valid rows' outputs."""
+    batch, seq, heads, head_dim = 3, 150, 2, 8
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([0, 70, seq], dtype=torch.int32)
+    k[1, 70:], v[1, 70:] = float("nan"), float("nan")
+    mask = torch.arange(seq)[None, :] < lengths[:, None].long()
+    got = _emulate_cuda_attention(q, k, v, lengths, head_dim ** -0.5)
+    ref = attention_ref(q, k, v, mask)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[[0, 2]], ref[[0, 2]], atol=1e-12, rtol=1e-12)
+    k[1, 70:], v[1, 70:] = 0.0, 0.0  # the reference itself multiplies the padded values by zero weights
+    torch.testing.assert_close(got[1], attention_ref(q, k, v, mask)[0][1], atol=1e-12, rtol=1e-12)
+
+
+def test_cuda_forced_on_cpu_raises_with_reasons():
+    q, k, v = (torch.randn(1, 3, 2, 64) for _ in range(3))
+    with dispatch.backend("cuda"), pytest.raises(dispatch.BackendNotSupportedError, match="backend 'cuda' cannot run"):
+        attention(q, k, v)
+
+
+def test_cuda_right_padded_lengths_give_the_seqlens():
+    from unispeech_fast.ops.attention import right_padded_lengths
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert right_padded_lengths(mask).tolist() == [3, 4, 0]
+    assert right_padded_lengths(mask).dtype == torch.int32
+    assert right_padded_lengths(torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)) is None
+    assert right_padded_lengths(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)) is None
+
+
+def _lengths(batch: int, seq: int) -> list[int]:
+    return [seq, max(1, seq // 2), max(1, seq - 5)][:batch]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq", [1, 17, 64, 127, 273])
+def test_cuda_matches_reference(cuda_ops, dtype, head_dim, seq):
+    batch, heads = 3, 4
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    mask = torch.arange(seq, device="cuda")[None, :] < torch.tensor(_lengths(batch, seq), device="cuda")[:, None]
+    head_mask = torch.tensor([1.0, 0.0, 0.5, 2.0], device="cuda")
+    ref = attention_ref(q.double(), k.double(), v.double(), mask, head_mask.double())[0]
+    eager = attention_ref(q, k, v, mask, head_mask)[0]
+    with torch.no_grad(), dispatch.backend("cuda"):
+        out, weights = attention(q, k, v, mask, head_mask)
+    assert weights is None and out.dtype == dtype
+    _assert_close("attention", out, eager, ref)
+    # Without mask and head mask; and the raw op with an explicit scale.
+    _assert_close("attention (no masks)", cuda_ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5),
+                  attention_ref(q, k, v)[0], attention_ref(q.double(), k.double(), v.double())[0])
+    _assert_close("attention (scale 0.3)", cuda_ops.attention_fwd(q, k, v, None, None, 0.3),
+                  attention_ref(q, k, v, scale=0.3)[0], attention_ref(q.double(), k.double(), v.double(), scale=0.3)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_cuda_strided_views_and_unaligned(cuda_ops, dtype):
+    batch, seq, heads, head_dim = 2, 77, 3, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)  # fused projection layout
+    q, k, v = qkv.unbind(2)
+    eager = attention_ref(q, k, v)[0]
+    ref = attention_ref(q.double(), k.double(), v.double())[0]
+    _assert_close("attention (fused qkv views)", cuda_ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5), eager,
+                  ref)
+    buf = torch.randn(3, batch, seq, heads, head_dim + 1, device="cuda", dtype=dtype)
+    q, k, v = buf[..., 1:].unbind(0)  # not 16-byte aligned: the scalar load path
+    eager = attention_ref(q, k, v)[0]
+    ref = attention_ref(q.double(), k.double(), v.double())[0]
+    _assert_close("attention (unaligned)", cuda_ops.attention_fwd(q, k, v, None, None, head_dim ** -0.5), eager, ref)
+
+
+@pytest.mark.gpu
+def test_cuda_zero_length_row_attends_uniformly(cuda_ops):
+    batch, seq, heads, head_dim = 2, 40, 2, 64
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device="cuda")
+    mask[1, :7] = True
+    ref = attention_ref(q.double(), k.double(), v.double(), mask)[0]
+    eager = attention_ref(q, k, v, mask)[0]
+    seqlens = torch.tensor([0, 7], dtype=torch.int32, device="cuda")
+    _assert_close("attention (length 0)", cuda_ops.attention_fwd(q, k, v, seqlens, None, head_dim ** -0.5), eager, ref)
+    # Issue 16 item 4: NaN in the padded keys/values of row 1 (inside its only key block) stays out.
+    k[1, 7:], v[1, 7:] = float("nan"), float("nan")
+    out = cuda_ops.attention_fwd(q, k, v, seqlens, None, head_dim ** -0.5)
+    _assert_close("attention (NaN padding)", out[1], eager[1], ref[1])
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_training_and_bad_inputs(cuda_ops):
+    q, k, v = (torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    no_backward = "the CUDA attention has no backward; the triton backend serves training"
+    assert no_backward in _cuda_reasons(q, k, v)
+    left_padded = torch.tensor([[False] * 3 + [True] * 5], device="cuda")
+    with torch.no_grad():
+        assert _cuda_reasons(q, k, v) == []
+        assert any("right-padded" in r for r in _cuda_reasons(q, k, v, left_padded))
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        cuda_ops.attention_fwd(q[..., :32], k[..., :32], v[..., :32], None, None, 1.0)
+    with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
+        cuda_ops.attention_fwd(q.float(), k.float(), v.float(), None, None, 1.0)
 
 
 # ============================================================================================ cpp backend

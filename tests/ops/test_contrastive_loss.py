@@ -12,6 +12,7 @@ from unispeech_fast import dispatch
 from unispeech_fast.bench.suites import transformers_contrastive_loss
 from unispeech_fast.ops import contrastive_loss, contrastive_loss_ref
 from unispeech_fast.pretraining import compute_mask_indices, sample_negative_indices
+from _backends import declaring, run_on
 from _tolerance import assert_within_2x_eager
 
 #: The shared rule (tests/_tolerance.py) with the floor these tests have always had: stricter than the shared
@@ -168,6 +169,43 @@ def test_registered_with_dispatch():
         contrastive_loss(pred, targ, neg, mask, 0.1)
 
 
+# ---------------------------------------------------------------------------------------------- every backend
+def _loss_and_grads(fn, pred, targ, neg, mask, codes, weight=1.7):
+    p, t = pred.detach().clone().requires_grad_(), targ.detach().clone().requires_grad_()
+    loss = fn(p, t, neg, mask, 0.1, codes)
+    (weight * loss).backward()
+    return loss.detach(), p.grad, t.grad
+
+
+CASES = [  # frames, lengths, feature width, negatives: one and several feature blocks, padded rows
+    (37, None, 1, 7), (37, None, 33, 7), (37, [37, 30, 21], 33, 7), (37, [37, 30, 21], 256, 7),
+    (19, [19, 14, 9], 1, 4), (19, [19, 14, 9], 33, 4), (19, [19, 14, 9], 257, 4),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{'padded' if c[1] else 'full'}-D{c[2]}-K{c[3]}")
+@pytest.mark.parametrize("use_codes", [False, True])
+@pytest.mark.parametrize("backend", declaring("contrastive_loss", torch.float32))
+def test_within_twice_eager_error_against_fp64(backend, use_codes, case):
+    """Every backend declaring fp32 against the fp64 reference (loss and both gradients); those declaring fp64
+    equal it to fp64 precision."""
+    frames, lengths, dim, k = case
+    impl = run_on(backend, contrastive_loss)
+    pred, targ, mask, codes, attn = random_inputs(frames=frames, dim=dim, lengths=lengths)
+    codes = codes if use_codes else None
+    neg = sample_negative_indices(mask, k, attention_mask=attn, generator=torch.Generator().manual_seed(2))
+    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
+    eager = _loss_and_grads(contrastive_loss_ref, pred, targ, neg, mask, codes)
+    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
+    for name, o, e, r in zip(("loss", "grad_predictions", "grad_targets"), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        assert_within_2x_eager(name, o, e, r, STRICT_FLOOR)
+    if backend in [p.values[0] for p in declaring("contrastive_loss", torch.float64)]:
+        fp64 = _loss_and_grads(impl, pred.double(), targ.double(), neg, mask, codes)
+        for o, r in zip(fp64, ref):
+            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- cpp backend
 def _cpp():
     from unispeech_fast.ops import _extension_ops
@@ -178,31 +216,6 @@ def _cpp():
     if reasons or not _extension_ops.ensure_registered():
         pytest.fail("the C++ contrastive_loss kernel is not built: " + "; ".join(reasons))
     return extension.contrastive_loss_cpp
-
-
-def _loss_and_grads(fn, pred, targ, neg, mask, codes, weight=1.7):
-    p, t = pred.detach().clone().requires_grad_(), targ.detach().clone().requires_grad_()
-    loss = fn(p, t, neg, mask, 0.1, codes)
-    (weight * loss).backward()
-    return loss.detach(), p.grad, t.grad
-
-
-@pytest.mark.parametrize("use_codes", [False, True])
-@pytest.mark.parametrize("lengths,dim", [(None, 1), (None, 33), ([37, 30, 21], 33), ([37, 30, 21], 256)])
-def test_cpp_within_twice_eager_error_against_fp64(use_codes, lengths, dim):
-    impl = _cpp()
-    pred, targ, mask, codes, attn = random_inputs(dim=dim, lengths=lengths)
-    codes = codes if use_codes else None
-    neg = sample_negative_indices(mask, 7, attention_mask=attn, generator=torch.Generator().manual_seed(2))
-    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
-    eager = _loss_and_grads(contrastive_loss_ref, pred, targ, neg, mask, codes)
-    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
-    for name, o, e, r in zip(("loss", "grad_predictions", "grad_targets"), ours, eager, ref):
-        assert o.dtype == e.dtype and o.shape == e.shape
-        assert_within_2x_eager(name, o, e, r, STRICT_FLOOR)
-    fp64 = _loss_and_grads(impl, pred.double(), targ.double(), neg, mask, codes)
-    for o, r in zip(fp64, ref):
-        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
 
 
 def test_cpp_gradcheck_fp64_edge_rows():
@@ -237,21 +250,6 @@ def _triton():
     return contrastive_loss_triton
 
 
-@pytest.mark.parametrize("dim", [1, 33, 257])
-@pytest.mark.parametrize("use_codes", [False, True])
-def test_triton_within_twice_eager_error_against_fp64(use_codes, dim):
-    impl = _triton()
-    pred, targ, mask, codes, attn = random_inputs(frames=19, dim=dim, lengths=[19, 14, 9])
-    codes = codes if use_codes else None
-    neg = sample_negative_indices(mask, 4, attention_mask=attn, generator=torch.Generator().manual_seed(2))
-    ref = _loss_and_grads(contrastive_loss_ref, pred.double(), targ.double(), neg, mask, codes)
-    eager = _loss_and_grads(contrastive_loss_ref, pred, targ, neg, mask, codes)
-    ours = _loss_and_grads(impl, pred, targ, neg, mask, codes)
-    for name, o, e, r in zip(("loss", "grad_predictions", "grad_targets"), ours, eager, ref):
-        assert o.dtype == e.dtype and o.shape == e.shape
-        assert_within_2x_eager(name, o, e, r, STRICT_FLOOR)
-
-
 def test_triton_edge_rows_and_dispatch():
     impl = _triton()
     pred, targ, neg, mask, codes = _gradcheck_inputs()
@@ -283,9 +281,12 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.unispeech_fast.triton_contrastive_loss_fwd, args)
 
 
-def test_declared_limits_agree_with_the_kernels():
-    """The limits the triton backend declares (without importing triton) are the kernels' own."""
+def test_feature_width_limit_is_the_kernels_widest_block():
+    """The one limit (``ops/contrastive_loss/common.py``, read by the triton backend's reasons without triton) is
+    the widest feature block the launcher picks from; the kernels' block choice refuses past it."""
     from unispeech_fast.kernels import contrastive_loss as kern
-    from unispeech_fast.ops.contrastive_loss import triton as backend
+    from unispeech_fast.ops.contrastive_loss.common import MAX_D
 
-    assert backend.MAX_D == kern.MAX_D
+    assert max(kern.BLOCK_DS) == MAX_D and kern.block_d(MAX_D) == MAX_D
+    with pytest.raises(ValueError, match="feature width D"):
+        kern.block_d(MAX_D + 1)

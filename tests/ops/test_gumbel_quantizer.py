@@ -1,4 +1,6 @@
-"""The Triton Gumbel vector quantizer against the eager reference (interpreter on CPU, real sizes on GPU).
+"""The Gumbel vector quantizer: its eager reference; the Triton kernels against it (interpreter on CPU, real sizes
+on GPU); eval on every backend that declares support for the case (``tests/_backends.py``); then the C++ and CUDA
+ops of ``unispeech_fast._C``.
 
 Tolerance policy: for every output and gradient, the kernel's max error against the fp64 reference
 (given the same Gumbel noise) is at most 2x the eager reference's own error in the same dtype, plus
@@ -7,17 +9,22 @@ a tiny floor. Eval indices must match exactly.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unispeech_fast as uf
 from unispeech_fast import dispatch
 from unispeech_fast.configuration import UniSpeechConfig
 from unispeech_fast.modules import GumbelVectorQuantizer
 from unispeech_fast.ops import gumbel_quantizer, gumbel_quantizer_ref
-from _tolerance import FLOOR, assert_within_2x_eager
+from unispeech_fast.ops import _extension_ops
+from unispeech_fast.ops.gumbel_quantizer import extension as gq_ext
+from _backends import declaring, device_for, run_on
+from _tolerance import FLOOR, assert_within_2x_eager, max_err
 
 gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.triton")
 
@@ -45,13 +52,17 @@ def _run(fn, logits, codevectors, groups, tau, sample, weight, ppl_weight=0.7, *
     return q.detach(), ppl.detach(), lg.grad, cv.grad
 
 
-def _check_against_fp64(logits, codevectors, noise, groups, tau, sample):
+def _check_against_fp64(logits, codevectors, noise, groups, tau, sample, backend="triton"):
+    """``backend`` against the fp64 reference; in sample mode the Triton implementation itself, which takes the
+    explicit ``noise`` (the public function draws its own)."""
     dtype = logits.dtype
     weight = torch.randn(*logits.shape[:2], codevectors.shape[-1] * groups, device=logits.device, dtype=torch.float64)
     kw = {"gumbels": noise} if sample else {}
     ref64 = _run(gumbel_quantizer_ref, logits.double(), codevectors.double(), groups, tau, sample, weight, **kw)
     eager = _run(gumbel_quantizer_ref, logits, codevectors, groups, tau, sample, weight, **kw)
-    out = _run(triton_impl, logits, codevectors, groups, tau, sample, weight, **kw)
+    assert backend == "triton" or not sample, "only the Triton implementation takes explicit noise"
+    impl = triton_impl if sample else run_on(backend, gumbel_quantizer)
+    out = _run(impl, logits, codevectors, groups, tau, sample, weight, **kw)
     for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), out, eager, ref64):
         if name == "grad_logits" and not sample:
             assert o is None and e is None, "eval: logits get no gradient"
@@ -61,18 +72,67 @@ def _check_against_fp64(logits, codevectors, noise, groups, tau, sample):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ reference
+def test_reference_eval_is_codebook_gather():
+    g_, v_, d_ = 2, 5, 3
+    logits = torch.randn(2, 7, g_ * v_, dtype=torch.float64)
+    codebook = torch.randn(1, g_ * v_, d_, dtype=torch.float64)
+    q, ppl = gumbel_quantizer_ref(logits, codebook, g_, 2.0, sample=False)
+    idx = logits.view(2, 7, g_, v_).argmax(-1)
+    expected = torch.cat([codebook[0, gi * v_ + idx[..., gi]] for gi in range(g_)], dim=-1)
+    torch.testing.assert_close(q, expected, atol=0, rtol=0)
+    counts = torch.stack([torch.bincount(idx[..., gi].flatten(), minlength=v_) for gi in range(g_)]).double()
+    p = counts / counts.sum(-1, keepdim=True)
+    expected_ppl = torch.exp(-torch.special.xlogy(p, p).sum(-1)).sum()
+    torch.testing.assert_close(ppl, expected_ppl)
+
+
+def test_reference_training_straight_through():
+    logits = torch.randn(1, 9, 2 * 4, requires_grad=True)
+    codebook = torch.randn(1, 8, 3, requires_grad=True)
+    q, ppl = gumbel_quantizer_ref(logits, codebook, 2, 0.5, sample=True)
+    # forward is hard: every output row is exactly one codebook row per group
+    rows = codebook[0].detach()
+    for part, group in ((q[..., :3], rows[:4]), (q[..., 3:], rows[4:])):
+        dist = (part.detach().reshape(-1, 1, 3) - group[None]).abs().sum(-1)
+        assert (dist.min(-1).values < 1e-6).all()
+    (q.sum() + ppl).backward()
+    assert logits.grad.abs().sum() > 0 and codebook.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ eval
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("groups,codes,width,frames", [(1, 7, 3, 1), (2, 32, 16, 5), (2, 7, 16, 67), (1, 32, 3, 67)])
-def test_eval_matches_reference(groups, codes, width, frames, dtype):
-    logits, codevectors, _ = _inputs(1, frames, groups, codes, width, dtype)
-    q, ppl = triton_impl(logits, codevectors, groups, 2.0, False)
+def _eval_cases(shapes, dtypes, **kwargs):
+    """Each (shape, dtype) once per backend that declares the dtype."""
+    return [pytest.param(backend.values[0], shape, dtype,
+                         id=f"{backend.id}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+            for dtype in dtypes for backend in declaring("gumbel_quantizer", dtype, **kwargs) for shape in shapes]
+
+
+def _check_eval(backend, groups, codes, width, batch, frames, dtype):
+    logits, codevectors, _ = _inputs(batch, frames, groups, codes, width, dtype,
+                                     device=device_for("gumbel_quantizer", backend))
+    q, ppl = run_on(backend, gumbel_quantizer)(logits, codevectors, groups, 2.0, False)
     q_ref, ppl_ref = gumbel_quantizer_ref(logits, codevectors, groups, 2.0, False)
     # The gather returns the chosen rows exactly, so equal outputs mean equal indices (rows are distinct).
     assert q.dtype == q_ref.dtype and ppl.dtype == ppl_ref.dtype
     assert torch.equal(q, q_ref)
     torch.testing.assert_close(ppl, ppl_ref, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=0)
-    _check_against_fp64(logits, codevectors, None, groups, 2.0, False)
+    _check_against_fp64(logits, codevectors, None, groups, 2.0, False, backend)
+
+
+# (groups, codes, width, batch, frames)
+@pytest.mark.parametrize("backend,shape,dtype", _eval_cases(
+    [(1, 7, 3, 1, 1), (2, 32, 16, 1, 5), (2, 7, 16, 1, 67), (1, 32, 3, 1, 67), (2, 5, 3, 1, 1), (2, 13, 4, 2, 7)],
+    [torch.float32, torch.float16, torch.float64]))
+def test_eval_matches_reference(backend, shape, dtype):
+    _check_eval(backend, *shape, dtype)
+
+
+@pytest.mark.parametrize("backend,shape,dtype", _eval_cases(
+    [(1, 320, 256, 3, 17), (2, 320, 192, 1, 41)], [torch.float32, torch.float64], cpu_kernels_only=True))
+def test_eval_at_codebook_size_on_cpu_kernels(backend, shape, dtype):
+    """V = 320 codes (UniSpeech) on the compiled CPU kernels (the interpreter runs Triton's at few frames below)."""
+    _check_eval(backend, *shape, dtype)
 
 
 def test_eval_output_dtype_promotes_like_the_reference():
@@ -232,7 +292,9 @@ def test_compile_fullgraph_equals_eager():
 def test_launch_table_limit_matches_dispatch_limit():
     from unispeech_fast.kernels import gumbel_quantizer as kern
 
-    assert kern.MAX_V == gq_module._TRITON_MAX_CODES
+    # The one limit (ops/gumbel_quantizer/common.py, read by the triton backend's reasons without triton) is what
+    # the launch table's widest entry serves.
+    assert max(kern.CONFIGS) == kern.MAX_V
     assert kern.pick_config(320).block_v == 512
     with pytest.raises(ValueError, match="num_codes"):
         kern.pick_config(kern.MAX_V + 1)
@@ -400,19 +462,18 @@ def test_cpp_masked_matches_eager(sample):
             assert_within_2x_eager(name, o, e, r, FLOOR[torch.float32])
 
 
-@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+@pytest.mark.parametrize("backend_name", ["eager"] + declaring("gumbel_quantizer", torch.float32))
 def test_masked_rows_get_no_perplexity_gradient(backend_name):
-    impl = {"eager": gumbel_quantizer_ref, "triton": triton_impl}.get(backend_name) or _cpp_impl()
+    impl = run_on(backend_name, gumbel_quantizer)  # each draws its own noise
     logits, codevectors, noise, mask = _masked_inputs()
     weight = torch.zeros(3, 11, 6, dtype=torch.float64)
-    kw = {"gumbels": noise} if backend_name != "cpp" else {}
-    grad = _run(impl, logits, codevectors, 2, 1.5, True, weight, ppl_weight=1.0, mask=mask, **kw)[2]
+    grad = _run(impl, logits, codevectors, 2, 1.5, True, weight, ppl_weight=1.0, mask=mask)[2]
     assert grad[~mask].abs().max() == 0 and grad[mask].abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+@pytest.mark.parametrize("backend_name", ["eager"] + declaring("gumbel_quantizer", torch.float32))
 def test_return_indices_are_the_chosen_codes(backend_name):
-    impl = {"eager": gumbel_quantizer_ref, "triton": triton_impl}.get(backend_name) or _cpp_impl()
+    impl = run_on(backend_name, gumbel_quantizer)
     logits, codevectors, _, mask = _masked_inputs()
     q, _, idx = impl(logits, codevectors, 2, 1.5, False, mask=mask, return_indices=True)
     assert idx.dtype == torch.int64 and idx.shape == (3, 11, 2)
@@ -429,11 +490,11 @@ def test_mask_input_errors_and_cuda_reason():
     with pytest.raises(ValueError, match="selects no frame"):
         gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=torch.zeros_like(mask))
     ext = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.extension")
-    # The CUDA kernel takes the mask too (tests/test_cuda_ops.py): its reasons never refuse a mask.
+    # The CUDA kernel takes the mask too (test_cuda_* below): its reasons never refuse a mask.
     assert not any("mask" in r for r in ext._gumbel_cuda_reasons(logits, codevectors, 2, 1.5, False, mask=mask))
     # Through dispatch with a mask, every backend that runs agrees with the reference.
     expected = gumbel_quantizer_ref(logits, codevectors, 2, 1.5, False, mask=mask)
-    for name in ("eager", "triton", "cpp"):
+    for name in ["eager"] + [p.values[0] for p in declaring("gumbel_quantizer", torch.float32)]:
         with uf.backend(name):
             q, ppl = gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask)
         assert torch.equal(q, expected[0])
@@ -470,3 +531,398 @@ def test_explicit_gumbels_input_errors():
                                                    codevector_dim=6), in_dim=5).eval()
     with pytest.raises(ValueError, match="only used in training"):
         module(torch.randn(3, 11, 5), gumbels=noise)
+
+
+# ------------------------------------------------------------------------------------------------ C++ (cpp)
+OPS = torch.ops.unispeech_fast if _extension_ops.ensure_registered() else None  # fakes + autograd registered
+CPP_SHAPES = [(1, 1, 2, 5, 6), (2, 7, 2, 13, 8), (3, 17, 1, 320, 256), (1, 41, 2, 320, 384)]  # B, T, G, V, D
+
+
+def _op_inputs(b, t, groups, v, d, dtype=torch.float32):
+    logits = torch.randn(b, t, groups * v, dtype=dtype) * 2
+    codevectors = torch.randn(1, groups * v, d // groups, dtype=dtype)
+    return logits, codevectors
+
+
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_sample_follows_eager_rng_and_gradients(shape):
+    b, t, groups, v, d = shape
+    logits, cv = _op_inputs(*shape)
+
+    def run(fn):
+        lg, c = logits.clone().requires_grad_(), cv.clone().requires_grad_()
+        torch.manual_seed(1234)
+        q, perp = fn(lg, c, groups, 0.7, True)
+        gq = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+        ((q * gq).sum() + 3.0 * perp).backward()
+        return q, perp, lg.grad, c.grad
+
+    ours = run(gq_ext.gumbel_quantizer_ext)
+    eager = run(gumbel_quantizer_ref)
+    # Same noise, same codes: the quantized rows are the same codevectors (eager's straight-through
+    # one-hot is 1 - s + s, within an ulp of 1).
+    torch.testing.assert_close(ours[0], eager[0], rtol=1e-6, atol=1e-7)
+    assert ours[1].dtype == eager[1].dtype == torch.float32
+    torch.testing.assert_close(ours[1], eager[1], rtol=1e-5, atol=1e-6)
+    for got, want, what in ((ours[2], eager[2], "grad logits"), (ours[3], eager[3], "grad codevectors")):
+        scale = want.abs().max().item()  # both fp32 VJPs of softmaxes over V codes: compare at fp32 scale
+        assert max_err(got, want) <= 2e-6 * max(1.0, scale) * v ** 0.5, what
+
+
+def test_cpp_op_sample_needs_noise_on_cpu():
+    logits, cv = _op_inputs(1, 3, 2, 5, 4)
+    with pytest.raises(RuntimeError, match="gumbels is required"):
+        OPS.gumbel_quantizer_fwd(logits.view(3, 10), cv.view(10, 2), 2, 1.0, True, None, 0, 0)
+
+
+def test_cpp_op_bad_inputs_name_the_argument():
+    with pytest.raises(RuntimeError, match="logits must be float32 or float64"):
+        OPS.gumbel_quantizer_fwd(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(4, 2, dtype=torch.int64), 2,
+                                 1.0, False, None, 0, 0)
+    with pytest.raises(RuntimeError, match=r"codevectors must have shape \[6"):
+        OPS.gumbel_quantizer_fwd(torch.randn(2, 6), torch.randn(4, 2), 2, 1.0, False, None, 0, 0)
+
+
+def _cpp_opcheck_cases():
+    logits, cv = _op_inputs(2, 3, 2, 5, 6)
+    lg, cb = logits.view(6, 10), cv.view(10, 3)
+    gum = -torch.empty(6, 10).exponential_().log()
+    q, idx, soft, _ = OPS.gumbel_quantizer_fwd(lg, cb, 2, 0.5, True, gum, 0, 0)
+    return [
+        ("gumbel_quantizer_fwd", (lg.clone().requires_grad_(), cb.clone().requires_grad_(), 2, 0.5, True, gum, 0, 0)),
+        ("gumbel_quantizer_fwd", (lg, cb.clone().requires_grad_(), 2, 0.5, False, None, 0, 0)),
+        ("gumbel_quantizer_bwd", (torch.randn_like(q), torch.tensor(1.5), lg, cb, idx, soft, 2, 0.5, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_cpp_opcheck(case):
+    assert _extension_ops.ensure_registered()
+    name, args = _cpp_opcheck_cases()[case]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA (cuda)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
+# the dtype times (max |ref| + 1).
+_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
+
+
+def test_cuda_refuses_cpu_tensors():
+    logits, cv = _op_inputs(1, 2, 2, 5, 4)
+    assert dispatch._REGISTRY["gumbel_quantizer"]["cuda"].not_supported_reasons(logits, cv, 2, 1.0, False)
+
+
+_UNIFORM_CHECK = r"""
+#include <cmath>
+#include <cstdio>
+#include "cuda/uniform.h"
+int main() {
+  float lo = 2.f, hi = -1.f; long bad = 0;
+  for (uint32_t k = 0; k < (1u << 23); ++k) {
+    const float u = unispeech_fast::uniform_open01((k << 9) | (k & 511u));  // the low 9 bits are ignored
+    const float g = -std::log(-std::log(u));
+    lo = u < lo ? u : lo; hi = u > hi ? u : hi;
+    bad += !(u > 0.f && u < 1.f && std::isfinite(g));
+  }
+  std::printf("%a %a %ld\n", (double)lo, (double)hi, bad);
+  return 0;
+}
+"""
+
+
+def test_cuda_philox_uniform_never_reaches_0_or_1(tmp_path):
+    """Issue 16 item 3: the CUDA Gumbel kernel's bits-to-uniform map (csrc/cuda/uniform.h, compiled here by the
+    host compiler, unchanged) gives u in [2^-24, 1 - 2^-24] for every one of the 2^23 codes it reads, so the
+    Philox noise -log(-log(u)) is finite; the old (bits >> 8) + 0.5f rounded the top code to u = 1 (+inf)."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "a host C++ compiler is needed (the extension build needs one too)"
+    src = tmp_path / "uniform_check.cpp"
+    src.write_text(_UNIFORM_CHECK)
+    csrc = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{csrc}", str(src), "-o", str(tmp_path / "check")], check=True)
+    lo, hi, bad = subprocess.run([str(tmp_path / "check")], check=True, capture_output=True, text=True).stdout.split()
+    assert (float.fromhex(lo), float.fromhex(hi), int(bad)) == (2.0 ** -24, 1 - 2.0 ** -24, 0)
+    top = np.float32(np.uint32(0xFFFFFFFF) >> np.uint32(8)) + np.float32(0.5)  # the old map, in fp32
+    assert top * np.float32(2.0 ** -24) == np.float32(1.0)
+
+
+def _gumbel_oracle(logits, codevectors, groups, tau, gumbels, mask=None):
+    """Test oracle of the raw sampling op with given noise (straight-through, perplexity of softmax(l)).
+
+    With ``mask`` (bool ``[N]``) the marginal is the sum of softmax(l) over the rows in the mask divided by
+    their count: the formula of csrc/cpu/gumbel_quantizer.cpp, which the CPU test below checks the C++
+    kernel against in float64 and the gpu tests check the CUDA kernel against."""
+    n, gv = logits.shape
+    v = gv // groups
+    z = (logits + gumbels).view(n, groups, v)
+    soft = torch.softmax(z / tau, dim=-1)
+    hard = F.one_hot(z.argmax(-1), v).to(soft.dtype)
+    y = hard - soft.detach() + soft
+    quantized = torch.einsum("ngv,gvd->ngd", y, codevectors.view(groups, v, -1)).reshape(n, -1)
+    probs = torch.softmax(logits.view(n, groups, v), dim=-1)
+    if mask is None:
+        marginal = probs.mean(0)
+    else:
+        marginal = (probs * mask.to(probs.dtype)[:, None, None]).sum(0) / mask.sum()
+    perplexity = torch.exp(-torch.xlogy(marginal, marginal).sum(-1)).sum()
+    return quantized, z.argmax(-1), soft, perplexity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,groups,codes,dg", [(1, 1, 5, 3), (37, 2, 320, 128), (300, 2, 33, 17)])
+def test_cuda_eval_matches_reference(cuda_ops, dtype, rows, groups, codes, dg):
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, False, None, 0, 0)
+    ref_q, _ = gumbel_quantizer_ref(logits[None], code[None], groups, 2.0, False)
+    torch.testing.assert_close(q, ref_q[0], rtol=0, atol=0)  # a gather: exact
+    torch.testing.assert_close(idx, logits.view(rows, groups, codes).argmax(-1))  # first index on ties
+    assert soft.numel() == 0 and perp.dtype == torch.float32
+    # The perplexity is fp32 whatever the input dtype: compare with the float64 reference.
+    _, ref_perp = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False)
+    torch.testing.assert_close(perp.double(), ref_perp, rtol=1e-5, atol=1e-5)
+    gq = torch.randn_like(q)
+    one = torch.ones((), device="cuda")
+    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, one, logits, code, idx, soft, groups, 2.0, False)
+    assert (grad_l == 0).all()
+    expected = torch.zeros(groups * codes, dg, device="cuda", dtype=torch.float64)
+    flat_idx = (idx + torch.arange(groups, device="cuda") * codes).reshape(-1)
+    expected.index_add_(0, flat_idx, gq.double().view(rows * groups, dg))
+    _assert_close("gumbel grad_codevectors (eval)", grad_c, expected.to(dtype), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "masked"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,groups,codes,dg", [(3, 1, 7, 5), (129, 2, 320, 128), (300, 2, 33, 17)])
+def test_cuda_sample_with_given_noise(cuda_ops, dtype, rows, groups, codes, dg, masked):
+    """The sampling op with given noise (and a perplexity mask over about half the rows, or none) against the
+    float64 oracle, within 2x the eager error."""
+    tau = 0.7
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
+    mask = _row_mask(rows, "cuda") if masked else None
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, tau, True, gumbels, 0, 0, mask)
+    gq = torch.randn_like(q)
+    g_perp = torch.tensor(0.37, device="cuda")
+    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, True, mask)
+
+    def run(t):
+        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels.to(t), mask)
+        ((oq * gq.to(t)).sum() + operp * g_perp.to(t)).backward()
+        return oq.detach(), oidx, osoft.detach(), operp.detach(), ls.grad, cs.grad
+
+    ref, eager = run(torch.float64), run(dtype)
+    fp32 = run(torch.float32)  # soft and perplexity are fp32 outputs: their eager peer is the fp32 computation
+    what = "masked gumbel" if masked else "gumbel"
+    torch.testing.assert_close(idx, ref[1])
+    _assert_close(f"{what} quantized", q, eager[0], ref[0])
+    _assert_close(f"{what} soft", soft, fp32[2], ref[2])
+    _assert_close(f"{what} perplexity", perp, fp32[3], ref[3])
+    _assert_close(f"{what} grad_logits", grad_l, eager[4], ref[4])
+    _assert_close(f"{what} grad_codevectors", grad_c, eager[5], ref[5])
+    if masked:  # rows outside the mask: exactly the gradient without the perplexity term
+        no_perp, _ = cuda_ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau,
+                                                   True, mask)
+        assert torch.equal(grad_l[~mask], no_perp[~mask])
+
+
+@pytest.mark.gpu
+def test_cuda_philox_noise(cuda_ops):
+    rows, groups, codes = 4096, 2, 8
+    logits = torch.zeros(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, 4, device="cuda")
+    a = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 0)
+    b = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 0)
+    c = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, None, 1234, 1)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # deterministic in (seed, offset)
+    assert not torch.equal(a[1], c[1])
+    counts = torch.bincount(a[1].reshape(-1), minlength=codes).float()
+    expected = rows * groups / codes
+    assert ((counts - expected).abs() < 0.15 * expected).all(), counts  # argmax of Gumbel noise is uniform
+    torch.testing.assert_close(a[2].sum(-1), torch.ones(rows, groups, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_philox_noise_finite_at_real_size(cuda_ops):
+    """Issue 16 item 3: 65536 x 2 x 320 = 4.2e7 Philox draws (the old map hit u = 1, i.e. +inf noise, with
+    probability 2^-24 each: about 2.5 times here). Outputs and gradients must all be finite."""
+    rows, groups, codes, dg = 65536, 2, 320, 128
+    logits = torch.randn(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, dg, device="cuda")
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, True, None, 7, 0)
+    for name, t in (("quantized", q), ("soft", soft), ("perplexity", perp)):
+        assert torch.isfinite(t).all(), name
+    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(torch.randn_like(q), torch.ones((), device="cuda"), logits, code,
+                                                   idx, soft, groups, 2.0, True)
+    assert torch.isfinite(grad_l).all() and torch.isfinite(grad_c).all()
+
+
+# ------------------------------------------------------------------------------------------------ CUDA: perplexity mask
+def _row_mask(rows, device, seed=3):
+    """A bool ``[rows]`` mask with about half the rows, at least the first one."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, generator=g) < 0.5
+    mask[0] = True
+    return mask.to(device)
+
+
+def test_cuda_reasons_let_a_masked_call_through():
+    """The cuda backend's reasons give a masked call exactly the answer they give an unmasked one (on fake
+    CUDA tensors: here that the extension was built without CUDA; with a CUDA build, no reason at all)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unispeech_fast.ops import _extension_ops
+
+    ext = gq_ext
+    _extension_ops.ensure_registered()  # load the extension outside the fake mode
+    with FakeTensorMode():
+        logits = torch.empty(2, 5, 2 * 320, device="cuda")
+        codevectors = torch.empty(1, 2 * 320, 128, device="cuda")
+        mask = torch.empty(2, 5, dtype=torch.bool, device="cuda")
+    for sample in (False, True):
+        plain = ext._gumbel_cuda_reasons(logits, codevectors, 2, 2.0, sample)
+        masked = ext._gumbel_cuda_reasons(logits, codevectors, 2, 2.0, sample, mask=mask, return_indices=True)
+        assert masked == plain, (masked, plain)
+        assert not any("mask" in r for r in masked), masked
+        assert masked == [], masked  # device and kernel presence are the capability check's (dispatch.registry)
+    # Every other check stays: a masked call with too many groups is still refused for that reason.
+    with FakeTensorMode():
+        many = torch.empty(2, 5, 33 * 4, device="cuda")
+        many_cv = torch.empty(1, 33 * 4, 8, device="cuda")
+    reasons = ext._gumbel_cuda_reasons(many, many_cv, 33, 2.0, True, mask=mask)
+    assert any("at most 32 groups" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_cpp_kernel_mask_is_the_cuda_oracle_formula(sample):
+    """The C++ CPU kernel with a mask equals the masked float64 oracle the gpu tests hold the CUDA kernel to
+    (one formula for both kernels); rows outside the mask get no perplexity gradient."""
+    assert _extension_ops.ensure_registered(), "the C++ extension is not built"
+    ops = torch.ops.unispeech_fast
+    rows, groups, codes, dg, tau = 23, 2, 7, 5, 0.7
+    logits = 2 * torch.randn(rows, groups * codes, dtype=torch.float64)
+    code = torch.randn(groups * codes, dg, dtype=torch.float64)
+    gumbels = -torch.empty(rows, groups * codes, dtype=torch.float64).exponential_().log()
+    mask = _row_mask(rows, "cpu")
+    gq, g_perp = torch.randn(rows, groups * dg, dtype=torch.float64), torch.tensor(0.37, dtype=torch.float64)
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, groups, tau, sample, gumbels if sample else None,
+                                                  0, 0, mask)
+    grad_l, grad_c = ops.gumbel_quantizer_bwd(gq, g_perp, logits, code, idx, soft, groups, tau, sample, mask)
+    if sample:
+        ls, cs = logits.clone().requires_grad_(), code.clone().requires_grad_()
+        oq, oidx, osoft, operp = _gumbel_oracle(ls, cs, groups, tau, gumbels, mask)
+        ((oq * gq).sum() + operp * g_perp).backward()
+        torch.testing.assert_close(idx, oidx)
+        torch.testing.assert_close(soft, osoft.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad_l, ls.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_c, cs.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(q, oq.detach(), rtol=0, atol=0)
+        _, _, _, unmasked_perp = _gumbel_oracle(logits, code, groups, tau, gumbels)
+        assert not torch.isclose(perp, unmasked_perp)  # the mask does change the number
+        # Rows outside the mask: exactly the gradient without the perplexity term.
+        no_perp, _ = ops.gumbel_quantizer_bwd(gq, torch.zeros_like(g_perp), logits, code, idx, soft, groups, tau,
+                                              sample, mask)
+        assert torch.equal(grad_l[~mask], no_perp[~mask]) and not torch.equal(grad_l[mask], no_perp[mask])
+    else:
+        _, operp = gumbel_quantizer_ref(logits[None], code[None], groups, tau, False, mask=mask[None])
+        assert (grad_l == 0).all()
+    torch.testing.assert_close(perp, operp.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_masked_eval_perplexity(cuda_ops, dtype):
+    rows, groups, codes, dg = 300, 2, 33, 17
+    logits = torch.randn(rows, groups * codes, device="cuda").to(dtype)
+    code = torch.randn(groups * codes, dg, device="cuda").to(dtype)
+    mask = _row_mask(rows, "cuda")
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 2.0, False, None, 0, 0, mask)
+    _, ref_perp = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False,
+                                       mask=mask[None])
+    torch.testing.assert_close(perp.double(), ref_perp, rtol=1e-5, atol=1e-5)
+    _, unmasked = gumbel_quantizer_ref(logits.double()[None], code.double()[None], groups, 2.0, False)
+    assert not torch.isclose(perp.double(), unmasked, rtol=1e-5, atol=1e-5)
+    gq = torch.randn_like(q)
+    grad_l, grad_c = cuda_ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups,
+                                                   2.0, False, mask)
+    assert (grad_l == 0).all()
+    _, plain_c = cuda_ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups,
+                                               2.0, False)
+    torch.testing.assert_close(grad_c, plain_c)  # the mask only concerns the perplexity (fp32 atomics: order)
+
+
+@pytest.mark.gpu
+def test_cuda_mask_of_no_row_and_bad_mask(cuda_ops):
+    """A mask with no row gives a NaN perplexity and no perplexity gradient (the CPU kernel's rule); a mask of
+    the wrong shape, dtype or device is refused by name."""
+    rows, groups, codes, dg = 40, 2, 9, 4
+    logits = torch.randn(rows, groups * codes, device="cuda")
+    code = torch.randn(groups * codes, dg, device="cuda")
+    gumbels = -torch.empty(rows, groups * codes, device="cuda").exponential_().log()
+    none = torch.zeros(rows, dtype=torch.bool, device="cuda")
+    q, idx, soft, perp = cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, gumbels, 0, 0, none)
+    assert torch.isnan(perp)
+    gq = torch.randn_like(q)
+    grad_l, _ = cuda_ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups, 1.0,
+                                              True, none)
+    no_perp, _ = cuda_ops.gumbel_quantizer_bwd(gq, torch.zeros((), device="cuda"), logits, code, idx, soft, groups, 1.0,
+                                               True, none)
+    assert torch.equal(grad_l, no_perp)
+    empty = cuda_ops.gumbel_quantizer_fwd(logits[:0], code, groups, 1.0, True, gumbels[:0], 0, 0, none[:0])
+    assert torch.isnan(empty[3])
+    for bad in (none.long(), none[:-1], none.cpu(), none[None]):
+        with pytest.raises(RuntimeError, match="mask must be a bool tensor of shape"):
+            cuda_ops.gumbel_quantizer_fwd(logits, code, groups, 1.0, True, gumbels, 0, 0, bad)
+        with pytest.raises(RuntimeError, match="mask must be a bool tensor of shape"):
+            cuda_ops.gumbel_quantizer_bwd(gq, torch.ones((), device="cuda"), logits, code, idx, soft, groups, 1.0, True,
+                                          bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sample", [False, True])
+def test_cuda_backend_with_mask(sample):
+    """Through dispatch (forced cuda backend, autograd included) against the eager reference with the same
+    noise: outputs and gradients within 2x eager's float32 error."""
+    batch, frames, groups, codes, dg, tau = 3, 37, 2, 320, 128, 2.0
+    logits = 2 * torch.randn(batch, frames, groups * codes, device="cuda")
+    code = torch.randn(1, groups * codes, dg, device="cuda")
+    mask = torch.rand(batch, frames, device="cuda") < 0.4
+    mask[1] = False  # a fully padded utterance
+    mask[0, 0] = True
+    weight = torch.randn(batch, frames, groups * dg, device="cuda", dtype=torch.float64)
+    torch.manual_seed(11)
+    noise = -torch.empty(batch * frames * groups, codes, device="cuda").exponential_().log()
+    noise = noise.view(batch, frames, groups * codes)
+
+    def run(fn, t, **kw):
+        ls, cs = logits.detach().to(t).requires_grad_(), code.detach().to(t).requires_grad_()
+        q, ppl = fn(ls, cs, groups, tau, sample, mask=mask, **kw)
+        ((q.double() * weight).sum() + 0.7 * ppl.double()).backward()
+        return q.detach(), ppl.detach(), ls.grad, cs.grad
+
+    kw = {"gumbels": noise} if sample else {}
+    ref = run(gumbel_quantizer_ref, torch.float64, **kw)
+    eager = run(gumbel_quantizer_ref, torch.float32, **kw)
+    torch.manual_seed(11)  # the cuda backend draws F.gumbel_softmax's noise from the same generator state
+    with dispatch.backend("cuda"):
+        assert dispatch.select("gumbel_quantizer", dict(logits=logits, codevectors=code, num_groups=groups,
+                                                        temperature=tau, sample=sample, mask=mask)).backend == "cuda"
+        ours = run(gumbel_quantizer, torch.float32)
+    for name, o, e, r in zip(("quantized", "perplexity", "grad_logits", "grad_codevectors"), ours, eager, ref):
+        if r is None:
+            assert o is None and not sample, name
+            continue
+        _assert_close(f"cuda backend masked {name}", o, e, r)

@@ -1,6 +1,8 @@
-"""The Triton positional conv (``unispeech_fast.ops.pos_conv``, backend ``triton``).
+"""The positional conv (``unispeech_fast.ops.pos_conv``): its eager reference, and the backends that declare
+support for a case (``tests/_backends.py``: triton, cpp) against it; then each backend's own parts (the Triton
+weight folding and custom ops, the C++ and CUDA ops of ``unispeech_fast._C``).
 
-On CPU the kernels run under the Triton interpreter (conftest sets ``TRITON_INTERPRET``) at small
+On CPU the Triton kernels run under the Triton interpreter (conftest sets ``TRITON_INTERPRET``) at small
 shapes; ``gpu`` tests run the real sizes (hidden 768/1024, kernel 128, 16 groups). Tolerance: the
 kernel's max error against the fp64 reference is at most 2x the error of eager PyTorch in the same
 dtype, plus a tiny floor, for the output and every gradient.
@@ -8,13 +10,18 @@ dtype, plus a tiny floor, for the output and every gradient.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import unispeech_fast as uf
 from unispeech_fast import dispatch
+from unispeech_fast.ops import _extension_ops as ext
 from unispeech_fast.ops.pos_conv import pos_conv, pos_conv_ref
+from _backends import declaring, device_for, run_on
 from _tolerance import assert_within_2x_eager
 
 # the triton backend module (its launchers and dispatch entry)
@@ -43,18 +50,13 @@ def _run(fn, tensors, groups, grad_out, dtype):
     return [out.detach().double()] + grads
 
 
-def _triton(*args):
-    with dispatch.backend("triton"):
-        return pos_conv(*args)
-
-
-def _assert_within_2x_eager(tensors, groups, dtype, seed=1):
-    """Kernel and eager (both in ``dtype``) against the fp64 reference, output and every gradient."""
+def _assert_within_2x_eager(tensors, groups, dtype, seed=1, backend="triton"):
+    """``backend``'s kernel and eager (both in ``dtype``) against the fp64 reference, output and every gradient."""
     grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grad_out = grad_out.to(tensors[0].device)
     ref = _run(pos_conv_ref, tensors, groups, grad_out, torch.float64)
     eager = _run(pos_conv_ref, tensors, groups, grad_out, dtype)
-    kern = _run(_triton, tensors, groups, grad_out, dtype)
+    kern = _run(run_on(backend, pos_conv), tensors, groups, grad_out, dtype)
     for name, r, e, k in zip(("out",) + _NAMES, ref, eager, kern):
         if r is None:
             assert k is None and e is None
@@ -66,7 +68,8 @@ def _assert_within_2x_eager(tensors, groups, dtype, seed=1):
 
 # (batch, frames, hidden, groups, kernel): odd and even K, frames 1 / primes / below and above the
 # 16-frame interpreter tile, 8 channels per group (padded to a 16-wide block), 24 channels per
-# group (two channel blocks), and the real K = 128 with 16 groups at a tiny hidden size.
+# group (two channel blocks), and the real K = 128 with 16 groups at a tiny hidden size; then one frame with
+# K = 4, three groups of 4 channels with K = 5, and one group of 24 channels with K = 3.
 SHAPES = [
     (2, 1, 32, 4, 8),
     (2, 5, 32, 4, 9),
@@ -74,23 +77,84 @@ SHAPES = [
     (1, 67, 32, 4, 9),
     (1, 17, 48, 2, 16),
     (1, 5, 32, 16, 128),
+    (1, 1, 16, 2, 4),
+    (2, 7, 12, 3, 5),
+    (2, 37, 24, 1, 3),
 ]
+_ID = "B{}_T{}_H{}_G{}_K{}".format
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_H{}_G{}_K{}".format(*s))
-def test_fp32_matches_reference(shape):
+# ---------------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("kernel,groups,hidden,frames",
+                         [(128, 16, 32, 1), (128, 16, 48, 131), (16, 2, 16, 17), (7, 1, 4, 5)])
+def test_reference_matches_weight_norm_module(kernel, groups, hidden, frames):
+    conv = torch.nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=groups).double()
+    conv = torch.nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.normal_()
+    x = torch.randn(3, frames, hidden, dtype=torch.float64)
+    y = conv(x.transpose(1, 2))
+    if kernel % 2 == 0:
+        y = y[:, :, :-1]
+    expected = x + F.gelu(y).transpose(1, 2)
+    g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
+    got = pos_conv_ref(x, g, v, conv.bias, groups)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    # weight norm: norm over (out, in) per tap
+    w = g * v / v.norm(dim=(0, 1), keepdim=True)
+    torch.testing.assert_close(conv.weight, w, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- every backend
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _ID(*s))
+@pytest.mark.parametrize("backend", declaring("pos_conv", torch.float32))
+def test_fp32_matches_reference(backend, shape):
     batch, frames, hidden, groups, kernel = shape
-    _assert_within_2x_eager(_inputs(*shape, device=DEVICE), groups, torch.float32)
+    _assert_within_2x_eager(_inputs(*shape, device=device_for("pos_conv", backend)), groups, torch.float32,
+                            backend=backend)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]], ids=lambda s: "B{}_T{}_H{}_G{}_K{}".format(*s))
-def test_fp16_matches_reference(shape):
+@pytest.mark.parametrize("backend", declaring("pos_conv", torch.float32, cpu_kernels_only=True))
+def test_fp32_real_hidden_size(backend):
+    """Hidden 768, 16 groups, K = 128 (UniSpeech base) at 61 frames, on the compiled CPU kernels (Triton's
+    interpreter takes about ten minutes here; ``test_real_sizes_on_gpu`` runs Triton at real sizes)."""
+    _assert_within_2x_eager(_inputs(1, 61, 768, 16, 128, device=device_for("pos_conv", backend)), 16,
+                            torch.float32, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4]], ids=lambda s: _ID(*s))
+@pytest.mark.parametrize("backend", declaring("pos_conv", torch.float16))
+def test_fp16_matches_reference(backend, shape):
     batch, frames, hidden, groups, kernel = shape
-    _assert_within_2x_eager(_inputs(*shape, device=DEVICE), groups, torch.float16)
+    _assert_within_2x_eager(_inputs(*shape, device=device_for("pos_conv", backend)), groups, torch.float16,
+                            backend=backend)
 
 
-def test_without_bias():
-    _assert_within_2x_eager(_inputs(2, 17, 32, 4, 9, bias=False, device=DEVICE), 4, torch.float32)
+@pytest.mark.parametrize("shape", SHAPES[6:] + SHAPES[2:3], ids=lambda s: _ID(*s))
+@pytest.mark.parametrize("backend", declaring("pos_conv", torch.float64))
+def test_fp64_matches_reference_to_fp64_precision(backend, shape):
+    """In fp64, with and without bias, output and gradients equal the fp64 reference to fp64 precision."""
+    batch, frames, hidden, groups, kernel = shape
+    for bias in (True, False):
+        tensors = _inputs(*shape, bias=bias, device=device_for("pos_conv", backend))
+        grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref = _run(pos_conv_ref, tensors, groups, grad_out, torch.float64)
+        ours = _run(run_on(backend, pos_conv), tensors, groups, grad_out, torch.float64)
+        for name, r, o in zip(("out",) + _NAMES, ref, ours):
+            if r is None:
+                assert o is None, name
+                continue
+            rtol = 1e-10 if name == "out" else 1e-9
+            torch.testing.assert_close(o, r, rtol=rtol, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", declaring("pos_conv", torch.float32))
+def test_without_bias(backend):
+    _assert_within_2x_eager(_inputs(2, 17, 32, 4, 9, bias=False, device=device_for("pos_conv", backend)), 4,
+                            torch.float32, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------- triton
 
 
 def test_frozen_weights_give_only_the_input_gradient():
@@ -224,9 +288,127 @@ def test_positional_conv_module_triton_matches_eager():
         torch.testing.assert_close(p.grad, grads_e[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+# ---------------------------------------------------------------------------------------------- C++ op (cpp)
+OPS = torch.ops.unispeech_fast if ext.ensure_registered() else None  # fakes + autograd registered
+
+
+def _op_inputs(b, t, h, groups, k, dtype=torch.float32):
+    """fp32 x, g, v (scaled to unit fan-in) and bias for the raw ops."""
+    x = torch.randn(b, t, h)
+    v = torch.randn(h, h // groups, k) * (h // groups * k) ** -0.5
+    g = torch.rand(1, 1, k) + 0.5
+    bias = torch.randn(h) * 0.1
+    return [t_.to(dtype) for t_ in (x, g, v, bias)]
+
+
+def test_cpp_op_without_grad_saves_no_preact_and_refuses_backward():
+    x, g, v, bias = _op_inputs(1, 5, 8, 2, 3)
+    weight = torch._weight_norm(v, g, 2)
+    out, preact = OPS.pos_conv_fwd(x, weight, bias, 2, False)
+    assert preact.numel() == 0
+    torch.testing.assert_close(out, pos_conv_ref(x, g, v, bias, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="preact is empty"):
+        OPS.pos_conv_bwd(torch.ones_like(x), x, weight, preact, 2, True)
+
+
+def test_cpp_op_bad_inputs_name_the_argument():
+    x = torch.randn(2, 5, 8)
+    w = torch.randn(8, 4, 3)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        OPS.pos_conv_fwd(x.half(), w.half(), None, 2, False)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        OPS.pos_conv_fwd(x.transpose(0, 1), w, None, 2, False)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8, 4, K\]"):
+        OPS.pos_conv_fwd(x, torch.randn(8, 3, 3), None, 2, False)
+    with pytest.raises(RuntimeError, match="groups must be positive and divide"):
+        OPS.pos_conv_fwd(x, w, None, 3, False)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        OPS.pos_conv_fwd(x, w, torch.randn(7), 2, False)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of x"):
+        OPS.pos_conv_fwd(x, w.double(), None, 2, False)
+
+
+def test_cpp_reasons():
+    x, g, v, bias = _op_inputs(1, 4, 8, 2, 3)
+    # The backend's reasons as registered: the base check of the declared capabilities plus its own.
+    reasons = dispatch._REGISTRY["pos_conv"]["cpp"].not_supported_reasons(x.half(), g.half(), v.half(), bias.half(), 2,
+                                                                         "relu")
+    assert any("gelu" in r for r in reasons) and any("float32/float64" in r for r in reasons)
+    with dispatch.backend("cpp"), pytest.raises(dispatch.BackendNotSupportedError, match="gelu"):
+        uf.ops.pos_conv(x, g, v, bias, 2, "relu")
+
+
+def _cpp_opcheck_cases():
+    x, g, v, bias = _op_inputs(2, 6, 8, 2, 4)
+    w = torch._weight_norm(v, g, 2).detach()
+    _, preact = OPS.pos_conv_fwd(x, w, bias, 2, True)
+    return [
+        ("pos_conv_fwd", (x.requires_grad_(), w.requires_grad_(), bias.requires_grad_(), 2, True)),
+        ("pos_conv_fwd", (x.detach(), w.detach(), None, 2, False)),
+        ("pos_conv_bwd", (torch.randn_like(x), x.detach(), w.detach(), preact, 2, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_cpp_opcheck(case):
+    assert ext.ensure_registered()
+    name, args = _cpp_opcheck_cases()[case]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hidden,frames", [(768, 499), (1024, 1500)])
 def test_real_sizes_on_gpu(hidden, frames, dtype):
     _assert_within_2x_eager(_inputs(2, frames, hidden, 16, 128, device="cuda"), 16, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- GPU: CUDA op (cuda)
+# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
+# the dtype times (max |ref| + 1).
+_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
+
+
+def _pos_conv_folded(x, weight, bias, groups):
+    """Test oracle of the raw op (weight norm already folded): x + gelu(conv1d(x^T)[..., :T])^T."""
+    k = weight.shape[-1]
+    h = F.conv1d(x.transpose(1, 2), weight, bias, padding=k // 2, groups=groups)[:, :, : x.shape[1]]
+    return x + F.gelu(h).transpose(1, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hidden,groups,kernel,seq",
+    [(96, 2, 16, 1), (96, 2, 16, 37), (128, 2, 128, 130), (128, 2, 128, 37), (20, 4, 7, 37), (20, 4, 7, 1),
+     (768, 16, 128, 130)],
+)
+def test_cuda_op_fwd_bwd(cuda_ops, dtype, hidden, groups, kernel, seq):
+    ops = cuda_ops
+    cg = hidden // groups
+    x = torch.randn(2, seq, hidden, device="cuda").to(dtype)
+    w = (torch.randn(hidden, cg, kernel, device="cuda") / (cg * kernel) ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    grad_out = torch.randn(2, seq, hidden, device="cuda").to(dtype)
+
+    out, pre = ops.pos_conv_fwd(x, w, b, groups, True)
+    grad_x, grad_w, grad_b = ops.pos_conv_bwd(grad_out, x, w, pre, groups, True)
+
+    def autograd(t):
+        xs, ws, bs = (a.detach().to(t).requires_grad_() for a in (x, w, b))
+        y = _pos_conv_folded(xs, ws, bs, groups)
+        y.backward(grad_out.to(t))
+        return y.detach(), xs.grad, ws.grad, bs.grad
+
+    ref, eager = autograd(torch.float64), autograd(dtype)
+    for name, o, e, r in zip(("out", "grad_x", "grad_weight", "grad_bias"), (out, grad_x, grad_w, grad_b), eager, ref):
+        _assert_close(f"pos_conv {name}", o, e, r)
+    # The folded-weight op agrees with the package reference (weight norm with g = ||w|| per tap).
+    g = w.double().norm(dim=(0, 1), keepdim=True)
+    ref_pkg = pos_conv_ref(x.double(), g, w.double(), b.double(), groups)
+    _assert_close("pos_conv vs pos_conv_ref", out, eager[0], ref_pkg)
+    _, no_pre = ops.pos_conv_fwd(x, w, None, groups, False)
+    assert no_pre.numel() == 0
+    _, _, no_gb = ops.pos_conv_bwd(grad_out, x, w, pre, groups, False)
+    assert no_gb.numel() == 0

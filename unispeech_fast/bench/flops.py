@@ -20,12 +20,13 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from ..ops.feature_extractor.common import conv_output_length
+
 __all__ = [
     "MODES",
     "DEVICE_PEAKS",
     "device_peak",
     "conv1d_flops",
-    "conv_out_len",
     "attention_flops",
     "attention_bytes",
     "pos_conv_flops",
@@ -65,11 +66,6 @@ def _check_mode(mode: str) -> str:
 
 def _scale(fwd: float, bwd: float, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[_check_mode(mode)]
-
-
-def conv_out_len(length: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
-    """Output length of an undilated conv1d."""
-    return (length + 2 * padding - kernel) // stride + 1
 
 
 def conv1d_flops(batch: int, c_in: int, c_out: int, kernel: int, t_out: int, groups: int = 1) -> int:
@@ -123,7 +119,7 @@ def pos_conv_bytes(batch: int, frames: int, hidden: int, groups: int, kernel: in
 def _fe_layers(samples: int, conv_dim: Sequence[int], conv_kernel: Sequence[int], conv_stride: Sequence[int]):
     c_in, length = 1, samples
     for c_out, kernel, stride in zip(conv_dim, conv_kernel, conv_stride):
-        t_out = conv_out_len(length, kernel, stride)
+        t_out = conv_output_length(length, kernel, stride)
         yield c_in, c_out, kernel, length, t_out
         c_in, length = c_out, t_out
 
@@ -172,9 +168,9 @@ def model_flops(config, batch: int, samples: int, mode: str = "inference") -> fl
         raise ValueError(f"mode must be 'inference' or 'finetune', got {mode!r}")
     conv_dim, kernel, stride = config.conv_dim, config.conv_kernel, config.conv_stride
     fe = feature_extractor_flops(batch, samples, conv_dim, kernel, stride, "fwd")
-    frames = conv_out_len(samples, kernel[0], stride[0])
+    frames = conv_output_length(samples, kernel[0], stride[0])
     for k, s in zip(kernel[1:], stride[1:]):
-        frames = conv_out_len(frames, k, s)
+        frames = conv_output_length(frames, k, s)
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = batch * frames
     proj = 2 * tokens * conv_dim[-1] * hidden

@@ -276,6 +276,33 @@ def _default_failures_path(args: argparse.Namespace, output: str | None) -> str 
     return None if output is None else output + ".failures.json"
 
 
+def _is_corpus_job(args: argparse.Namespace) -> bool:
+    """A corpus job: ``--manifest`` given, or no AUDIO file (the corpus code then says what is missing)."""
+    return getattr(args, "manifest", None) is not None or not args.audio
+
+
+def _start(args: argparse.Namespace, command: str, outputs: Sequence[tuple[str, str | None]],
+           failures_next_to: str | None) -> tuple[str | None, int | None]:
+    """What a file command does before loading a model: a corpus job (:func:`_is_corpus_job`) runs as one, else
+    :func:`_check_files`. Returns ``(failures path, None)`` to go on, or ``(None, exit code)``."""
+    if _is_corpus_job(args):
+        return None, run_corpus(args, command)
+    return _check_files(args, outputs, failures_next_to)
+
+
+def _check_files(args: argparse.Namespace, outputs: Sequence[tuple[str, str | None]],
+                 failures_next_to: str | None) -> tuple[str | None, int | None]:
+    """The usage checks of a file command before any model loads: the AUDIO inputs, then each ``(flag, path)`` of
+    ``outputs`` and the failures list (``--failures``, by default next to ``failures_next_to``).
+
+    Returns ``(failures path, None)``, or ``(None, EXIT_USAGE)`` once the problem is printed."""
+    failures_path = _default_failures_path(args, failures_next_to)
+    problem = _check_inputs(args) or _check_outputs(args, [*outputs, ("--failures", failures_path)])
+    if problem:
+        return None, error(problem, EXIT_USAGE)
+    return failures_path, None
+
+
 def _write_or_fail(write: Callable[[], None], what: str) -> int | None:
     """Run ``write``; an ``OSError`` becomes an ``error:`` line and :data:`EXIT_FAILURE`."""
     try:
@@ -315,6 +342,17 @@ def _finish(args: argparse.Namespace, failures: dict[str, str], failures_path: s
                   EXIT_FAILURE)
 
 
+def _write_lines_and_finish(args: argparse.Namespace, lines: Sequence[str], write: bool, failures: dict[str, str],
+                            failures_path: str | None) -> int:
+    """Write ``lines`` to ``--output`` (stdout without one) if ``write`` or there is no ``--output``, then
+    :func:`_finish`; a failed write is the exit code."""
+    if write or args.output is None:
+        code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
+        if code is not None:
+            return code
+    return _finish(args, failures, failures_path)
+
+
 def _write_lines(lines: Sequence[str], output: str | None) -> None:
     text = "".join(line + "\n" for line in lines)
     if output is None:
@@ -351,7 +389,7 @@ def _save_safetensors(tensors: dict, path: str) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
+    if _is_corpus_job(args):
         return run_corpus(args, "embed")
 
     from .. import audio
@@ -415,13 +453,9 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
-        return run_corpus(args, "transcribe")
-
-    failures_path = _default_failures_path(args, args.output)
-    problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _start(args, "transcribe", [("--output", args.output)], args.output)
+    if code is not None:
+        return code
 
     def task(model, options):
         audio._require_head(model, "ForCTC", "transcribe")
@@ -432,11 +466,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
             return error(f"{exc}" + ("" if args.vocab else " (pass --vocab FILE)"), EXIT_USAGE)
         texts = audio.transcribe(model, args.audio, vocab=vocab, **options)
         lines = [f"{p}\t{t}" for p, t in zip(args.audio, texts) if t is not None]
-        if lines or args.output is None:
-            code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
-            if code is not None:
-                return code
-        return _finish(args, options["failures"], failures_path)
+        return _write_lines_and_finish(args, lines, bool(lines), options["failures"], failures_path)
 
     return _run_task(args, task)
 
@@ -444,13 +474,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
 def run_diarize(args: argparse.Namespace) -> int:
     from .. import audio
 
-    if getattr(args, "manifest", None) is not None or not args.audio:
-        return run_corpus(args, "diarize")
-
-    failures_path = _default_failures_path(args, args.output)
-    problem = _check_inputs(args) or _check_outputs(args, [("--output", args.output), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _start(args, "diarize", [("--output", args.output)], args.output)
+    if code is not None:
+        return code
     ids: dict[str, str] = {}
     for path in args.audio:  # RTTM lines carry only the recording id: it must tell the files apart
         file_id = audio.rttm_file_id(os.path.splitext(os.path.basename(path))[0])
@@ -466,11 +492,8 @@ def run_diarize(args: argparse.Namespace) -> int:
         for (file_id, path), segs in zip(ids.items(), segments):
             if segs is not None:
                 lines += audio.rttm_lines(file_id, segs)
-        if len(options["failures"]) < len(args.audio) or args.output is None:
-            code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
-            if code is not None:
-                return code
-        return _finish(args, options["failures"], failures_path)
+        any_done = len(options["failures"]) < len(args.audio)
+        return _write_lines_and_finish(args, lines, any_done, options["failures"], failures_path)
 
     return _run_task(args, task)
 
@@ -482,11 +505,10 @@ def run_verify_speakers(args: argparse.Namespace) -> int:
 
     if len(args.audio) < 2:
         return error("verify-speakers compares files: give at least two AUDIO files", EXIT_USAGE)
-    failures_path = _default_failures_path(args, args.output or args.embeddings)
-    problem = _check_inputs(args) or _check_outputs(
-        args, [("--output", args.output), ("--embeddings", args.embeddings), ("--failures", failures_path)])
-    if problem:
-        return error(problem, EXIT_USAGE)
+    failures_path, code = _check_files(args, [("--output", args.output), ("--embeddings", args.embeddings)],
+                                       args.output or args.embeddings)
+    if code is not None:
+        return code
     if args.embeddings is not None and not args.embeddings.endswith((".npy", ".safetensors")):
         return error(f"--embeddings {args.embeddings}: the name must end in .npy or .safetensors", EXIT_USAGE)
 

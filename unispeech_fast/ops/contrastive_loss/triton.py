@@ -11,15 +11,13 @@ from __future__ import annotations
 import torch
 
 from .._triton_common import cdiv
+from .common import MAX_D  # the kernels' limit, read without importing triton
 from .reference import flat_masked_inputs
 
 __all__ = ["contrastive_loss_triton"]
 
 #: What the kernels run (``kernels/contrastive_loss.py``).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: The kernels' ``MAX_D`` (restated so that answering "can it run?" imports no triton; a test checks that
-#: the two agree).
-MAX_D = 1024
 _EPS = 1e-8
 
 

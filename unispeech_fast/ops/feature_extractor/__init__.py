@@ -31,8 +31,9 @@ CAPABILITIES = {
     "triton": Capabilities("the triton feature extractor", dtypes=triton.DTYPES),
     "cpp": Capabilities("the C++ feature extractor", devices=("cpu",), dtypes=CPP_DTYPES,
                         kernels=("conv_norm_gelu_fwd",)),
-    # Its device check stays in the backend's reasons, which name ``x`` (wording pinned by tests).
-    "cuda": Capabilities("the CUDA feature extractor", dtypes=extension.CUDA_DTYPES, kernels=("conv_norm_gelu_fwd",)),
+    # The backend's reasons also check the device, naming ``x`` (wording pinned by tests).
+    "cuda": Capabilities("the CUDA feature extractor", devices=("cuda",), dtypes=extension.CUDA_DTYPES,
+                         kernels=("conv_norm_gelu_fwd",)),
 }
 
 dispatch.register("feature_extractor", "eager")(feature_extractor_ref)

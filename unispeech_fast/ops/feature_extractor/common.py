@@ -1,5 +1,6 @@
 """The facts every layer of the stack and every backend of ``feature_extractor`` share, kept once: the norm
-codes (:class:`NormKind`) and the conv output length (:func:`conv_output_length`).
+codes (:class:`NormKind`), the conv output length (:func:`conv_output_length`) and the Triton kernels' limit
+(:data:`MAX_LAYER_NORM_CHANNELS`, read by the kernels and by the triton backend's reasons without importing triton).
 
 Imports nothing from the package, so that the configuration, the models, the tiling, the op's backends and
 the Triton launchers (``unispeech_fast.kernels.feature_extractor``) can all use it.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["NormKind", "conv_output_length"]
+__all__ = ["MAX_LAYER_NORM_CHANNELS", "NormKind", "conv_output_length"]
+
+#: Largest C_out the Triton layer-norm path holds in one tile (all channels of a frame in one program).
+MAX_LAYER_NORM_CHANNELS = 512
 
 
 class NormKind(enum.IntEnum):

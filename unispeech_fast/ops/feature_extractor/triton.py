@@ -8,16 +8,13 @@ from typing import Sequence
 import torch
 
 from .._triton_common import device_guard
-from .common import NormKind, conv_output_length
+from .common import MAX_LAYER_NORM_CHANNELS, NormKind, conv_output_length  # the kernels' limit: no triton import
 
 # One custom op per conv layer (forward) and one for its VJP, so the stack composes with autograd and
 # torch.compile. The kernels (unispeech_fast.kernels.feature_extractor) are imported lazily: importing
 # unispeech_fast never imports triton. The ``norm`` argument is the shared code (:class:`.common.NormKind`).
 #: What the kernels run (``kernels/feature_extractor.py``).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: The kernels' ``MAX_LAYER_NORM_CHANNELS`` (restated so that answering "can it run?" imports no triton; a test
-#: checks that the two agree).
-MAX_LAYER_NORM_CHANNELS = 512
 
 
 def _kernels():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._triton_common import cdiv, device_guard
+from .common import MAX_CODES  # the kernels' limit, read without importing triton
 
 # Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
 # _triton_backward: allocate, pick blocks, launch) -> custom ops with autograd (torch.library) ->
@@ -200,11 +201,6 @@ def _triton_backward_rule(ctx, grad_out, grad_perplexity, _grad_soft, _grad_inde
 _triton_fwd_op.register_autograd(_triton_backward_rule, setup_context=_triton_setup_context)
 
 
-#: The largest V the launch table serves (``unispeech_fast.kernels.gumbel_quantizer.MAX_V``; kept here so
-#: that answering "can it run?" does not import triton; a test checks that the two agree).
-_TRITON_MAX_CODES = 512
-
-
 def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, sample, gumbels=None, mask=None,
                                   return_indices=False) -> list[str]:
     reasons = []
@@ -223,8 +219,8 @@ def _triton_not_supported_reasons(logits, codevectors, num_groups, temperature, 
         reasons.append(f"codevectors on {codevectors.device} but logits on {logits.device}")
     if logits.device.type == "cpu" and torch.bfloat16 in (logits.dtype, codevectors.dtype):
         reasons.append("bfloat16 is broken in the Triton interpreter (CPU tensors); use float16/float32 or a GPU")
-    if num_codes > _TRITON_MAX_CODES:
-        reasons.append(f"V = {num_codes} codes per group exceeds the kernel's maximum {_TRITON_MAX_CODES}")
+    if num_codes > MAX_CODES:
+        reasons.append(f"V = {num_codes} codes per group exceeds the kernel's maximum {MAX_CODES}")
     if logits.shape[0] * logits.shape[1] * logits.shape[2] >= 2**31:
         reasons.append("frames * G * V must be below 2**31 (32-bit Philox offsets)")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
