@@ -153,3 +153,20 @@ def test_fresh_init_statistics_match_transformers_rules():
                 assert -1.0 <= mean <= 1.0, (name, pname, mean)
             else:
                 assert round(mean, 6) in (0.0, 1.0), (name, pname, mean)
+
+
+@pytest.mark.parametrize("name", ["ForCTC", "ForSequenceClassification", "ForAudioFrameClassification", "ForXVector"])
+def test_each_head_documents_its_labels_in_forward(name):
+    """``help(model.forward)`` shows the head's own ``labels`` contract and output, not only the shared text."""
+    import inspect
+
+    from unispeech_fast.models import heads
+
+    for family in ("UniSpeech", "UniSpeechSat"):
+        cls = getattr(uf, family + name, None)
+        if cls is None:
+            continue
+        doc = inspect.getdoc(cls.forward)
+        assert f"{name}: ``labels``" in doc, (cls.__name__, doc)
+        assert list(inspect.signature(cls.forward).parameters)[:4] == ["self", "input_values", "attention_mask", "labels"]
+    assert getattr(heads, name).forward is not heads._Head.forward

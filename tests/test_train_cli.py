@@ -381,6 +381,39 @@ def test_pretrain_trains_each_family(tmp_path, family, with_labels, capsys):
         assert (out / "final" / "vocab.json").is_file() == with_labels
 
 
+@pytest.mark.parametrize("family", ["UniSpeechSat", "UniSpeech"])
+def test_pretrain_passes_per_sample_noise_seeds(tmp_path, monkeypatch, capsys, family):
+    """The run's Gumbel noise and replace mix follow the seeding rule (README "Training"): every batch
+    reaches the head with one ``noise_seeds`` entry per sample, and a resume refuses a checkpoint whose
+    settings lack them (one written when the noise came from the global RNG)."""
+    cls = getattr(uf, family + "ForPreTraining")
+    seen = []
+    forward = cls.forward
+
+    def spy(self, *args, **kwargs):
+        seeds = kwargs.get("noise_seeds")
+        seen.append(None if seeds is None else (tuple(seeds.shape), kwargs["input_values"].shape[0]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    model = _checkpoint(tmp_path, family)
+    tsv, labels = _fairseq_corpus(tmp_path, family)
+    out = tmp_path / "run"
+    common = ("--labels", str(labels), "--max-steps", "3")
+    assert _pretrain(model, tsv, out, *common, "--save-every", "1") == 0
+    assert seen and all(s is not None and s[0] == (s[1],) for s in seen), seen
+    from unispeech_fast.train.loop import STATE_FILE
+
+    state_path = next(out.glob(f"**/{STATE_FILE}"))
+    state = torch.load(state_path, weights_only=True)
+    assert state["objective"]["noise_seeds"] is True
+    del state["objective"]["noise_seeds"]
+    torch.save(state, state_path)
+    capsys.readouterr()
+    assert _pretrain(model, tsv, tmp_path / "resumed", *common, "--resume", str(state_path.parent)) == 2
+    assert "objective=" in capsys.readouterr().err
+
+
 def test_gumbel_schedule_is_set_on_the_model_before_each_step(tmp_path):
     from unispeech_fast.train.pretrain import PretrainObjective, gumbel_temperature
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .masking import compute_mask_indices
+from .ops.contrastive_loss.reference import gather_rows
 
 __all__ = [
     "compute_mask_indices",
@@ -216,11 +217,7 @@ def utterance_contrastive_loss(
     work = torch.promote_types(speaker.dtype, torch.float32)
     speaker_n = speaker.to(work) / speaker.to(work).norm(dim=-1, keepdim=True).clamp_min(1e-8)
     targets_n = targets.to(work) / targets.to(work).norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    # index_select, not targets_n[candidates]: the same values, but its backward (index_add) sums the
-    # repeated candidates in index order, where advanced indexing's (index_put with accumulate) adds them
-    # with atomic float adds in thread order on CPU (float32, >= 32768 elements, > 1 thread), so the
-    # gradient would change from run to run.
-    gathered = targets_n.index_select(0, candidates.reshape(-1)).view(m, candidates.shape[1], -1)
+    gathered = gather_rows(targets_n, candidates)  # [M, K, D]; run-to-run reproducible backward
     scores = torch.cat([(speaker_n * targets_n).sum(-1, keepdim=True),
                         torch.einsum("md,mkd->mk", speaker_n, gathered)], dim=1) / temperature
     return F.binary_cross_entropy_with_logits(scores, same.to(work), reduction="none").mean(dim=1).sum()

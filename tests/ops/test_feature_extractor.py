@@ -40,11 +40,13 @@ def _samples_for_frames(frames: int, kernels, strides, extra: int = 0) -> int:
 
 
 def _params(channels, kernels, norm_type, bias, seed=0, device="cpu"):
-    """fp64 parameters: per-layer conv weight, conv bias (or None), norm weight/bias (or None)."""
+    """fp64 parameters: per-layer conv weight, conv bias (or None), norm weight/bias (or None).
+    ``channels`` is every layer's width, or one width per layer."""
     g = torch.Generator().manual_seed(seed)
     ws, bs, gs, betas = [], [], [], []
     c_in = 1
-    for i, k in enumerate(kernels):
+    widths = [channels] * len(kernels) if isinstance(channels, int) else list(channels)
+    for i, (k, channels) in enumerate(zip(kernels, widths, strict=True)):
         ws.append(torch.randn(channels, c_in, k, generator=g, dtype=torch.float64) / (c_in * k) ** 0.5)
         bs.append(0.2 * torch.randn(channels, generator=g, dtype=torch.float64) if bias else None)
         has_norm = norm_type == "layer" or i == 0
@@ -144,6 +146,17 @@ def test_matches_fp64_reference_with_grads(backend, norm_type, bias, dtype, fram
     x = torch.randn(2, samples, dtype=torch.float64).to(device)
     params = _params(8, SMALL_KERNELS, norm_type, bias, device=device)
     _check(x, params, list(SMALL_STRIDES), norm_type, dtype, backend)
+
+
+@pytest.mark.parametrize("norm_type", ["group", "layer"])
+@pytest.mark.parametrize("backend", declaring("feature_extractor", torch.float32))
+def test_widths_that_change_per_layer(backend, norm_type):
+    """A stack whose layers have different widths (8, 6, 5), all gradients (was test_cpp_ops'
+    feature_extractor_grads_small)."""
+    device = device_for("feature_extractor", backend)
+    x = torch.randn(2, 211, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    params = _params((8, 6, 5), SMALL_KERNELS, norm_type, True, device=device)
+    _check(x, params, list(SMALL_STRIDES), norm_type, torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend", declaring("feature_extractor", torch.float32))

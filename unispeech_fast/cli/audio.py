@@ -281,7 +281,7 @@ def _is_corpus_job(args: argparse.Namespace) -> bool:
     return getattr(args, "manifest", None) is not None or not args.audio
 
 
-def _start(args: argparse.Namespace, command: str, outputs: Sequence[tuple[str, str | None]],
+def _corpus_job_or_check_files(args: argparse.Namespace, command: str, outputs: Sequence[tuple[str, str | None]],
            failures_next_to: str | None) -> tuple[str | None, int | None]:
     """What a file command does before loading a model: a corpus job (:func:`_is_corpus_job`) runs as one, else
     :func:`_check_files`. Returns ``(failures path, None)`` to go on, or ``(None, exit code)``."""
@@ -342,11 +342,11 @@ def _finish(args: argparse.Namespace, failures: dict[str, str], failures_path: s
                   EXIT_FAILURE)
 
 
-def _write_lines_and_finish(args: argparse.Namespace, lines: Sequence[str], write: bool, failures: dict[str, str],
+def _write_lines_and_finish(args: argparse.Namespace, lines: Sequence[str], any_result: bool, failures: dict[str, str],
                             failures_path: str | None) -> int:
-    """Write ``lines`` to ``--output`` (stdout without one) if ``write`` or there is no ``--output``, then
+    """Write ``lines`` to ``--output`` (stdout without one) if ``any_result`` or there is no ``--output``, then
     :func:`_finish`; a failed write is the exit code."""
-    if write or args.output is None:
+    if any_result or args.output is None:
         code = _write_or_fail(lambda: _write_lines(lines, args.output), f"--output {args.output}")
         if code is not None:
             return code
@@ -453,7 +453,7 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_transcribe(args: argparse.Namespace) -> int:
     from .. import audio
 
-    failures_path, code = _start(args, "transcribe", [("--output", args.output)], args.output)
+    failures_path, code = _corpus_job_or_check_files(args, "transcribe", [("--output", args.output)], args.output)
     if code is not None:
         return code
 
@@ -474,7 +474,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
 def run_diarize(args: argparse.Namespace) -> int:
     from .. import audio
 
-    failures_path, code = _start(args, "diarize", [("--output", args.output)], args.output)
+    failures_path, code = _corpus_job_or_check_files(args, "diarize", [("--output", args.output)], args.output)
     if code is not None:
         return code
     ids: dict[str, str] = {}

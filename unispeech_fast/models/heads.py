@@ -4,6 +4,8 @@ ForAudioFrameClassification, ForXVector) and the two pretraining heads."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import contextvars
 from typing import Any, ClassVar, Iterator
 
@@ -69,6 +71,22 @@ def _check_class_labels(labels: Any, batch: int, num_labels: int) -> torch.Tenso
 
 class _Head(PreTrainedModel):
     backbone_cls: ClassVar[type[Backbone]]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A head that defines ``_head_forward`` gets a ``forward`` whose docstring is the shared one
+        followed by the head's own (its ``labels`` contract and outputs), so ``help(cls.forward)`` shows it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("_head_forward")
+        if own is None or "forward" in cls.__dict__ or not own.__doc__:
+            return
+
+        @functools.wraps(_Head.forward)
+        def forward(self, *args, **kwargs):
+            return _Head.forward(self, *args, **kwargs)
+
+        own_doc = inspect.cleandoc(own.__doc__).replace("\n", "\n        ")
+        forward.__doc__ = f"{_Head.forward.__doc__}\n\n        {cls.__name__}: {own_doc}"
+        cls.forward = forward
 
     def _make_backbone(self, config) -> None:
         setattr(self, self.base_model_prefix, self.backbone_cls(config, _init_weights=False))

@@ -66,7 +66,8 @@ class PretrainObjective:
 
     def settings(self) -> dict:
         """What an exact resume must repeat (kept in the checkpoint and compared on ``--resume``)."""
-        return {"objective": "pretrain", "gumbel_temperature": list(self.schedule), "mixing_prob": self.mixing_prob}
+        return {"objective": "pretrain", "gumbel_temperature": list(self.schedule), "mixing_prob": self.mixing_prob,
+                **self.collator_options()}
 
     def collator_options(self) -> dict:
         """Per-sample seeds for the heads' Gumbel noise and replace mix (the seeding rule)."""

@@ -23,6 +23,21 @@ __all__ = ["contrastive_loss_ref", "flat_masked_inputs", "COSINE_EPS"]
 COSINE_EPS = 1e-8
 
 
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for ``x`` ``[N, D]`` and an integer ``index`` of any shape -> ``[*index.shape, D]``,
+    with a backward that gives the same gradient on every run.
+
+    Repeated indices sum their gradients. On CPU advanced indexing's backward (index_put with accumulate)
+    adds them with atomic float adds in thread order (float32, >= 32768 elements, > 1 thread), so the sum
+    changes from run to run; ``index_select``'s backward (index_add) adds in index order there. On CUDA it
+    is the other way round (index_add uses atomics; index_put with accumulate sorts), so each device takes
+    the one that is deterministic on it. The forward values are identical either way.
+    """
+    if x.device.type == "cpu":
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, x.shape[-1])
+    return x[index]
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
@@ -54,9 +69,7 @@ def contrastive_loss_ref(
     flat_targets = targets.reshape(batch * frames, dim)
     pred = _normalise(predictions.reshape(batch * frames, dim)[rows].to(work))  # [M, D]
     pos = _normalise(flat_targets[rows].to(work))  # [M, D]
-    # index_select: its backward adds repeated negatives in index order (advanced indexing's backward
-    # adds them with atomic float adds in thread order on CPU; see pretraining.utterance_contrastive_loss)
-    neg = _normalise(flat_targets.index_select(0, neg_idx.reshape(-1)).view(*neg_idx.shape, dim).to(work))  # [M, K, D]
+    neg = _normalise(gather_rows(flat_targets, neg_idx).to(work))  # [M, K, D]
     logits = torch.cat([(pred * pos).sum(-1, keepdim=True), torch.einsum("md,mkd->mk", pred, neg)], dim=1)
     logits = logits / temperature
     with torch.no_grad():
