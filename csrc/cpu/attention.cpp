@@ -15,17 +15,22 @@
 // Key blocks at or past L are never touched.
 //
 // Work split: at::parallel_for over batch x heads x query blocks of kBlockM rows; per task a loop over
-// key blocks of kBlockN keys. The two products per tile (S = scale Q K^T and acc += P V) are BLAS
-// GEMMs on the strided [B, T, H, D] views (one thread each inside parallel_for); the softmax pass over
-// S is explicit AVX-512 where the CPU has it, else compiled for AVX2+FMA or baseline x86-64 and
-// picked at run time. Working set per task: S (128 x 384 fp32, 192 KiB), the K and V blocks
-// (2 x 384 x D) and the accumulator (128 x D): about 420 KiB at D = 64, within a 1 MiB L2.
+// key blocks of kBlockN keys. Two implementations of the tile loop:
+// - attention_kernel_avx512 (fp32 on AVX-512 CPUs, bf16 on AVX512_BF16 CPUs): both products on
+//   register-tiled microkernels (6 rows x 64 columns of fp32 accumulators; FMA, or VDPBF16PS on pairs of
+//   bf16) over K^T and V packed once per thread and (batch, head), the softmax pass vectorised and fused
+//   with the bf16 rounding of the probabilities. Blocks kAvx512BlockM x kAvx512BlockN (128 x 256).
+// - attention_kernel (fp64, and fp32 / bf16 elsewhere): the two products per tile (S = scale Q K^T and
+//   acc += P V) are BLAS GEMMs on the strided [B, T, H, D] views (one thread each inside parallel_for);
+//   the softmax pass over S is explicit AVX-512 where the CPU has it, else compiled for AVX2+FMA or
+//   baseline x86-64 and picked at run time. Working set per task: S (128 x 384 fp32, 192 KiB), the K and
+//   V blocks (2 x 384 x D) and the accumulator (128 x D): about 420 KiB at D = 64, within a 1 MiB L2.
 //
-// Precision: fp32 inputs compute in fp32; fp64 in fp64 (a reference-accuracy path). bf16 inputs use
-// MKL's bf16 GEMM (bf16 products, fp32 accumulation) for both products, with the scores, softmax
-// statistics and accumulator in fp32 and the probabilities rounded to bf16 for the P V product (as
-// ATen's CPU flash attention does); the output is rounded to bf16 once. fp16 inputs, and bf16 where
-// libtorch exports no bf16 GEMM, are widened to fp32 once (exact) and computed in fp32.
+// Precision: fp32 inputs compute in fp32; fp64 in fp64 (a reference-accuracy path). bf16 inputs use bf16
+// products with fp32 accumulation for both products (VDPBF16PS, or MKL's bf16 GEMM on CPUs without
+// AVX512_BF16), with the scores, softmax statistics and accumulator in fp32 and the probabilities rounded
+// to bf16 for the P V product (as ATen's CPU flash attention does); the output is rounded to bf16 once.
+// fp16 inputs, and bf16 where neither exists, are widened to fp32 once (exact) and computed in fp32.
 #include <torch/library.h>
 
 #include <limits>
@@ -45,6 +50,11 @@ namespace {
 // 32..256 x 256..1024 on the 2-core AVX-512 development machine: 128 x 256..512 was best, 64 rows ~10% slower.
 constexpr int64_t kBlockM = 128;  // queries per task
 constexpr int64_t kBlockN = 384;  // keys per tile
+// The AVX-512 path (attention_kernel_avx512), measured the same way (2026-11-30, fp32 and bf16, T = 500 and
+// 1500, interleaved, under load): 128 x 256 to 128 x 512 within noise of each other; 64 rows and 256 x 256
+// up to 10% slower at T = 500.
+constexpr int64_t kAvx512BlockM = 128;
+constexpr int64_t kAvx512BlockN = 256;
 
 // ---------------------------------------------------------------------------------------------- GEMMs
 // MKL's bf16 x bf16 -> fp32 GEMM (column-major, Fortran calling convention), exported by libtorch on
@@ -172,6 +182,260 @@ struct Strided {
   int64_t b, t, h;  // element strides of a [B, T, H, D] tensor with unit stride along D
 };
 
+#if defined(__x86_64__) || defined(__i386__)
+// ---------------------------------------------------------------------------------------------- AVX-512 path
+// fp32 and bf16 on CPUs with AVX-512 (bf16: AVX512_BF16): both products on register-tiled microkernels
+// over operands packed once per thread and (batch, head), the softmax pass fused with the bf16 rounding of
+// the probabilities. Why not BLAS: MKL's bf16 GEMM ran at fp32 speed on the AMD development machine (no
+// AVX512_BF16 code path there), and every BLAS call repacks its operands: K and V were repacked once per
+// query block.
+#define USF_TARGET_AVX512_ALL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define USF_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+inline bool cpu_has_avx512_all() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512_all() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// fp32 -> bf16 on 16 lanes, round to nearest even (finite inputs: these are probabilities in [0, 1]).
+USF_TARGET_AVX512_ALL inline __m256i bf16_of(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+// The softmax pass of one row (as softmax_row) writing p to `out` (fp32, in place allowed, or bf16) and
+// zeros to out[n, n_pad): the padding columns the microkernels read. The sum is of the fp32 p.
+template <typename TOut>
+USF_TARGET_AVX512_ALL void softmax_row_to(const float* s, TOut* out, int64_t n, int64_t n_pad, float* m, float* alpha,
+                                          float* sum) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax = neg_inf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1u);
+  if (j < n) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(neg_inf, tail, s + j));
+  const float mx = std::max(*m, _mm512_reduce_max_ps(vmax));
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j < n_pad; j += 16) {  // n_pad is a multiple of 16; lanes at or past n become 0
+    const __mmask16 live = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : j < n ? tail : static_cast<__mmask16>(0);
+    const __m512 p = _mm512_maskz_mov_ps(live, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), vm)));
+    if constexpr (std::is_same_v<TOut, float>) {
+      _mm512_storeu_ps(out + j, p);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), bf16_of(p));
+    }
+    vsum = _mm512_add_ps(vsum, p);
+  }
+  *alpha = *m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_f32(*m - mx);
+  *m = mx;
+  *sum = _mm512_reduce_add_ps(vsum);
+}
+
+// C[R, 16 NC] (row stride ldc) = alpha A[R, K] B[K, 16 NC], or C += A B (accumulate; alpha unused), with A
+// rows of K units (stride lda), B rows of 16 NC units (stride ldb). A unit is one float (fp32: FMA with a
+// broadcast a) or two bf16 along the reduction (VDPBF16PS: each fp32 lane adds a0 b0 + a1 b1).
+#define USF_MICRO_BODY(BCAST, LOAD, FMA)                                                                     \
+  __m512 c[R][NC];                                                                                           \
+  for (int r = 0; r < R; ++r)                                                                                \
+    for (int n = 0; n < NC; ++n) c[r][n] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * n) : _mm512_setzero_ps(); \
+  for (int64_t p = 0; p < K; ++p) {                                                                          \
+    decltype(LOAD(B)) b[NC];                                                                                 \
+    for (int n = 0; n < NC; ++n) b[n] = LOAD(B + p * ldb + 16 * n);                                          \
+    for (int r = 0; r < R; ++r) {                                                                            \
+      const auto a = BCAST(A[r * lda + p]);                                                                  \
+      for (int n = 0; n < NC; ++n) c[r][n] = FMA(c[r][n], a, b[n]);                                          \
+    }                                                                                                        \
+  }                                                                                                          \
+  const __m512 va = _mm512_set1_ps(alpha);                                                                   \
+  for (int r = 0; r < R; ++r)                                                                                \
+    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(C + r * ldc + 16 * n, accumulate ? c[r][n] : _mm512_mul_ps(c[r][n], va));
+
+struct MicroF32 {
+  using Unit = float;
+  template <int R, int NC>
+  USF_TARGET_AVX512_ALL static void micro(int64_t K, const Unit* A, int64_t lda, const Unit* B, int64_t ldb, float* C,
+                                          int64_t ldc, float alpha, bool accumulate) {
+#define USF_LOAD_F32(ptr) _mm512_loadu_ps(ptr)
+#define USF_FMA_F32(acc, a, bv) _mm512_fmadd_ps(a, bv, acc)
+    USF_MICRO_BODY(_mm512_set1_ps, USF_LOAD_F32, USF_FMA_F32)
+  }
+};
+struct MicroBF16 {
+  using Unit = uint32_t;  // two bf16, the lower one first
+  template <int R, int NC>
+  USF_TARGET_AVX512_BF16 static void micro(int64_t K, const Unit* A, int64_t lda, const Unit* B, int64_t ldb, float* C,
+                                           int64_t ldc, float alpha, bool accumulate) {
+#define USF_BCAST_BF16(x) (__m512bh) _mm512_set1_epi32(static_cast<int>(x))
+#define USF_LOAD_BF16(ptr) (__m512bh) _mm512_loadu_si512(ptr)
+    USF_MICRO_BODY(USF_BCAST_BF16, USF_LOAD_BF16, _mm512_dpbf16_ps)
+  }
+};
+#undef USF_MICRO_BODY
+
+// C[M, 16 N16] = alpha A[M, K] B[K, 16 N16] (or += A B): rows in tiles of 6 (24 accumulators + 4 B vectors
+// fit the 32 registers), columns in tiles of 64.
+template <class Mk, int R>
+void micro_rows(int64_t N16, int64_t K, const typename Mk::Unit* A, int64_t lda, const typename Mk::Unit* B,
+                int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  int64_t n = 0;
+  for (; n + 4 <= N16; n += 4) Mk::template micro<R, 4>(K, A, lda, B + 16 * n, ldb, C + 16 * n, ldc, alpha, accumulate);
+  switch (N16 - n) {
+    case 3: Mk::template micro<R, 3>(K, A, lda, B + 16 * n, ldb, C + 16 * n, ldc, alpha, accumulate); break;
+    case 2: Mk::template micro<R, 2>(K, A, lda, B + 16 * n, ldb, C + 16 * n, ldc, alpha, accumulate); break;
+    case 1: Mk::template micro<R, 1>(K, A, lda, B + 16 * n, ldb, C + 16 * n, ldc, alpha, accumulate); break;
+    default: break;
+  }
+}
+
+template <class Mk>
+void micro_gemm(int64_t M, int64_t N16, int64_t K, const typename Mk::Unit* A, int64_t lda, const typename Mk::Unit* B,
+                int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
+  constexpr int kRows = 6;
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) micro_rows<Mk, kRows>(N16, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+  const auto* a = A + i * lda;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: micro_rows<Mk, 5>(N16, K, a, lda, B, ldb, c, ldc, alpha, accumulate); break;
+    case 4: micro_rows<Mk, 4>(N16, K, a, lda, B, ldb, c, ldc, alpha, accumulate); break;
+    case 3: micro_rows<Mk, 3>(N16, K, a, lda, B, ldb, c, ldc, alpha, accumulate); break;
+    case 2: micro_rows<Mk, 2>(N16, K, a, lda, B, ldb, c, ldc, alpha, accumulate); break;
+    case 1: micro_rows<Mk, 1>(N16, K, a, lda, B, ldb, c, ldc, alpha, accumulate); break;
+    default: break;
+  }
+}
+
+inline uint32_t bf16_pair(c10::BFloat16 lo, c10::BFloat16 hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+// Tin float or bf16. Per thread, K and V of the (batch, head) its tasks are on are packed once (tasks are
+// ordered batch, head, query block, so a thread's contiguous range of tasks repacks only when the head
+// changes): Kp = K^T per key block [block][unit of D][kAvx512BlockN keys], Vp [unit of keys][Dp] (bf16: pairs of
+// consecutive keys), zero past the valid length up to a multiple of 16 keys and past D up to Dp =
+// roundup(D, 16). Working memory per thread: that packing (2 L Dp units) plus the tile buffers.
+template <typename Tin>
+void attention_kernel_avx512(const Tin* q, Strided sq, const Tin* k, Strided sk, const Tin* v, Strided sv, Tin* out,
+                             Strided so, int64_t B, int64_t N, int64_t H, int64_t D, const int32_t* lens,
+                             const float* head_mask, float scale) {
+  constexpr bool kF32 = std::is_same_v<Tin, float>;
+  using Mk = std::conditional_t<kF32, MicroF32, MicroBF16>;
+  using U = typename Mk::Unit;
+  constexpr int64_t BM = kAvx512BlockM, BN = kAvx512BlockN, kPerUnit = kF32 ? 1 : 2;
+  static_assert(BN % 32 == 0, "whole 16-lane chunks of keys and of key pairs");
+  const int64_t n_qblocks = (N + BM - 1) / BM, n_kblocks = (N + BN - 1) / BN;
+  const int64_t Dp = (D + 15) / 16 * 16, Du = (D + kPerUnit - 1) / kPerUnit;  // Du: units of the Q K^T reduction
+  const Tin zero = static_cast<Tin>(0.0f);
+  at::parallel_for(0, B * H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(BM * BN), acc(BM * Dp), m(BM), l(BM);
+    std::vector<Tin> P(kF32 ? 0 : BM * BN);
+    std::vector<U> Qp(kF32 ? 0 : BM * Du), Kp(n_kblocks * Du * BN), Vp(n_kblocks * (BN / kPerUnit) * Dp);
+    int64_t packed = -1;  // the (batch, head) whose K and V are in Kp, Vp
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblocks, bh = task / n_qblocks, h = bh % H, b = bh / H;
+      const int64_t t0 = qb * BM, rows = std::min(BM, N - t0);
+      const int64_t L = lens == nullptr ? N : lens[b];
+      const float hm = head_mask == nullptr ? 1.0f : head_mask[h];
+      const Tin* qp = q + b * sq.b + t0 * sq.t + h * sq.h;
+      const Tin* kp = k + b * sk.b + h * sk.h;
+      const Tin* vp = v + b * sv.b + h * sv.h;
+      Tin* op = out + b * so.b + t0 * so.t + h * so.h;
+      if (L == 0) {  // every key padded: uniform attention over all N keys (as attention_kernel)
+        std::fill(acc.begin(), acc.begin() + D, 0.0f);
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(vp[j * sv.t + d]);
+        const float w = hm / static_cast<float>(N);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t d = 0; d < D; ++d) op[i * so.t + d] = static_cast<Tin>(acc[d] * w);
+        continue;
+      }
+      if (packed != bh) {
+        packed = bh;
+        for (int64_t j0 = 0; j0 < L; j0 += BN) {
+          const int64_t cols = std::min(BN, L - j0), cols16 = (cols + 15) / 16 * 16;
+          U* kb = Kp.data() + (j0 / BN) * Du * BN;
+          for (int64_t j = 0; j < cols16; ++j) {
+            const Tin* kr = kp + (j0 + j) * sk.t;
+            for (int64_t u = 0; u < Du; ++u) {
+              if constexpr (kF32) {
+                kb[u * BN + j] = j < cols ? kr[u] : 0.0f;
+              } else {
+                kb[u * BN + j] = j < cols ? bf16_pair(kr[2 * u], 2 * u + 1 < D ? kr[2 * u + 1] : zero) : 0u;
+              }
+            }
+          }
+          for (int64_t u = 0; u < cols16 / kPerUnit; ++u) {
+            U* dst = Vp.data() + (j0 / kPerUnit + u) * Dp;
+            const int64_t j = u * kPerUnit;
+            const Tin* v0 = vp + (j0 + j) * sv.t;
+            for (int64_t d = 0; d < D; ++d) {
+              if constexpr (kF32) {
+                dst[d] = j < cols ? v0[d] : 0.0f;
+              } else {
+                dst[d] = bf16_pair(j < cols ? v0[d] : zero, j + 1 < cols ? v0[sv.t + d] : zero);
+              }
+            }
+            std::fill(dst + D, dst + Dp, U(0));
+          }
+        }
+      }
+      const U* qa;  // the query block as rows of Du units
+      int64_t ldq;
+      if constexpr (kF32) {
+        qa = qp;
+        ldq = sq.t;
+      } else {
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t u = 0; u < Du; ++u)
+            Qp[i * Du + u] = bf16_pair(qp[i * sq.t + 2 * u], 2 * u + 1 < D ? qp[i * sq.t + 2 * u + 1] : zero);
+        qa = Qp.data();
+        ldq = Du;
+      }
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.begin() + rows * Dp, 0.0f);
+      for (int64_t j0 = 0; j0 < L; j0 += BN) {
+        const int64_t cols = std::min(BN, L - j0), cols16 = (cols + 15) / 16 * 16;
+        // S[rows, cols16] = scale * Q K^T (columns past cols see zero keys: score 0, masked below)
+        micro_gemm<Mk>(rows, cols16 / 16, Du, qa, ldq, Kp.data() + (j0 / BN) * Du * BN, BN, S.data(), BN, scale, false);
+        for (int64_t i = 0; i < rows; ++i) {
+          float alpha, sum;
+          float* srow = S.data() + i * BN;
+          if constexpr (kF32) {
+            softmax_row_to<float>(srow, srow, cols, cols16, &m[i], &alpha, &sum);
+          } else {
+            softmax_row_to<Tin>(srow, P.data() + i * BN, cols, cols16, &m[i], &alpha, &sum);
+          }
+          l[i] = l[i] * alpha + sum;
+          if (alpha != 1.0f) {
+            float* a = acc.data() + i * Dp;
+            for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha;
+          }
+        }
+        // acc[rows, Dp] += P[rows, cols16] V[j0:j0+cols16, Dp] (P is 0 past cols, V is 0 past L)
+        const U* pa;
+        if constexpr (kF32) pa = S.data(); else pa = reinterpret_cast<const U*>(P.data());
+        micro_gemm<Mk>(rows, Dp / 16, cols16 / kPerUnit, pa, BN / kPerUnit, Vp.data() + (j0 / kPerUnit) * Dp, Dp,
+                       acc.data(), Dp, 1.0f, true);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float w = hm / l[i];
+        const float* a = acc.data() + i * Dp;
+        Tin* o = op + i * so.t;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Tin>(a[d] * w);
+      }
+    }
+  });
+}
+#endif  // x86
+
 // Tin: the element type of q, k, v and out (float, double, or bf16 with MKL's bf16 GEMM); T: the
 // compute type of the scores, softmax statistics and accumulator (float for float/bf16, double).
 template <typename Tin, typename T>
@@ -292,6 +556,19 @@ at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   }
 
   const int32_t* lens_ptr = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
+#if defined(__x86_64__) || defined(__i386__)
+  if (q.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
+    // bf16 products with fp32 accumulation (VDPBF16PS); scores, softmax statistics and the accumulator in
+    // fp32; the probabilities rounded to bf16 for the P V product; the output rounded once.
+    at::Tensor out = at::empty({B, N, H, D}, q.options());
+    if (out.numel() == 0) return out;
+    attention_kernel_avx512<c10::BFloat16>(
+        q.data_ptr<c10::BFloat16>(), strides_of(q), k.data_ptr<c10::BFloat16>(), strides_of(k),
+        v.data_ptr<c10::BFloat16>(), strides_of(v), out.data_ptr<c10::BFloat16>(), strides_of(out), B, N, H, D,
+        lens_ptr, hmask.defined() ? hmask.data_ptr<float>() : nullptr, static_cast<float>(scale));
+    return out;
+  }
+#endif
   if (q.scalar_type() == at::kBFloat16 && has_bf16_gemm()) {
     // bf16 products with fp32 accumulation (MKL); scores, softmax statistics and the accumulator in
     // fp32; the probabilities rounded to bf16 for the P V product; the output rounded once.
@@ -313,6 +590,15 @@ at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
                              vc.data_ptr<double>(), strides_of(vc), out.data_ptr<double>(), strides_of(out), B, N, H,
                              D, lens_ptr, hmask.defined() ? hmask.data_ptr<double>() : nullptr, scale);
   } else {
+#if defined(__x86_64__) || defined(__i386__)
+    if (cpu_has_avx512_all()) {
+      attention_kernel_avx512<float>(qc.data_ptr<float>(), strides_of(qc), kc.data_ptr<float>(), strides_of(kc),
+                                     vc.data_ptr<float>(), strides_of(vc), out.data_ptr<float>(), strides_of(out), B, N,
+                                     H, D, lens_ptr, hmask.defined() ? hmask.data_ptr<float>() : nullptr,
+                                     static_cast<float>(scale));
+      return narrow ? out.to(q.scalar_type()) : out;
+    }
+#endif
     attention_kernel<float, float>(qc.data_ptr<float>(), strides_of(qc), kc.data_ptr<float>(), strides_of(kc),
                             vc.data_ptr<float>(), strides_of(vc), out.data_ptr<float>(), strides_of(out), B, N, H, D,
                             lens_ptr, hmask.defined() ? hmask.data_ptr<float>() : nullptr, static_cast<float>(scale));

@@ -508,10 +508,35 @@ def test_cpp_padding_and_head_mask(dtype, frames):
     assert torch.all(dk[~mask] == 0) and torch.all(dv[~mask] == 0)  # padded keys get no gradient
 
 
-@pytest.mark.parametrize("head_dim", [1, 16, 80])
-def test_cpp_other_head_dims(head_dim):
-    q, k, v = make_qkv(2, 300, 3, head_dim, torch.float32)
-    check_against_reference(q, k, v, backend="cpp", key_padding_mask=right_padded_mask([300, 257], 300))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [1, 16, 17, 80])
+def test_cpp_other_head_dims(head_dim, dtype):
+    """Head dims that are not a multiple of the 16-lane vectors (1, 17, 80) or odd (bf16 pairs them along
+    the reduction), with valid lengths across and just past a key block (257) and below one vector (9)."""
+    q, k, v = make_qkv(3, 300, 3, head_dim, dtype)
+    check_against_reference(q, k, v, backend="cpp", key_padding_mask=right_padded_mask([300, 257, 9], 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_same_bits_for_any_thread_count(dtype):
+    """Each (batch, head, query block) is one task whatever the thread count, and the K / V packing a thread
+    keeps is per (batch, head): 1, 2 and 3 threads (different task ranges per thread, so different reuse of
+    the packing, across rows of different lengths and an empty row) give the same bits."""
+    q, k, v = make_qkv(4, 700, 3, 64, dtype)
+    mask = right_padded_mask([700, 0, 301, 5], 700)
+    head_mask = torch.tensor([1.0, 0.0, 0.5])
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with dispatch.backend("cpp"), torch.no_grad():
+                outs.append(attention(q, k, v, key_padding_mask=mask, head_mask=head_mask)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), key_padding_mask=mask, head_mask=head_mask.double())
+    torch.testing.assert_close(outs[0].double(), ref, atol={torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], rtol=0)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
