@@ -9,10 +9,10 @@ the backward recomputes the forward with PyTorch's SDPA under autograd, activati
 in fp32 for half inputs, with the reference's masking) -> the dispatch backend
 :func:`attention_cpp` (argument handling, ``not_supported_reasons``).
 
-The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run on MKL's
-bf16 GEMM with fp32 accumulation, the scores, softmax statistics and accumulator are fp32, and the
-probabilities are rounded to bf16 for the product with V; float16 is widened to fp32; the output is
-rounded to the input dtype once (see the kernel's header comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
+The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run in bf16 with
+fp32 accumulation (AVX512_BF16 microkernels, or MKL's bf16 GEMM on CPUs without them), the scores, softmax
+statistics and accumulator are fp32, and the probabilities are rounded to bf16 for the product with V;
+float16 is widened to fp32; the output is rounded to the input dtype once (see the kernel's header comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
 attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
 served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
 inference only: with gradients its recomputing backward always costs more than the eager backend's.
