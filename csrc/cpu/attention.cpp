@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -163,6 +164,9 @@ void softmax_row(float* s, int64_t n, float* m, float* alpha, float* sum) {
 #endif
   softmax_row_generic(s, n, m, alpha, sum);
 }
+
+inline float exp_of(float x) { return exp_f32(x); }
+inline double exp_of(double x) { return std::exp(x); }
 
 void softmax_row(double* s, int64_t n, double* m, double* alpha, double* sum) {
   double mx = *m;
@@ -505,6 +509,49 @@ void attention_kernel(const Tin* q, Strided sq, const Tin* k, Strided sk, const 
 
 Strided strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Checks shared by attention_fwd and attention_bwd; each names the op and the argument.
+void check_like_q(const char* op, const at::Tensor& q, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be [batch, frames, heads, head_dim], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ",
+              t.strides());
+}
+
+void check_blas_size(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.size(1) * q.size(2) * q.size(3) <= std::numeric_limits<int>::max() && q.size(3) <= 1024, op,
+              ": q is too large for the BLAS calls (frames * heads * head_dim must fit in int32, head_dim <= 1024), "
+              "got shape ", q.sizes());
+}
+
+// seqlens as a contiguous int32 [B] with values in [0, N], or undefined.
+at::Tensor checked_lens(const char* op, const std::optional<at::Tensor>& seqlens, int64_t B, int64_t N) {
+  if (!seqlens.has_value()) return at::Tensor();
+  TORCH_CHECK(seqlens->device().is_cpu(), op, ": seqlens must be a CPU tensor, got device ", seqlens->device());
+  TORCH_CHECK(seqlens->scalar_type() == at::kInt, op, ": seqlens must be int32, got ", seqlens->scalar_type());
+  TORCH_CHECK(seqlens->dim() == 1 && seqlens->size(0) == B, op, ": seqlens must be [", B, "], got shape ",
+              seqlens->sizes());
+  at::Tensor lens = seqlens->contiguous();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] <= N, op, ": seqlens[", b, "] must be in [0, ", N, "] (valid keys), got ", lp[b]);
+  return lens;
+}
+
+// head_mask as a contiguous [H] tensor of the compute dtype, or undefined.
+at::Tensor checked_head_mask(const char* op, const std::optional<at::Tensor>& head_mask, int64_t H,
+                             at::ScalarType compute) {
+  if (!head_mask.has_value()) return at::Tensor();
+  TORCH_CHECK(head_mask->device().is_cpu(), op, ": head_mask must be a CPU tensor, got device ", head_mask->device());
+  TORCH_CHECK(head_mask->dim() == 1 && head_mask->size(0) == H, op, ": head_mask must be [", H, "], got shape ",
+              head_mask->sizes());
+  TORCH_CHECK(at::isFloatingType(head_mask->scalar_type()), op, ": head_mask must be floating point, got ",
+              head_mask->scalar_type());
+  return head_mask->to(compute).contiguous();
+}
+
 at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& seqlens, const std::optional<at::Tensor>& head_mask,
                              double scale) {
@@ -513,47 +560,17 @@ at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   const at::Tensor* qkv[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
     const at::Tensor& t = *qkv[i];
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", names[i], " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.dim() == 4, op, ": ", names[i], " must be [batch, frames, heads, head_dim], got shape ", t.sizes());
+    check_like_q(op, q, t, names[i]);
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16 ||
                     t.scalar_type() == at::kHalf,
                 op, ": ", names[i], " must be float32, float64, bfloat16 or float16 on CPU, got ", t.scalar_type());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", names[i], " must have the dtype of q (",
-                q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", names[i], " must have the shape of q ", q.sizes(), ", got ",
-                t.sizes());
-    TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", names[i],
-                " must have a contiguous last dim, got strides ", t.strides());
   }
+  check_blas_size(op, q);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
-  TORCH_CHECK(N * H * D <= std::numeric_limits<int>::max() && D <= 1024, op,
-              ": q is too large for the BLAS calls (frames * heads * head_dim must fit in int32, head_dim <= 1024), "
-              "got shape ", q.sizes());
   const bool wide = q.scalar_type() == at::kDouble;
   const at::ScalarType compute = wide ? at::kDouble : at::kFloat;
-
-  at::Tensor lens;
-  if (seqlens.has_value()) {
-    TORCH_CHECK(seqlens->device().is_cpu(), op, ": seqlens must be a CPU tensor, got device ", seqlens->device());
-    TORCH_CHECK(seqlens->scalar_type() == at::kInt, op, ": seqlens must be int32, got ", seqlens->scalar_type());
-    TORCH_CHECK(seqlens->dim() == 1 && seqlens->size(0) == B, op, ": seqlens must be [", B, "], got shape ",
-                seqlens->sizes());
-    lens = seqlens->contiguous();
-    const int32_t* lp = lens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(lp[b] >= 0 && lp[b] <= N, op, ": seqlens[", b, "] must be in [0, ", N, "] (valid keys), got ",
-                  lp[b]);
-  }
-  at::Tensor hmask;
-  if (head_mask.has_value()) {
-    TORCH_CHECK(head_mask->device().is_cpu(), op, ": head_mask must be a CPU tensor, got device ",
-                head_mask->device());
-    TORCH_CHECK(head_mask->dim() == 1 && head_mask->size(0) == H, op, ": head_mask must be [", H, "], got shape ",
-                head_mask->sizes());
-    TORCH_CHECK(at::isFloatingType(head_mask->scalar_type()), op, ": head_mask must be floating point, got ",
-                head_mask->scalar_type());
-    hmask = head_mask->to(compute).contiguous();
-  }
+  const at::Tensor lens = checked_lens(op, seqlens, B, N);
+  const at::Tensor hmask = checked_head_mask(op, head_mask, H, compute);
 
   const int32_t* lens_ptr = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
 #if defined(__x86_64__) || defined(__i386__)
@@ -606,8 +623,151 @@ at::Tensor attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   return narrow ? out.to(q.scalar_type()) : out;
 }
 
+// ---------------------------------------------------------------------------------------------- backward
+// attention_bwd: gradients of out = hm_h softmax(s) V (s = scale q k^T over the valid keys) for fp32 / fp64,
+// recomputing the probabilities (two passes per (batch, head): the row logsumexp, then the gradients):
+//   dO' = hm_h dO,  delta_i = sum_d dO'[i, d] O'[i, d] = sum_d dO[i, d] out[i, d]  (O' = out / hm_h),
+//   P = e^{s - lse},  dV = P^T dO',  dP = dO' V^T,  dS = P (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q.
+// Keys at or past L get no gradient; every query row (padded ones too) contributes, as in the reference. A
+// row with L = 0 attends uniformly to all N keys: dQ = dK = 0 and dV[j] = hm_h / N sum_i dO[i]. The gradient
+// of head_mask is not computed here (the autograd formula takes another path when it is needed). One task
+// per (batch, head), so dQ, dK and dV are written without races; BLAS GEMMs on one thread each, their
+// tile results summed in fp64 (working memory per thread: 3 N D doubles).
+template <typename T>
+void attention_bwd_kernel(const T* dout, const T* q, Strided sq, const T* k, Strided sk, const T* v, Strided sv,
+                          const T* out, Strided so, Strided sd, T* dq, T* dk, T* dv, int64_t B, int64_t N, int64_t H,
+                          int64_t D, const int32_t* lens, const T* head_mask, T scale) {
+  const int64_t BM = kBlockM, BN = kBlockN;
+  const Strided sg{N * H * D, H * D, D};  // dq, dk, dv: contiguous [B, N, H, D]
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(BM * BN), dP(BM * BN), dO(BM * D), lse(N), delta(BM), part(std::max(BM, BN) * D);
+    // dq, dk, dv of the task's (batch, head) summed in fp64 over the tiles (each tile's product is a BLAS
+    // GEMM in T): the sums over up to N query rows would otherwise add T's rounding once per query block.
+    std::vector<double> gq(N * D), gk(N * D), gv(N * D);
+    const auto add_to = [&](double* acc, int64_t n_rows) {
+      for (int64_t x = 0; x < n_rows * D; ++x) acc[x] += static_cast<double>(part[x]);
+    };
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % H, b = bh / H;
+      const int64_t L = lens == nullptr ? N : lens[b];
+      const T hm = head_mask == nullptr ? T(1) : head_mask[h];
+      const T* qp = q + b * sq.b + h * sq.h;
+      const T* kp = k + b * sk.b + h * sk.h;
+      const T* vp = v + b * sv.b + h * sv.h;
+      const T* op = out + b * so.b + h * so.h;
+      const T* gp = dout + b * sd.b + h * sd.h;
+      T* dqp = dq + b * sg.b + h * sg.h;
+      T* dkp = dk + b * sg.b + h * sg.h;
+      T* dvp = dv + b * sg.b + h * sg.h;
+      if (L == 0) {
+        std::vector<double> colsum(D, 0.0);
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t d = 0; d < D; ++d) colsum[d] += static_cast<double>(gp[i * sd.t + d]);
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t d = 0; d < D; ++d) dvp[j * sg.t + d] = static_cast<T>(colsum[d] * hm / static_cast<double>(N));
+        continue;  // dq, dk stay zero
+      }
+      // Pass 1: lse_i = m_i + log l_i over the valid keys.
+      for (int64_t t0 = 0; t0 < N; t0 += BM) {
+        const int64_t rows = std::min(BM, N - t0);
+        std::vector<T> m(rows, -std::numeric_limits<T>::infinity()), l(rows, T(0));
+        for (int64_t j0 = 0; j0 < L; j0 += BN) {
+          const int64_t cols = std::min(BN, L - j0);
+          gemm_rm<T>(false, true, rows, cols, D, scale, qp + t0 * sq.t, sq.t, kp + j0 * sk.t, sk.t, T(0), S.data(), BN);
+          for (int64_t i = 0; i < rows; ++i) {
+            T alpha, sum;
+            softmax_row(S.data() + i * BN, cols, &m[i], &alpha, &sum);
+            l[i] = l[i] * alpha + sum;
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) lse[t0 + i] = m[i] + std::log(l[i]);
+      }
+      // Pass 2: the gradients, per tile.
+      std::fill(gq.begin(), gq.end(), 0.0);
+      std::fill(gk.begin(), gk.begin() + L * D, 0.0);
+      std::fill(gv.begin(), gv.begin() + L * D, 0.0);
+      for (int64_t t0 = 0; t0 < N; t0 += BM) {
+        const int64_t rows = std::min(BM, N - t0);
+        for (int64_t i = 0; i < rows; ++i) {
+          T dl = T(0);
+          for (int64_t d = 0; d < D; ++d) {
+            const T g = gp[(t0 + i) * sd.t + d];
+            dO[i * D + d] = hm * g;
+            dl += g * op[(t0 + i) * so.t + d];
+          }
+          delta[i] = dl;
+        }
+        for (int64_t j0 = 0; j0 < L; j0 += BN) {
+          const int64_t cols = std::min(BN, L - j0);
+          gemm_rm<T>(false, true, rows, cols, D, scale, qp + t0 * sq.t, sq.t, kp + j0 * sk.t, sk.t, T(0), S.data(), BN);
+          for (int64_t i = 0; i < rows; ++i) {
+            T* srow = S.data() + i * BN;
+            for (int64_t j = 0; j < cols; ++j) srow[j] = exp_of(srow[j] - lse[t0 + i]);
+          }
+          // dV[j0:, D] += P^T dO'
+          gemm_rm<T>(true, false, cols, D, rows, T(1), S.data(), BN, dO.data(), D, T(0), part.data(), D);
+          add_to(gv.data() + j0 * D, cols);
+          // dP = dO' V^T, then dS = P (dP - delta) in place
+          gemm_rm<T>(false, true, rows, cols, D, T(1), dO.data(), D, vp + j0 * sv.t, sv.t, T(0), dP.data(), BN);
+          for (int64_t i = 0; i < rows; ++i) {
+            const T* prow = S.data() + i * BN;
+            T* drow = dP.data() + i * BN;
+            for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - delta[i]);
+          }
+          // dQ += scale dS K,  dK += scale dS^T Q
+          gemm_rm<T>(false, false, rows, D, cols, scale, dP.data(), BN, kp + j0 * sk.t, sk.t, T(0), part.data(), D);
+          add_to(gq.data() + t0 * D, rows);
+          gemm_rm<T>(true, false, cols, D, rows, scale, dP.data(), BN, qp + t0 * sq.t, sq.t, T(0), part.data(), D);
+          add_to(gk.data() + j0 * D, cols);
+        }
+      }
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          dqp[t * sg.t + d] = static_cast<T>(gq[t * D + d]);
+          if (t < L) {
+            dkp[t * sg.t + d] = static_cast<T>(gk[t * D + d]);
+            dvp[t * sg.t + d] = static_cast<T>(gv[t * D + d]);
+          }
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const std::optional<at::Tensor>& seqlens, const std::optional<at::Tensor>& head_mask, double scale) {
+  constexpr const char* op = "attention_bwd";
+  const char* names[5] = {"grad_out", "q", "k", "v", "out"};
+  const at::Tensor* ts[5] = {&grad_out, &q, &k, &v, &out};
+  for (int i = 0; i < 5; ++i) {
+    check_like_q(op, q, *ts[i], names[i]);
+    TORCH_CHECK(ts[i]->scalar_type() == at::kFloat || ts[i]->scalar_type() == at::kDouble, op, ": ", names[i],
+                " must be float32 or float64 (the backward of half inputs runs elsewhere), got ",
+                ts[i]->scalar_type());
+  }
+  check_blas_size(op, q);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  const at::Tensor lens = checked_lens(op, seqlens, B, N);
+  const at::Tensor hmask = checked_head_mask(op, head_mask, H, q.scalar_type());
+  at::Tensor dq = at::zeros({B, N, H, D}, q.options()), dk = at::zeros_like(dq), dv = at::zeros_like(dq);
+  if (dq.numel() == 0) return {dq, dk, dv};
+  const int32_t* lens_ptr = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
+    attention_bwd_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), strides_of(q),
+                                   k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(), strides_of(v),
+                                   out.data_ptr<scalar_t>(), strides_of(out), strides_of(grad_out),
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, N, H, D,
+                                   lens_ptr, hmask.defined() ? hmask.data_ptr<scalar_t>() : nullptr,
+                                   static_cast<scalar_t>(scale));
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unispeech_fast, CPU, m) { m.impl("attention_fwd", &attention_fwd_cpu); }
+TORCH_LIBRARY_IMPL(unispeech_fast, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
 
 }  // namespace unispeech_fast
