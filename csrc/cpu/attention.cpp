@@ -51,6 +51,7 @@ namespace {
 // 32..256 x 256..1024 on the 2-core AVX-512 development machine: 128 x 256..512 was best, 64 rows ~10% slower.
 constexpr int64_t kBlockM = 128;  // queries per task
 constexpr int64_t kBlockN = 384;  // keys per tile
+static_assert(kBlockN % 16 == 0, "the softmax pass writes whole 16-lane chunks");
 // The AVX-512 path (attention_kernel_avx512), measured the same way (2026-11-30, fp32 and bf16, T = 500 and
 // 1500, interleaved, under load): 128 x 256 to 128 x 512 within noise of each other; 64 rows and 256 x 256
 // up to 10% slower at T = 500.
@@ -109,12 +110,8 @@ USF_MULTIVERSION(softmax_row_generic, softmax_row_impl, (float* s, int64_t n, fl
 #if defined(__x86_64__) || defined(__i386__)
 #define USF_TARGET_AVX512 __attribute__((target("avx512f")))
 
-inline bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
-// exp_f32 of common.h on 16 lanes (same reduction and polynomial; 2^n by scalef). x <= 0 here.
+// exp_f32 of common.h on 16 lanes (same reduction and polynomial; 2^n by scalef). x <= 0 here, except in
+// lanes the caller masks out afterwards.
 USF_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -131,81 +128,13 @@ USF_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-USF_TARGET_AVX512 void softmax_row_avx512(float* s, int64_t n, float* m, float* alpha, float* sum) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 vmax = neg_inf;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1u);
-  if (j < n) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(neg_inf, tail, s + j));
-  const float mx = std::max(*m, _mm512_reduce_max_ps(vmax));
-  const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
-    _mm512_storeu_ps(s + j, p);
-    vsum = _mm512_add_ps(vsum, p);
-  }
-  if (j < n) {
-    const __m512 p = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), vm));
-    _mm512_mask_storeu_ps(s + j, tail, p);
-    vsum = _mm512_mask_add_ps(vsum, tail, vsum, p);
-  }
-  *alpha = *m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_f32(*m - mx);
-  *m = mx;
-  *sum = _mm512_reduce_add_ps(vsum);
-}
-#endif
-
-void softmax_row(float* s, int64_t n, float* m, float* alpha, float* sum) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (cpu_has_avx512f()) return softmax_row_avx512(s, n, m, alpha, sum);
-#endif
-  softmax_row_generic(s, n, m, alpha, sum);
-}
-
-inline float exp_of(float x) { return exp_f32(x); }
-inline double exp_of(double x) { return std::exp(x); }
-
-void softmax_row(double* s, int64_t n, double* m, double* alpha, double* sum) {
-  double mx = *m;
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  double acc = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    acc += s[j];
-  }
-  *alpha = std::exp(*m - mx);  // exp(-inf) = 0 on the first block
-  *m = mx;
-  *sum = acc;
-}
-
-// ---------------------------------------------------------------------------------------------- kernel
-struct Strided {
-  int64_t b, t, h;  // element strides of a [B, T, H, D] tensor with unit stride along D
-};
-
-#if defined(__x86_64__) || defined(__i386__)
-// ---------------------------------------------------------------------------------------------- AVX-512 path
-// fp32 and bf16 on CPUs with AVX-512 (bf16: AVX512_BF16): both products on register-tiled microkernels
-// over operands packed once per thread and (batch, head), the softmax pass fused with the bf16 rounding of
-// the probabilities. Why not BLAS: MKL's bf16 GEMM ran at fp32 speed on the AMD development machine (no
-// AVX512_BF16 code path there), and every BLAS call repacks its operands: K and V were repacked once per
-// query block.
 #define USF_TARGET_AVX512_ALL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define USF_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 inline bool cpu_has_avx512_all() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return has;
 }
-inline bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512_all() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 // fp32 -> bf16 on 16 lanes, round to nearest even (finite inputs: these are probabilities in [0, 1]).
 USF_TARGET_AVX512_ALL inline __m256i bf16_of(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -240,6 +169,50 @@ USF_TARGET_AVX512_ALL void softmax_row_to(const float* s, TOut* out, int64_t n, 
   *alpha = *m == -std::numeric_limits<float>::infinity() ? 0.0f : exp_f32(*m - mx);
   *m = mx;
   *sum = _mm512_reduce_add_ps(vsum);
+}
+#endif
+
+void softmax_row(float* s, int64_t n, float* m, float* alpha, float* sum) {
+#if defined(__x86_64__) || defined(__i386__)
+  // In place; zeros s[n, roundup(n, 16)) (every caller's row has room: kBlockN is a multiple of 16).
+  if (cpu_has_avx512_all()) return softmax_row_to<float>(s, s, n, (n + 15) / 16 * 16, m, alpha, sum);
+#endif
+  softmax_row_generic(s, n, m, alpha, sum);
+}
+
+inline float exp_of(float x) { return exp_f32(x); }
+inline double exp_of(double x) { return std::exp(x); }
+
+void softmax_row(double* s, int64_t n, double* m, double* alpha, double* sum) {
+  double mx = *m;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  double acc = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    acc += s[j];
+  }
+  *alpha = std::exp(*m - mx);  // exp(-inf) = 0 on the first block
+  *m = mx;
+  *sum = acc;
+}
+
+// ---------------------------------------------------------------------------------------------- kernel
+struct Strided {
+  int64_t b, t, h;  // element strides of a [B, T, H, D] tensor with unit stride along D
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+// ---------------------------------------------------------------------------------------------- AVX-512 path
+// fp32 and bf16 on CPUs with AVX-512 (bf16: AVX512_BF16): both products on register-tiled microkernels
+// over operands packed once per thread and (batch, head), the softmax pass fused with the bf16 rounding of
+// the probabilities. Why not BLAS: MKL's bf16 GEMM ran at fp32 speed on the AMD development machine (no
+// AVX512_BF16 code path there), and every BLAS call repacks its operands: K and V were repacked once per
+// query block.
+#define USF_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512_all() && __builtin_cpu_supports("avx512bf16");
+  return has;
 }
 
 // C[R, 16 NC] (row stride ldc) = alpha A[R, K] B[K, 16 NC], or C += A B (accumulate; alpha unused), with A
