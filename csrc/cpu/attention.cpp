@@ -139,7 +139,8 @@ inline bool cpu_has_avx512_all() {
 USF_TARGET_AVX512_ALL inline __m256i bf16_of(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 // The softmax pass of one row (as softmax_row) writing p to `out` (fp32, in place allowed, or bf16) and
@@ -232,7 +233,8 @@ inline bool cpu_has_avx512_bf16() {
   }                                                                                                          \
   const __m512 va = _mm512_set1_ps(alpha);                                                                   \
   for (int r = 0; r < R; ++r)                                                                                \
-    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(C + r * ldc + 16 * n, accumulate ? c[r][n] : _mm512_mul_ps(c[r][n], va));
+    for (int n = 0; n < NC; ++n)                                                                             \
+      _mm512_storeu_ps(C + r * ldc + 16 * n, accumulate ? c[r][n] : _mm512_mul_ps(c[r][n], va));
 
 struct MicroF32 {
   using Unit = float;
@@ -276,7 +278,8 @@ void micro_gemm(int64_t M, int64_t N16, int64_t K, const typename Mk::Unit* A, i
                 int64_t ldb, float* C, int64_t ldc, float alpha, bool accumulate) {
   constexpr int kRows = 6;
   int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) micro_rows<Mk, kRows>(N16, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+  for (; i + kRows <= M; i += kRows)
+    micro_rows<Mk, kRows>(N16, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
   const auto* a = A + i * lda;
   float* c = C + i * ldc;
   switch (M - i) {
@@ -729,7 +732,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     attention_bwd_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), strides_of(q),
                                    k.data_ptr<scalar_t>(), strides_of(k), v.data_ptr<scalar_t>(), strides_of(v),
                                    out.data_ptr<scalar_t>(), strides_of(out), strides_of(grad_out),
-                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, N, H, D,
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, N, H,
+                                   D,
                                    lens_ptr, hmask.defined() ? hmask.data_ptr<scalar_t>() : nullptr,
                                    static_cast<scalar_t>(scale));
   });

@@ -7,8 +7,8 @@ masked: like transformers, their outputs are defined (they attend to the valid k
 meaning. A batch row with no valid key follows transformers' additive-mask semantics on every backend:
 all its scores are equal, so it attends to every key uniformly (``out = m_h * mean_s v[b, s, h]``) and
 its q and k get no gradient from it (the reference's ``masked_fill``; the eager backend and cpp compute
-it, triton and cuda refuse such a row in dispatch). Tensors use the ``[batch, frames, heads, head_dim]`` layout that a fused QKV projection
-produces without transposes.
+it, triton and cuda refuse such a row in dispatch). Tensors use the ``[batch, frames, heads, head_dim]``
+layout that a fused QKV projection produces without transposes.
 """
 
 from __future__ import annotations

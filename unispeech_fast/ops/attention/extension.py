@@ -12,7 +12,8 @@ activation-checkpoint style, in fp32 for half inputs, with the reference's maski
 The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run in bf16 with
 fp32 accumulation (AVX512_BF16 microkernels, or MKL's bf16 GEMM on CPUs without them), the scores, softmax
 statistics and accumulator are fp32, and the probabilities are rounded to bf16 for the product with V;
-float16 is widened to fp32; the output is rounded to the input dtype once (see the kernel's header comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
+float16 is widened to fp32; the output is rounded to the input dtype once (see the kernel's header
+comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
 attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
 served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
 inference only: its backward is not measured faster than the eager backend's.
@@ -67,8 +68,8 @@ def _backward(ctx, grad_out):
     ``attention_bwd`` (recomputes the probabilities from q and k; see its header in
     ``csrc/cpu/attention.cpp``). Otherwise by recomputing the forward under autograd with PyTorch's SDPA
     (its CPU flash attention and backward; half inputs in fp32) and differentiating that: the forward
-    kernel keeps no softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is the
-    reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
+    kernel keeps no softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is
+    the reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
     every key uniformly, with no gradient to its q and k (as the reference's masked_fill gives)."""
     q, k, v, seqlens, head_mask, out = ctx.saved_tensors
     needs = ctx.needs_input_grad
