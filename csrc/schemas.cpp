@@ -56,7 +56,11 @@ TORCH_LIBRARY(unispeech_fast, m) {
   // [B, T, heads, head_dim] with a contiguous last dim (views of a fused QKV projection are fine);
   // seqlens int32 [B]: keys at positions >= seqlens[b] are masked (a row with seqlens[b] = 0 attends
   // to all T keys uniformly, as the eager reference does); head_mask [heads] multiplies each head's
-  // probabilities. Returns out [B, T, heads, head_dim]. No backward kernel: the autograd formula
-  // recomputes the eager reference (unispeech_fast/ops/attention/extension.py).
+  // probabilities. Returns out [B, T, heads, head_dim]. Its autograd formula
+  // (unispeech_fast/ops/attention/extension.py) runs attention_bwd where it can (CPU, fp32 / fp64).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens, Tensor? head_mask, float scale) -> Tensor");
+  // Gradients of attention_fwd for q, k and v (CPU only, float32 / float64; not head_mask), recomputing the
+  // probabilities from q and k; out is attention_fwd's output. Returns (grad_q, grad_k, grad_v), contiguous.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor? seqlens, "
+        "Tensor? head_mask, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -4,8 +4,11 @@
 ``mask`` is 0 for valid keys and -inf-like for padded ones, and ``m_h`` is ``head_mask[h]`` (which
 multiplies that head's attention probabilities, so 0 removes the head). Padded *query* rows are not
 masked: like transformers, their outputs are defined (they attend to the valid keys) but carry no
-meaning. Tensors use the ``[batch, frames, heads, head_dim]`` layout that a fused QKV projection
-produces without transposes.
+meaning. A batch row with no valid key follows transformers' additive-mask semantics on every backend:
+all its scores are equal, so it attends to every key uniformly (``out = m_h * mean_s v[b, s, h]``) and
+its q and k get no gradient from it (the reference's ``masked_fill``; the eager backend and cpp compute
+it, triton and cuda refuse such a row in dispatch). Tensors use the ``[batch, frames, heads, head_dim]``
+layout that a fused QKV projection produces without transposes.
 """
 
 from __future__ import annotations

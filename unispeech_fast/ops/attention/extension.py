@@ -4,18 +4,19 @@ formula (registered when the extension loads, :func:`unispeech_fast.ops._extensi
 dispatch entries. Importing this module loads nothing.
 
 ``cpp``: the kernel -> its fake and autograd formula
-(:func:`_register`; there is no C++ backward:
-the backward recomputes the forward with PyTorch's SDPA under autograd, activation-checkpoint style,
-in fp32 for half inputs, with the reference's masking) -> the dispatch backend
+(:func:`_register`; the backward is the C++ ``attention_bwd`` for float32/float64 CPU tensors without a
+head_mask gradient, else it recomputes the forward with PyTorch's SDPA under autograd,
+activation-checkpoint style, in fp32 for half inputs, with the reference's masking) -> the dispatch backend
 :func:`attention_cpp` (argument handling, ``not_supported_reasons``).
 
-The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run on MKL's
-bf16 GEMM with fp32 accumulation, the scores, softmax statistics and accumulator are fp32, and the
-probabilities are rounded to bf16 for the product with V; float16 is widened to fp32; the output is
-rounded to the input dtype once (see the kernel's header comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
+The forward runs float32, bfloat16, float16 and float64 CPU tensors. bfloat16 products run in bf16 with
+fp32 accumulation (AVX512_BF16 microkernels, or MKL's bf16 GEMM on CPUs without them), the scores, softmax
+statistics and accumulator are fp32, and the probabilities are rounded to bf16 for the product with V;
+float16 is widened to fp32; the output is rounded to the input dtype once (see the kernel's header
+comment). Key padding must be right-padded (given to the kernel as lengths); a row with no valid key
 attends to every key uniformly, as the reference does. Dropout is refused; ``need_weights=True`` is
 served by the reference (logged once), which returns the probabilities. ``backend("auto")`` takes it for
-inference only: with gradients its recomputing backward always costs more than the eager backend's.
+inference only: its backward is not measured faster than the eager backend's.
 
 ``cuda``: the CUDA flash-attention forward, inference only (float16/bfloat16, head_dim 64 or 128). The
 CUDA kernels were written on a machine without a GPU: they are compile-checked for sm_80 and sm_90 by
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import dispatch
+from ... import _extension, dispatch
 from .._extension_ops import _ops, cuda_ops, on_load
 from .padding import mask_lengths, padding_mask_reasons, right_padded_lengths
 from .reference import attention_ref
@@ -38,9 +39,10 @@ __all__ = ["CUDA_DTYPES", "attention_cpp", "attention_cuda"]
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CPP_MAX_HEAD_DIM = 1024  # the kernel's limit (csrc/cpu/attention.cpp)
 _AUTO_SKIPS_TRAINING = (
-    "auto does not take the C++ attention for calls that need gradients: its backward recomputes the forward "
-    "and then runs SDPA's forward and backward, so it always costs more than eager; force it with backend('cpp')"
+    "auto does not take the C++ attention for calls that need gradients: its backward (C++ for float32/float64, "
+    "else a recomputation through SDPA) is not measured faster than eager's; force it with backend('cpp')"
 )
+_CPP_BWD_DTYPES = (torch.float32, torch.float64)  # what attention_bwd runs (csrc/cpu/attention.cpp)
 _CUDA_HEAD_DIMS = (64, 128)
 #: What the CUDA kernel runs (tensor cores; csrc/cuda/attention.cu).
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,17 +53,29 @@ _NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves tr
 def _setup_context(ctx, inputs, output):
     q, k, v, seqlens, head_mask, scale = inputs
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, seqlens, head_mask)
+    ctx.save_for_backward(q, k, v, seqlens, head_mask, output)
+
+
+def _cpp_backward_runs(q, needs_input_grad) -> bool:
+    """Whether the C++ backward ``attention_bwd`` serves this call: CPU float32/float64, no gradient for
+    head_mask, and an extension that has the kernel."""
+    return (q.device.type == "cpu" and q.dtype in _CPP_BWD_DTYPES and not needs_input_grad[4]
+            and _extension.has_kernel("attention_bwd", "cpu"))
 
 
 def _backward(ctx, grad_out):
-    """VJP of ``attention_fwd`` by recomputing the forward under autograd with PyTorch's SDPA (its CPU
-    flash attention and backward; half inputs in fp32) and differentiating that: the kernel keeps no
-    softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is the
-    reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
+    """VJP of ``attention_fwd``. On CPU in float32/float64 without a head_mask gradient: the C++ backward
+    ``attention_bwd`` (recomputes the probabilities from q and k; see its header in
+    ``csrc/cpu/attention.cpp``). Otherwise by recomputing the forward under autograd with PyTorch's SDPA
+    (its CPU flash attention and backward; half inputs in fp32) and differentiating that: the forward
+    kernel keeps no softmax statistics. The key padding goes in as an additive ``finfo.min`` mask, which is
+    the reference's masked_fill: padded keys get probability 0, and a row with no valid key attends to
     every key uniformly, with no gradient to its q and k (as the reference's masked_fill gives)."""
-    q, k, v, seqlens, head_mask = ctx.saved_tensors
+    q, k, v, seqlens, head_mask, out = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if _cpp_backward_runs(q, needs):
+        dq, dk, dv = _ops().attention_bwd(_last_dim_contiguous(grad_out), q, k, v, out, seqlens, head_mask, ctx.scale)
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(bool(n))
@@ -96,6 +110,12 @@ def _register() -> None:
     @torch.library.register_fake("unispeech_fast::attention_fwd")
     def _(q, k, v, seqlens, head_mask, scale):
         return q.new_empty(q.shape)
+
+    if _extension.has_kernel("attention_bwd", "cpu"):  # an extension built before it existed lacks it
+
+        @torch.library.register_fake("unispeech_fast::attention_bwd")
+        def _(grad_out, q, k, v, out, seqlens, head_mask, scale):
+            return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
     torch.library.register_autograd("unispeech_fast::attention_fwd", _backward, setup_context=_setup_context)
 

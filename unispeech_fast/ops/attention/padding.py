@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["mask_lengths", "padding_checked_once", "padding_mask_reasons", "right_padded_lengths"]
+__all__ = ["has_empty_rows", "mask_lengths", "padding_checked_once", "padding_mask_reasons", "right_padded_lengths"]
 
 
 _padding_scope: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("unispeech_fast_padding", default=None)
@@ -88,3 +88,19 @@ def padding_mask_reasons(key_padding_mask: torch.Tensor) -> list[str]:
     if memo is not None:
         memo["reasons"] = list(reasons)
     return reasons
+
+
+def has_empty_rows(key_padding_mask: torch.Tensor) -> bool:
+    """Whether some batch row of ``key_padding_mask`` (bool ``[batch, frames]``, True = valid) has no valid
+    key (the eager backend then applies the reference's rule for such rows). One host sync, once per
+    :func:`padding_checked_once` scope; True while torch.compile traces (the rule is then always applied,
+    which leaves rows with a valid key unchanged), so no data-dependent branch enters a graph."""
+    if torch.compiler.is_compiling():
+        return True
+    memo = _scope_memo(key_padding_mask)
+    if memo is not None and "empty" in memo:
+        return memo["empty"]
+    empty = key_padding_mask.shape[-1] == 0 or bool((~key_padding_mask.any(dim=-1)).any())
+    if memo is not None:
+        memo["empty"] = empty
+    return empty

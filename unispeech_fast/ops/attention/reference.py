@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .padding import has_empty_rows
+
 __all__ = ["attention_eager", "attention_ref"]
 
 
@@ -55,10 +57,21 @@ def attention_ref(
 def attention_eager(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=None, need_weights=False):
     """The eager backend: PyTorch SDPA (transformers' default path), or the explicit reference when
     the probabilities are requested. The head mask scales each head's output, which equals scaling
-    its probabilities."""
+    its probabilities.
+
+    A batch row with no valid key gets the reference's value, a uniform average over all keys with no
+    gradient to its q and k (SDPA's bool mask alone would give zeros): for such a row every key is let
+    through and its q is replaced by zeros, so all its scores are 0. Rows with a valid key run exactly as
+    without this rule (checked once per encoder forward, :func:`.padding.has_empty_rows`)."""
     if need_weights:
         return attention_ref(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights=True)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    mask = None
+    if key_padding_mask is not None:
+        if has_empty_rows(key_padding_mask):
+            empty = ~key_padding_mask.any(dim=-1)
+            q = torch.where(empty[:, None, None, None], torch.zeros((), dtype=q.dtype, device=q.device), q)
+            key_padding_mask = key_padding_mask | empty[:, None]
+        mask = key_padding_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p, scale=scale
     )
