@@ -10,6 +10,7 @@ import torch
 
 import unispeech_fast as uf
 from unispeech_fast import inference
+from _tolerance import assert_within_2x_eager
 from conftest import ALL_CLASSES, padded_batch, tiny_config_kwargs
 
 # Models a bit larger than conftest's tiniest, so bfloat16 rounding shows as it does at real sizes.
@@ -89,8 +90,8 @@ def test_long_input_crossing_tile_boundaries():
         expected = model(x, attention_mask=mask).logits
     optimized = uf.optimize_for_inference(model)
     extractor = optimized.unispeech_sat.feature_extractor
-    extractor.tile_threshold_bytes, extractor.tile_frames = 0, 7  # force the tiled pass, 7 frames per tile
-    assert extractor._tile_frames_for(x) == 7
+    assert isinstance(extractor, inference.InferenceFeatureEncoder)
+    extractor.tile_frames = 7  # 7 output frames per tile: many tiles, a short last one
     torch.testing.assert_close(optimized(x, attention_mask=mask).logits, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -229,3 +230,82 @@ def test_other_activations_fused_or_applied(hidden_act):
     assert (layer.intermediate.activation, layer.intermediate_act is None) == (
         ("relu", True) if hidden_act == "relu" else (None, False))
     torch.testing.assert_close(optimized(x, attention_mask=mask).logits, expected, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ feature encoder
+def _feature_encoder(norm: str, kernels, strides, channels=32) -> torch.nn.Module:
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs(
+        "UniSpeechSat", conv_dim=(channels,) * len(kernels), conv_kernel=kernels, conv_stride=strides,
+        feat_extract_norm=norm, conv_bias=True))
+    encoder = uf.UniSpeechSatModel(config).eval().feature_extractor
+    with torch.no_grad():  # non-trivial norm affines, so a wrong fold shows
+        for layer in encoder.conv_layers:
+            if layer.layer_norm is not None:
+                layer.layer_norm.weight.uniform_(0.5, 1.5)
+                layer.layer_norm.bias.uniform_(-0.5, 0.5)
+    return encoder
+
+
+def _extractor_ref(encoder, x: torch.Tensor) -> torch.Tensor:
+    layers = list(encoder.conv_layers)
+    cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+    return uf.ops.feature_extractor_ref(
+        x, [cast(layer.conv.weight) for layer in layers], [cast(layer.conv.bias) for layer in layers],
+        [cast(None if layer.layer_norm is None else layer.layer_norm.weight) for layer in layers],
+        [cast(None if layer.layer_norm is None else layer.layer_norm.bias) for layer in layers],
+        [layer.conv.stride[0] for layer in layers], encoder.norm_type, encoder.activation, 1e-5)
+
+
+# kernel > stride (windows overlap: one copy), kernel == stride (a free view), kernel < stride (skipped samples)
+_STACKS = {"k>s": ((10, 3, 3, 2), (5, 2, 2, 2)), "k=s": ((4, 2, 2), (4, 2, 2)), "k<s": ((5, 2, 3), (5, 3, 4))}
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+@pytest.mark.parametrize("stack", list(_STACKS))
+@pytest.mark.parametrize("tile_frames", [1, 7, 10_000])
+def test_feature_encoder_fp32_against_fp64(norm, stack, tile_frames):
+    """The time-major matmul feature encoder in float32, with a padded batch (zeros count in the group
+    norm's statistics, per row) and lengths that leave a short last tile: within 2x eager's error."""
+    encoder = _feature_encoder(norm, *_STACKS[stack])
+    x, _ = padded_batch([4001, 2917, 3333])
+    fast = inference.InferenceFeatureEncoder(encoder, torch.float32, tile_frames)
+    with torch.no_grad():
+        got, eager, ref = fast(x), _extractor_ref(encoder, x), _extractor_ref(encoder, x.double())
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert_within_2x_eager(f"feature encoder {norm} {stack}", got, eager, ref)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_feature_encoder_bf16_against_fp64(norm):
+    """bfloat16 matmuls after layer 0 (fp32 norms): within 2x the error of the whole stack run in bfloat16."""
+    encoder = _feature_encoder(norm, (10, 3, 3, 2, 2), (5, 2, 2, 2, 2), channels=64)
+    x, _ = padded_batch([9001, 7777])
+    fast = inference.InferenceFeatureEncoder(encoder, torch.bfloat16, 5)
+    with torch.no_grad():
+        got, ref = fast(x), _extractor_ref(encoder, x.double())
+        eager_bf16 = _extractor_ref(encoder, x.bfloat16())
+    assert got.dtype == torch.float32
+    assert_within_2x_eager(f"bf16 feature encoder {norm}", got, eager_bf16, ref, floor=0.0)
+    assert _normwise(got, ref) < 1e-2
+
+
+def test_feature_encoder_group_norm_statistics_of_long_rows():
+    """The group norm's statistics come from the windows' moments, merged chunk by chunk (Chan): a row longer
+    than one chunk, far from zero mean, matches torch.var_mean of the conv output."""
+    w = torch.randn(6, 1, 5, dtype=torch.float64)
+    x = 3.0 + torch.randn(2, 400_003, dtype=torch.float64)
+    mean, cov = inference._window_moments(x, 5, 3, chunk=1000)
+    h = torch.nn.functional.conv1d(x[:, None], w, stride=3)
+    var_ref, mean_ref = torch.var_mean(h, dim=-1, unbiased=False)
+    w2 = w[:, 0]
+    torch.testing.assert_close(mean @ w2.T, mean_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.einsum("ck,bkl,cl->bc", w2, cov, w2), var_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_feature_encoder_rejects_short_input_and_bad_tiles():
+    encoder = _feature_encoder("group", *_STACKS["k>s"])
+    with pytest.raises(ValueError, match="tile_frames must be a positive int"):
+        inference.InferenceFeatureEncoder(encoder, torch.float32, 0)
+    fast = inference.InferenceFeatureEncoder(encoder, torch.float32)
+    with pytest.raises(ValueError, match="input_values has 20 samples, fewer than the receptive field"):
+        fast(torch.randn(1, 20))

@@ -54,12 +54,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, tiling
 from .activations import get_activation
 from .modules import (
+    CONV_NORM_EPS,
     Attention,
     EncoderLayer,
     EncoderLayerStableLayerNorm,
+    FeatureEncoder,
     FeatureProjection,
     PositionalConvEmbedding,
 )
@@ -214,6 +216,154 @@ class InferenceEncoderLayer(nn.Module):
         hidden_states = self.layer_norm(self._residual(self.out_proj, attn, hidden_states))
         ff = self._feed_forward_in(hidden_states)
         return self.final_layer_norm(self._residual(self.output_dense, ff, hidden_states)), weights
+
+
+def _window_matrix(h: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Time-major ``h`` ``[T, C]`` -> the conv's input windows ``[T', kernel * C]`` (row ``t``: frames
+    ``t*stride .. t*stride+kernel-1``, frame-major). Each window is one contiguous span of ``h``, so for
+    ``kernel == stride`` this is a free view; otherwise one copy (``kernel / stride`` times ``h``)."""
+    frames, channels = h.shape
+    out_frames = (frames - kernel) // stride + 1
+    return h.as_strided((out_frames, kernel * channels), (stride * channels, 1), h.storage_offset()).contiguous()
+
+
+def _conv_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight ``[C_out, C_in, kernel]`` -> ``[C_out, kernel * C_in]`` matching :func:`_window_matrix`."""
+    return weight.permute(0, 2, 1).reshape(weight.shape[0], -1)
+
+
+def _window_moments(x: torch.Tensor, kernel: int, stride: int, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[B, k]`` and population covariance ``[B, k, k]`` (float64) of each row's conv windows.
+
+    ``x`` ``[B, L]``; windows ``x[b, t*stride : t*stride+kernel]`` for every output frame ``t``. Chunks of
+    ``chunk`` frames are merged with Chan's formula, so no full-length float64 copy exists.
+    """
+    frames = (x.shape[-1] - kernel) // stride + 1
+    mean = cov = None
+    count = 0
+    for first in range(0, frames, chunk):
+        last = min(first + chunk, frames)
+        u = x[:, first * stride:(last - 1) * stride + kernel].unfold(-1, kernel, stride).double()
+        n = last - first
+        mean_c = u.mean(dim=1)
+        centered = u - mean_c[:, None]
+        scatter_c = centered.transpose(1, 2) @ centered
+        if mean is None:
+            mean, cov, count = mean_c, scatter_c, n
+            continue
+        total = count + n
+        delta = mean_c - mean
+        cov = cov + scatter_c + delta[:, :, None] * delta[:, None, :] * (count * n / total)
+        mean = mean + delta * (n / total)
+        count = total
+    return mean, cov / count
+
+
+class InferenceFeatureEncoder(nn.Module):
+    """The conv feature encoder as oneDNN matmuls in a time-major ``[T, C]`` layout, tile by tile.
+
+    A conv layer (kernel ``k``, stride ``s``) over time-major activations is a matmul of its input
+    windows ``[T', k*C_in]`` (each one contiguous span: a free view for ``k == s``, one copy otherwise)
+    with the weight ``[C_out, k*C_in]``, packed once, with the bias and the activation fused as oneDNN
+    post-ops where there is no norm in between. Layers after the first run in the compute dtype
+    (bfloat16: inputs and weights bf16, fp32 accumulation); layer 0 (one input channel, ``k*C_in`` = 10:
+    memory-bound) stays float32, as do the norms' statistics.
+
+    Group norm (base checkpoints: layer 0 normalised per channel over the whole time axis): its
+    statistics follow from the windows' mean ``mu`` and covariance ``S`` (float64), since the conv is
+    linear: channel ``c``'s mean is ``w_c . mu + b_c`` and its variance ``w_c^T S w_c``. The norm is then a
+    per-channel affine map folded into layer 0's weight and bias per batch row (no statistics pass over
+    the 512-channel activations). Layer norm (large checkpoints): float32 LayerNorm over channels after
+    each layer's matmul, then the activation.
+
+    Output frames are computed ``tile_frames`` at a time from their slice of the waveform (the stack has
+    no padding: :mod:`unispeech_fast.tiling`), one batch row at a time, so the activations of a tile stay
+    in cache and none exists at full length. ``forward``: ``input_values`` float32 ``[B, L]`` ->
+    features float32 ``[B, C, T]`` (a transposed view of a ``[B, T, C]`` tensor).
+    """
+
+    def __init__(self, module: FeatureEncoder, dtype: torch.dtype, tile_frames: int = 64) -> None:
+        super().__init__()
+        if not isinstance(tile_frames, int) or tile_frames < 1:
+            raise ValueError(f"tile_frames must be a positive int, got {tile_frames!r}")
+        layers = list(module.conv_layers)
+        for i, layer in enumerate(layers):
+            if type(layer.conv) is not nn.Conv1d or layer.conv.padding != (0,) or layer.conv.dilation != (1,) \
+                    or layer.conv.groups != 1:
+                raise TypeError(f"optimize_for_inference expects plain unpadded Conv1d layers in the feature "
+                                f"encoder; conv_layers[{i}].conv is {layer.conv!r}")
+        self.dtype = dtype
+        self.tile_frames = tile_frames
+        self.kernels = [layer.conv.kernel_size[0] for layer in layers]
+        self.strides = [layer.conv.stride[0] for layer in layers]
+        self.channels = layers[-1].conv.out_channels
+        self.group_norm = module.norm_type == "group" and layers[0].layer_norm is not None
+        self.eps = CONV_NORM_EPS
+        fused = _fused_activation_name(module.activation)
+        self.activation_name = module.activation
+        self.activation = get_activation(module.activation)  # where not fused into the matmul
+        with torch.no_grad():
+            first = layers[0]
+            self.weight0 = _conv_matrix(first.conv.weight.detach()).double().clone()  # [C0, k0]
+            self.bias0 = None if first.conv.bias is None else first.conv.bias.detach().double().clone()
+            if self.group_norm:
+                self.gamma0 = first.layer_norm.weight.detach().double().clone()
+                self.beta0 = first.layer_norm.bias.detach().double().clone()
+            self.layers = []  # per layer: (PackedLinear, LayerNorm params or None)
+            for i, layer in enumerate(layers):
+                norm = None
+                if layer.layer_norm is not None and not (i == 0 and self.group_norm):
+                    norm = (layer.layer_norm.weight.detach().clone(), layer.layer_norm.bias.detach().clone())
+                layer_dtype = torch.float32 if i == 0 else dtype
+                self.layers.append((PackedLinear(_conv_matrix(layer.conv.weight), layer.conv.bias, layer_dtype,
+                                                 fused if norm is None else None), norm))
+
+    def extra_repr(self) -> str:
+        return (f"kernels={self.kernels}, strides={self.strides}, dtype={self.dtype}, "
+                f"group_norm={self.group_norm}, tile_frames={self.tile_frames}")
+
+    def _layer0_folded(self, x: torch.Tensor) -> list[PackedLinear]:
+        """Per batch row, layer 0 with its group norm folded in: ``W_c gamma_c / std_c``, bias shifted."""
+        mu, cov = _window_moments(x, self.kernels[0], self.strides[0])
+        w = self.weight0
+        mean = mu @ w.T + (0.0 if self.bias0 is None else self.bias0)  # [B, C0]
+        var = torch.einsum("ck,bkl,cl->bc", w, cov, w).clamp_min(0.0)
+        scale = self.gamma0 * torch.rsqrt(var + self.eps)  # [B, C0]
+        shift = self.beta0 - mean * scale + (0.0 if self.bias0 is None else self.bias0 * scale)
+        fused = self.layers[0][0].activation
+        return [PackedLinear(w * scale[row, :, None], shift[row], torch.float32, fused) for row in range(x.shape[0])]
+
+    def _tile(self, wave: torch.Tensor, first_layer: PackedLinear) -> torch.Tensor:
+        """One row's waveform slice ``[L]`` -> its output frames ``[T, C]`` (compute dtype)."""
+        h = wave[:, None]
+        for i, ((linear, norm), kernel, stride) in enumerate(zip(self.layers, self.kernels, self.strides)):
+            if i == 0:
+                linear = first_layer
+            h = linear(_window_matrix(h, kernel, stride))
+            if norm is not None:
+                h = F.layer_norm(h.float(), (h.shape[-1],), norm[0], norm[1], self.eps)
+            if linear.activation is None:
+                h = self.activation(h.float())
+        return h  # the next layer's matmul casts its windows to its own dtype
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        if input_values.dim() != 2 or input_values.dtype != torch.float32:
+            raise ValueError(f"input_values must be float32 [batch, samples], got {input_values.dtype} "
+                             f"{tuple(input_values.shape)}")
+        frames = tiling.output_frames(input_values.shape[-1], self.kernels, self.strides)
+        if frames == 0:
+            need = tiling.input_span(0, 1, self.kernels, self.strides)[1]
+            raise ValueError(f"input_values has {input_values.shape[-1]} samples, fewer than the receptive "
+                             f"field {need}")
+        x = input_values.contiguous()
+        firsts = self._layer0_folded(x) if self.group_norm else [self.layers[0][0]] * x.shape[0]
+        out = x.new_empty(x.shape[0], frames, self.channels)
+        for first in range(0, frames, self.tile_frames):
+            last = min(first + self.tile_frames, frames)
+            start, stop = tiling.input_span(first, last, self.kernels, self.strides)
+            for row in range(x.shape[0]):
+                out[row, first:last] = self._tile(x[row, start:stop], firsts[row])
+        return out.transpose(1, 2)
 
 
 class InferenceFeatureProjection(nn.Module):
@@ -384,6 +534,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         for module in model.modules():
             if isinstance(module, (EncoderLayer, EncoderLayerStableLayerNorm)):
                 memo[id(module)] = InferenceEncoderLayer(module, hidden_act, dtype)
+            elif isinstance(module, FeatureEncoder):
+                memo[id(module)] = InferenceFeatureEncoder(module, torch.float32, module.tile_frames or 64)
             elif isinstance(module, FeatureProjection):
                 memo[id(module)] = InferenceFeatureProjection(module)
             elif isinstance(module, PositionalConvEmbedding):
