@@ -309,3 +309,24 @@ def test_feature_encoder_rejects_short_input_and_bad_tiles():
     fast = inference.InferenceFeatureEncoder(encoder, torch.float32)
     with pytest.raises(ValueError, match="input_values has 20 samples, fewer than the receptive field"):
         fast(torch.randn(1, 20))
+
+
+# ------------------------------------------------------------------------------------------ positional conv
+@pytest.mark.parametrize("kernel,groups,activation", [(16, 2, "gelu"), (7, 4, "gelu"), (10, 1, "relu"),
+                                                     (5, 2, "gelu_new")])
+@pytest.mark.parametrize("frames", [1, 13, 129])
+def test_positional_conv_against_fp64(kernel, groups, activation, frames):
+    """oneDNN's grouped conv on the channels-last view, bias and GELU/ReLU fused (others applied after),
+    even kernels dropping the extra frame: within 2x eager's error, batch of 3."""
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs(
+        "UniSpeechSat", hidden_size=32, num_attention_heads=2, num_conv_pos_embeddings=kernel,
+        num_conv_pos_embedding_groups=groups, feat_extract_activation=activation))
+    module = uf.UniSpeechSatModel(config).eval().encoder.pos_conv_embed
+    fast = inference.InferencePositionalConv(module)
+    assert fast.activation is None if activation in ("gelu", "relu") else fast.activation is not None
+    x = torch.randn(3, frames, 32)
+    with torch.no_grad(), uf.backend("eager"):
+        got, eager = fast(x), module(x)
+        ref = copy.deepcopy(module).double()(x.double())
+    assert got.shape == x.shape
+    assert_within_2x_eager(f"pos conv k{kernel} g{groups} {activation}", got, eager, ref)
