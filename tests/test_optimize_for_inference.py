@@ -330,3 +330,21 @@ def test_positional_conv_against_fp64(kernel, groups, activation, frames):
         ref = copy.deepcopy(module).double()(x.double())
     assert got.shape == x.shape
     assert_within_2x_eager(f"pos conv k{kernel} g{groups} {activation}", got, eager, ref)
+
+
+def test_positional_conv_and_projection_in_bf16_for_the_budget_benchmark():
+    """The bfloat16 variants benchmarks/cpu_engine_bf16_budget.py measures: float32 in and out, error within
+    2x of the same module run in bfloat16 by eager PyTorch."""
+    model = _model("UniSpeechSat", "Model")
+    pos, proj = model.encoder.pos_conv_embed, model.feature_projection
+    h, feats = torch.randn(2, 37, 64), torch.randn(2, 37, 32)
+    with torch.no_grad(), uf.backend("eager"):
+        got = inference.InferencePositionalConv(pos, torch.bfloat16)(h)
+        eager = copy.deepcopy(pos).bfloat16()(h.bfloat16())
+        ref = copy.deepcopy(pos).double()(h.double())
+        got_proj, got_normed = inference.InferenceFeatureProjection(proj, torch.bfloat16)(feats)
+        eager_proj = copy.deepcopy(proj).bfloat16()(feats.bfloat16())[0]
+        ref_proj = copy.deepcopy(proj).double()(feats.double())[0]
+    assert got.dtype == got_proj.dtype == got_normed.dtype == torch.float32
+    assert_within_2x_eager("bf16 pos conv", got, eager, ref, floor=0.0)
+    assert_within_2x_eager("bf16 feature projection", got_proj, eager_proj, ref_proj, floor=0.0)

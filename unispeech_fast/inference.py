@@ -369,19 +369,20 @@ class InferenceFeatureEncoder(nn.Module):
 
 
 class InferenceFeatureProjection(nn.Module):
-    """LayerNorm then the packed projection, both float32 whatever the compute dtype (the projection is
-    under 1% of the model's FLOPs, and in bfloat16 its rounding reached every layer: on UniSpeechSat-base,
-    4 s of audio, the normwise error of ``last_hidden_state`` went from 5.5e-3 to 4.8e-3 with it in
-    float32). Returns ``(hidden [B, T, H], normed [B, T, C])``, both float32."""
+    """LayerNorm (float32) then the packed projection. The snapshot builds it in float32 whatever the compute
+    dtype (the projection is under 1% of the model's FLOPs, and in bfloat16 its rounding reaches every
+    layer: on UniSpeechSat-base, 4 s of audio, the normwise error of ``last_hidden_state`` went from 5.5e-3
+    to 4.8e-3 with it in float32); ``dtype`` is there to measure that (``benchmarks/cpu_engine_bf16_budget.py``).
+    Returns ``(hidden [B, T, H], normed [B, T, C])``, both float32."""
 
-    def __init__(self, module: FeatureProjection) -> None:
+    def __init__(self, module: FeatureProjection, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.layer_norm = copy.deepcopy(module.layer_norm)
-        self.projection = PackedLinear(module.projection.weight, module.projection.bias, torch.float32)
+        self.projection = PackedLinear(module.projection.weight, module.projection.bias, dtype)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(features)
-        return self.projection(normed), normed
+        return self.projection(normed).float(), normed
 
 
 class InferencePositionalConv(nn.Module):
@@ -395,34 +396,36 @@ class InferencePositionalConv(nn.Module):
     groups, kernel 128, 499 and 1499 frames, 1 thread; measured under load, CPU time).
     """
 
-    def __init__(self, module: PositionalConvEmbedding) -> None:
+    def __init__(self, module: PositionalConvEmbedding, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.dtype = dtype  # the snapshot uses float32; bfloat16 (input and weight) is there to measure it
         with torch.no_grad():
-            weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach()
+            weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach().to(dtype)
             self.kernel_size = weight.shape[-1]
             self.groups = module.groups
             self.padding = [0, self.kernel_size // 2]
             # Packed for any input size (input_size=None): batch and length vary per call.
             self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.unsqueeze(2).contiguous(), self.padding, [1, 1], [1, 1], self.groups, None)
-            self.bias = None if module.conv.bias is None else module.conv.bias.detach().clone()
+            self.bias = None if module.conv.bias is None else module.conv.bias.detach().to(dtype).clone()
         fused = _fused_activation_name(module.activation)
         self._attr, self._algorithm = ("none", "") if fused is None else _FUSED_ACTIVATIONS[fused]
         self.activation = None if fused is not None else get_activation(module.activation)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, groups={self.groups}"
+        return f"kernel_size={self.kernel_size}, groups={self.groups}, dtype={self.dtype}"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.contiguous()
         frames = hidden_states.shape[1]
-        channels_last = hidden_states.transpose(1, 2).unsqueeze(2)  # [B, H, 1, T], memory [B, T, H]
+        # [B, H, 1, T] channels-last, memory [B, T, H]
+        channels_last = hidden_states.to(self.dtype).transpose(1, 2).unsqueeze(2)
         h = torch.ops.mkldnn._convolution_pointwise(channels_last, self.packed_weight, self.bias, self.padding,
                                                     [1, 1], [1, 1], self.groups, self._attr, [], self._algorithm)
         h = h[:, :, 0, :frames].transpose(1, 2)  # an even kernel yields one extra frame: dropped
         if self.activation is not None:
-            h = self.activation(h)
-        return hidden_states + h
+            h = self.activation(h.float())
+        return hidden_states + h.float()
 
 
 # ------------------------------------------------------------------------------------------ the snapshot
