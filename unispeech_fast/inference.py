@@ -198,7 +198,7 @@ class InferenceEncoderLayer(nn.Module):
         """``residual + linear(x)`` in float32 (the residual stream stays float32)."""
         if self.dtype == torch.float32:
             return linear.add(x, residual)
-        return residual + linear(x).float()
+        return residual + linear(x)  # bf16 + fp32 promotes to fp32 in the add itself: no separate cast pass
 
     def _feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
         h = self.intermediate(x)
