@@ -13,30 +13,60 @@ What is prepared once (CPU, oneDNN as shipped inside torch):
   q/k/v as one ``[3H, H]`` GEMM, the feed-forward's first layer with the GELU (or ReLU) fused as a
   post-op and, in float32, the attention output and the feed-forward's second layer with the residual
   add fused as a binary post-op; the feature projection likewise. No per-call reorder, slice or copy;
-* the positional conv's weight norm, folded once (``W = g v / ||v||``), the conv run by ``F.conv1d``.
+* the feature encoder (:class:`InferenceFeatureEncoder`) as the same packed matmuls in a time-major
+  ``[T, C]`` layout: a conv layer is a matmul of its input windows (each a contiguous span: kernel 2 /
+  stride 2 is a free view, kernel 3 / stride 2 one copy) with bias and GELU fused; the group norm's
+  statistics come from the waveform windows' mean and covariance (the conv is linear), so layer 0's norm
+  folds into its weight per batch row with no statistics pass over the 512-channel activations; tiles
+  of 128 output frames, one batch row at a time, as in :mod:`unispeech_fast.tiling`;
+* the positional conv's weight norm, folded once, and the conv as oneDNN's grouped convolution
+  (``torch.ops.mkldnn._convolution_pointwise``) on a prepacked weight over the channels-last view of
+  ``[B, T, H]`` (no transposes) with bias and GELU fused.
 
-Left as in the default path: the feature encoder (its tiled, cache-sized pass, :mod:`unispeech_fast.tiling`),
-attention (through dispatch, :func:`unispeech_fast.ops.attention`), LayerNorm and the task heads.
+Left as in the default path: attention (through dispatch, :func:`unispeech_fast.ops.attention`: the C++
+kernel on CPU), LayerNorm and the task heads.
 
 ``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
 (oneDNN; AVX512_BF16 where the CPU has it), as is attention; LayerNorm, the residual stream, the
 positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and
 outputs are float32 whatever ``dtype`` is.
 
-Tried and left out (measured 2026-11-30 on the 2-core AMD EPYC development machine, AVX512_BF16 and
-VNNI, while it was loaded by other jobs, so the timings are indicative only):
+Measured 2026-11-30 on the 2-core AMD EPYC development machine (AVX512_BF16 and VNNI, no AMX) while
+other jobs loaded it heavily (load average 7-13), so only interleaved A/B ratios of process CPU time
+at 1 thread are quoted; the lead's quiet ``benchmarks/cpu_peers.py`` run is the reference:
+
+* against the previous snapshot (feature encoder and positional conv as on the default path),
+  UniSpeechSat-base, 10 s of audio: 1.13x faster in float32, 1.17x in bfloat16 (7 reps, medians);
+* the feature encoder alone: 1.28x the default path's (tiles of 64-128 frames; 256: 1.18x), about 95
+  GFLOP/s on one loaded core; the positional conv alone: 1.68x (``F.conv1d`` + GELU on the transposed
+  input vs the channels-last oneDNN conv), at 499 and 1499 frames;
+* where the time goes now (torch.profiler, 1 thread, 10 s): float32 - feature encoder matmuls 31%,
+  encoder GEMMs 51% (FFN 34%, q/k/v 13%, out-proj 5%), attention 8%, positional conv 5% (profiled
+  before its oneDNN conv), copies 3%, LayerNorm < 1%; bfloat16 - feature encoder (float32) 41%, encoder GEMMs 37%,
+  attention 13%, copies and casts 4%, positional conv 3%.
+
+The bfloat16 error budget (``benchmarks/cpu_engine_bf16_budget.py``; normwise error of
+``last_hidden_state`` against the float32 model, UniSpeechSat-base, random weights, 4 s): the shipped
+bfloat16 snapshot 4.83e-3; with the feature encoder's matmuls in bfloat16 as well 7.55e-3 (layer 1
+alone, half the encoder's FLOPs: 5.65e-3; layers 4-6: 6.36e-3), with the positional conv 4.85e-3, with
+the feature projection 5.41e-3, all three 7.97e-3. The encoder layers use up the 5e-3 target by
+themselves, so the feature encoder (which would run about 2x faster in bfloat16) and the feature
+projection stay float32; the positional conv (3% of the time) would fit only with a 1-2% margin and
+stays float32 too.
+
+Tried and left out (same machine and load caveats):
 
 * int8 (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers: int8 weights,
   dynamic per-tensor int8 activations): normwise error of ``last_hidden_state`` against the float32
   model 3.9e-2 on UniSpeechSat-base, 4 s of audio, against 4.8e-3 for ``dtype=torch.bfloat16``, and no
   faster (median 12.5 s vs 12.0 s for bf16 under that load). The issue admits int8 only at <= 2x
   bf16's error, so it is not offered.
-* oneDNN convolution with a fused GELU post-op (``torch.ops.mkldnn._convolution_pointwise``) for the
-  feature encoder's 512-channel layers: same result as ``F.conv1d`` + GELU; on 10 s of audio the medians
-  were 4.92 s vs 4.94 s (aten) under that load, no measurable win, so the feature encoder stays as on
-  the default path.
+* the feature encoder's 512-channel layers as oneDNN convolutions (``_convolution_pointwise``,
+  channels-last, GELU fused) instead of window matmuls: within noise of the matmuls in bfloat16 and
+  float32 for one layer (kernel 3, 4111 frames); the matmuls take any length with one packed weight.
 * LayerNorm fused with the residual add: torch ships no fused add + LayerNorm CPU op; in float32 the
-  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass.
+  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass
+  (under 1% of the time).
 
 Accuracy policy for this path: single ops may differ from eager by more than the per-op 2x rule (a
 oneDNN matmul accumulates the whole reduction without the chunking of :mod:`unispeech_fast.ops.linear`),
