@@ -104,6 +104,10 @@ def test_packed_weights_replace_the_dense_layers():
     assert layer.qkv.dtype == torch.bfloat16 and layer.intermediate.activation == "gelu"
     assert optimized.feature_projection.projection.dtype == torch.float32
     assert isinstance(optimized.encoder.pos_conv_embed, inference.InferencePositionalConv)
+    assert optimized.encoder.pos_conv_embed.packed_weight.is_mkldnn
+    extractor = optimized.feature_extractor  # packed matmuls, float32 even in a bf16 snapshot (error budget)
+    assert isinstance(extractor, inference.InferenceFeatureEncoder) and extractor.dtype == torch.float32
+    assert all(linear.packed_weight.is_mkldnn and linear.dtype == torch.float32 for linear in extractor.linears)
     assert optimized.optimized_dtype == torch.bfloat16
     assert isinstance(optimized, uf.UniSpeechSatModel)
 

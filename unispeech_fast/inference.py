@@ -342,14 +342,16 @@ class InferenceFeatureEncoder(nn.Module):
             if self.group_norm:
                 self.gamma0 = first.layer_norm.weight.detach().double().clone()
                 self.beta0 = first.layer_norm.bias.detach().double().clone()
-            self.layers = []  # per layer: (PackedLinear, LayerNorm params or None)
+            self.linears = nn.ModuleList()  # per layer, its packed matmul
+            self.norms: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # per layer, LayerNorm (w, b) or None
             for i, layer in enumerate(layers):
                 norm = None
                 if layer.layer_norm is not None and not (i == 0 and self.group_norm):
                     norm = (layer.layer_norm.weight.detach().clone(), layer.layer_norm.bias.detach().clone())
                 layer_dtype = torch.float32 if i == 0 else dtype
-                self.layers.append((PackedLinear(_conv_matrix(layer.conv.weight), layer.conv.bias, layer_dtype,
-                                                 fused if norm is None else None), norm))
+                self.linears.append(PackedLinear(_conv_matrix(layer.conv.weight), layer.conv.bias, layer_dtype,
+                                                 fused if norm is None else None))
+                self.norms.append(norm)
 
     def extra_repr(self) -> str:
         return (f"kernels={self.kernels}, strides={self.strides}, dtype={self.dtype}, "
@@ -363,13 +365,13 @@ class InferenceFeatureEncoder(nn.Module):
         var = torch.einsum("ck,bkl,cl->bc", w, cov, w).clamp_min(0.0)
         scale = self.gamma0 * torch.rsqrt(var + self.eps)  # [B, C0]
         shift = self.beta0 - mean * scale + (0.0 if self.bias0 is None else self.bias0 * scale)
-        fused = self.layers[0][0].activation
+        fused = self.linears[0].activation
         return [PackedLinear(w * scale[row, :, None], shift[row], torch.float32, fused) for row in range(x.shape[0])]
 
     def _tile(self, wave: torch.Tensor, first_layer: PackedLinear) -> torch.Tensor:
         """One row's waveform slice ``[L]`` -> its output frames ``[T, C]`` (compute dtype)."""
         h = wave[:, None]
-        for i, ((linear, norm), kernel, stride) in enumerate(zip(self.layers, self.kernels, self.strides)):
+        for i, (linear, norm, kernel, stride) in enumerate(zip(self.linears, self.norms, self.kernels, self.strides)):
             if i == 0:
                 linear = first_layer
             h = linear(_window_matrix(h, kernel, stride))
@@ -389,7 +391,7 @@ class InferenceFeatureEncoder(nn.Module):
             raise ValueError(f"input_values has {input_values.shape[-1]} samples, fewer than the receptive "
                              f"field {need}")
         x = input_values.contiguous()
-        firsts = self._layer0_folded(x) if self.group_norm else [self.layers[0][0]] * x.shape[0]
+        firsts = self._layer0_folded(x) if self.group_norm else [self.linears[0]] * x.shape[0]
         out = x.new_empty(x.shape[0], frames, self.channels)
         for first in range(0, frames, self.tile_frames):
             last = min(first + self.tile_frames, frames)
