@@ -37,7 +37,8 @@ other jobs loaded it heavily (load average 7-13), so only interleaved A/B ratios
 at 1 thread are quoted; the lead's quiet ``benchmarks/cpu_peers.py`` run is the reference:
 
 * against the previous snapshot (feature encoder and positional conv as on the default path),
-  UniSpeechSat-base, 10 s of audio: 1.13x faster in float32, 1.17x in bfloat16 (7 reps, medians);
+  UniSpeechSat-base: 1.13x faster in float32 and 1.17x in bfloat16 at 10 s of audio (7 reps), 1.10x and
+  1.15x at 30 s (3 reps), medians, with 128-frame feature-encoder tiles;
 * the feature encoder alone: 1.28x the default path's (tiles of 64-128 frames; 256: 1.18x), about 95
   GFLOP/s on one loaded core; the positional conv alone: 1.68x (``F.conv1d`` + GELU on the transposed
   input vs the channels-last oneDNN conv), at 499 and 1499 frames;
