@@ -293,6 +293,18 @@ def test_feature_encoder_bf16_against_fp64(norm):
     assert _normwise(got, ref) < 1e-2
 
 
+def test_feature_encoder_silent_and_constant_rows():
+    """A row of zeros (a fully padded batch row) and a constant row: zero variance, as in eager's group norm."""
+    encoder = _feature_encoder("group", *_STACKS["k>s"])
+    x = torch.zeros(3, 2000)
+    x[1] = 0.25
+    x[2] = torch.randn(2000)
+    with torch.no_grad():
+        got, eager = inference.InferenceFeatureEncoder(encoder, torch.float32)(x), _extractor_ref(encoder, x)
+        ref = _extractor_ref(encoder, x.double())
+    assert_within_2x_eager("feature encoder, silent rows", got, eager, ref)
+
+
 def test_feature_encoder_group_norm_statistics_of_long_rows():
     """The group norm's statistics come from the windows' moments, merged chunk by chunk (Chan): a row longer
     than one chunk, far from zero mean, matches torch.var_mean of the conv output."""

@@ -256,6 +256,7 @@ def _window_matrix(h: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """Time-major ``h`` ``[T, C]`` -> the conv's input windows ``[T', kernel * C]`` (row ``t``: frames
     ``t*stride .. t*stride+kernel-1``, frame-major). Each window is one contiguous span of ``h``, so for
     ``kernel == stride`` this is a free view; otherwise one copy (``kernel / stride`` times ``h``)."""
+    h = h.contiguous()  # the windows below index the storage as [T, C] rows (a no-op for a fresh activation)
     frames, channels = h.shape
     out_frames = (frames - kernel) // stride + 1
     return h.as_strided((out_frames, kernel * channels), (stride * channels, 1), h.storage_offset()).contiguous()
