@@ -52,13 +52,13 @@ at 1 thread are quoted; the lead's quiet ``benchmarks/cpu_peers.py`` run is the 
   attention 13%, copies and casts 4%, positional conv 3%.
 
 The bfloat16 error budget (``benchmarks/cpu_engine_bf16_budget.py``; normwise error of
-``last_hidden_state`` against the float32 model, UniSpeechSat-base, random weights, 4 s): the shipped
-bfloat16 snapshot 4.83e-3; with the feature encoder's matmuls in bfloat16 as well 7.55e-3 (layer 1
-alone, half the encoder's FLOPs: 5.65e-3; layers 4-6: 6.36e-3), with the positional conv 4.85e-3, with
-the feature projection 5.41e-3, all three 7.97e-3. The encoder layers use up the 5e-3 target by
-themselves, so the feature encoder (which would run about 2x faster in bfloat16) and the feature
-projection stay float32; the positional conv (3% of the time) would fit only with a 1-2% margin and
-stays float32 too.
+``last_hidden_state`` against the float32 model, UniSpeechSat-base, random weights, 4 s; 10 s within
+0.03e-3 of these): the shipped bfloat16 snapshot 4.81e-3; with the feature encoder's matmuls in
+bfloat16 as well 7.56e-3 (with bf16 attention: layer 1 alone, half the encoder's FLOPs, 5.65e-3;
+layers 4-6 6.36e-3), with the positional conv 4.87e-3, with the feature projection 5.42e-3, all three
+7.97e-3. The encoder layers use up the 5e-3 target by themselves, so the feature encoder (which would
+run about 2x faster in bfloat16) and the feature projection stay float32; the positional conv (3% of
+the time) would fit only with a 1-3% margin and stays float32 too.
 
 Tried and left out (same machine and load caveats):
 
