@@ -71,15 +71,17 @@ def long_audio() -> list[str]:
     for path, doc in _load("long_audio_memory_*.json"):
         lines.append(f"Extra peak memory of one forward pass (VmHWM - RSS before), {doc['config']}. "
                      f"Device: {doc['device']}; torch {doc['torch']}, transformers {doc['transformers']}; "
-                     f"{doc['date']} (`{path}`).")
+                     f"{doc['date']} (`{path}`)." + (f" {doc['note']}" if doc.get("note") else ""))
         lines.append("")
         lines.append("| audio | transformers (sdpa) | unispeech_fast (auto) | ratio | wall s (transformers / ours) | max abs diff |")
         lines.append("| ---: | ---: | ---: | ---: | ---: | ---: |")
         by = {}
         for row in doc["rows"]:
-            by.setdefault(row["audio_seconds"], {})[row.get("provider", "compare")] = row
+            # A comparison row is keyed by the provider compared with transformers ("compare:ours", ...).
+            key = row.get("provider") or "compare:" + next(p for p in row["compare"] if p != "transformers")
+            by.setdefault(row["audio_seconds"], {})[key] = row
         for seconds, rows in sorted(by.items()):
-            hf, ours, cmp_ = rows.get("transformers", {}), rows.get("ours", {}), rows.get("compare", {})
+            hf, ours, cmp_ = rows.get("transformers", {}), rows.get("ours", {}), rows.get("compare:ours", {})
             if "extra_peak_bytes" not in hf or "extra_peak_bytes" not in ours:
                 lines.append(f"| {seconds:g} s | {hf.get('error', 'n/a')[:60]} | {ours.get('error', 'n/a')[:60]} | | | |")
                 continue
@@ -88,6 +90,19 @@ def long_audio() -> list[str]:
                          f"{hf['seconds_wall']:.1f} / {ours['seconds_wall']:.1f} | "
                          f"{cmp_.get('max_abs_diff_last_hidden_state', float('nan')):.1e} |")
         lines.append("")
+        optimized = [(seconds, name, row, rows.get("compare:" + name, {}), rows.get("ours", {}))
+                     for seconds, rows in sorted(by.items()) for name, row in rows.items()
+                     if name.startswith("ours_optimize") and "extra_peak_bytes" in row]
+        if optimized:
+            lines.append("| audio | `optimize_for_inference` | extra peak | vs unispeech_fast (auto) | max abs diff | normwise |")
+            lines.append("| ---: | --- | ---: | ---: | ---: | ---: |")
+            for seconds, name, row, cmp_, ours in optimized:
+                mib = row["extra_peak_bytes"] / 2**20
+                ratio = f"{ours['extra_peak_bytes'] / row['extra_peak_bytes']:.2f}x less" if "extra_peak_bytes" in ours else ""
+                lines.append(f"| {seconds:g} s | {name.removeprefix('ours_optimize_')} | {mib:.0f} MiB | {ratio} | "
+                             f"{cmp_.get('max_abs_diff_last_hidden_state', float('nan')):.1e} | "
+                             f"{cmp_.get('normwise_rel_err_last_hidden_state', float('nan')):.1e} |")
+            lines.append("")
         growth = _growth(by)
         if growth:
             lines.append(growth)

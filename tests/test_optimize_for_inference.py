@@ -10,6 +10,7 @@ import torch
 
 import unispeech_fast as uf
 from unispeech_fast import inference
+from _tolerance import assert_within_2x_eager
 from conftest import ALL_CLASSES, padded_batch, tiny_config_kwargs
 
 # Models a bit larger than conftest's tiniest, so bfloat16 rounding shows as it does at real sizes.
@@ -89,8 +90,8 @@ def test_long_input_crossing_tile_boundaries():
         expected = model(x, attention_mask=mask).logits
     optimized = uf.optimize_for_inference(model)
     extractor = optimized.unispeech_sat.feature_extractor
-    extractor.tile_threshold_bytes, extractor.tile_frames = 0, 7  # force the tiled pass, 7 frames per tile
-    assert extractor._tile_frames_for(x) == 7
+    assert isinstance(extractor, inference.InferenceFeatureEncoder)
+    extractor.tile_frames = 7  # 7 output frames per tile: many tiles, a short last one
     torch.testing.assert_close(optimized(x, attention_mask=mask).logits, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -101,8 +102,13 @@ def test_packed_weights_replace_the_dense_layers():
     assert isinstance(layer, inference.InferenceEncoderLayer)
     assert layer.qkv.packed_weight.is_mkldnn and layer.qkv.out_features == 3 * model.config.hidden_size
     assert layer.qkv.dtype == torch.bfloat16 and layer.intermediate.activation == "gelu"
+    assert layer.attention_dtype == torch.float32  # bf16 attention measured slower on the CPU without AMX
     assert optimized.feature_projection.projection.dtype == torch.float32
     assert isinstance(optimized.encoder.pos_conv_embed, inference.InferencePositionalConv)
+    assert optimized.encoder.pos_conv_embed.packed_weight.is_mkldnn
+    extractor = optimized.feature_extractor  # packed matmuls, float32 even in a bf16 snapshot (error budget)
+    assert isinstance(extractor, inference.InferenceFeatureEncoder) and extractor.dtype == torch.float32
+    assert all(linear.packed_weight.is_mkldnn and linear.dtype == torch.float32 for linear in extractor.linears)
     assert optimized.optimized_dtype == torch.bfloat16
     assert isinstance(optimized, uf.UniSpeechSatModel)
 
@@ -229,3 +235,150 @@ def test_other_activations_fused_or_applied(hidden_act):
     assert (layer.intermediate.activation, layer.intermediate_act is None) == (
         ("relu", True) if hidden_act == "relu" else (None, False))
     torch.testing.assert_close(optimized(x, attention_mask=mask).logits, expected, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ feature encoder
+def _feature_encoder(norm: str, kernels, strides, channels=32) -> torch.nn.Module:
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs(
+        "UniSpeechSat", conv_dim=(channels,) * len(kernels), conv_kernel=kernels, conv_stride=strides,
+        feat_extract_norm=norm, conv_bias=True))
+    encoder = uf.UniSpeechSatModel(config).eval().feature_extractor
+    with torch.no_grad():  # non-trivial norm affines, so a wrong fold shows
+        for layer in encoder.conv_layers:
+            if layer.layer_norm is not None:
+                layer.layer_norm.weight.uniform_(0.5, 1.5)
+                layer.layer_norm.bias.uniform_(-0.5, 0.5)
+    return encoder
+
+
+def _extractor_ref(encoder, x: torch.Tensor) -> torch.Tensor:
+    layers = list(encoder.conv_layers)
+    cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+    return uf.ops.feature_extractor_ref(
+        x, [cast(layer.conv.weight) for layer in layers], [cast(layer.conv.bias) for layer in layers],
+        [cast(None if layer.layer_norm is None else layer.layer_norm.weight) for layer in layers],
+        [cast(None if layer.layer_norm is None else layer.layer_norm.bias) for layer in layers],
+        [layer.conv.stride[0] for layer in layers], encoder.norm_type, encoder.activation, 1e-5)
+
+
+# kernel > stride (windows overlap: one copy), kernel == stride (a free view), kernel < stride (skipped samples)
+_STACKS = {"k>s": ((10, 3, 3, 2), (5, 2, 2, 2)), "k=s": ((4, 2, 2), (4, 2, 2)), "k<s": ((5, 2, 3), (5, 3, 4))}
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+@pytest.mark.parametrize("stack", list(_STACKS))
+@pytest.mark.parametrize("tile_frames", [1, 7, 10_000])
+def test_feature_encoder_fp32_against_fp64(norm, stack, tile_frames):
+    """The time-major matmul feature encoder in float32, with a padded batch (zeros count in the group
+    norm's statistics, per row) and lengths that leave a short last tile: within 2x eager's error."""
+    encoder = _feature_encoder(norm, *_STACKS[stack])
+    x, _ = padded_batch([4001, 2917, 3333])
+    fast = inference.InferenceFeatureEncoder(encoder, torch.float32, tile_frames)
+    with torch.no_grad():
+        got, eager, ref = fast(x), _extractor_ref(encoder, x), _extractor_ref(encoder, x.double())
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert_within_2x_eager(f"feature encoder {norm} {stack}", got, eager, ref)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_feature_encoder_bf16_against_fp64(norm):
+    """bfloat16 matmuls after layer 0 (fp32 norms): within 2x the error of the whole stack run in bfloat16."""
+    encoder = _feature_encoder(norm, (10, 3, 3, 2, 2), (5, 2, 2, 2, 2), channels=64)
+    x, _ = padded_batch([9001, 7777])
+    fast = inference.InferenceFeatureEncoder(encoder, torch.bfloat16, 5)
+    with torch.no_grad():
+        got, ref = fast(x), _extractor_ref(encoder, x.double())
+        eager_bf16 = _extractor_ref(encoder, x.bfloat16())
+    assert got.dtype == torch.float32
+    assert_within_2x_eager(f"bf16 feature encoder {norm}", got, eager_bf16, ref, floor=0.0)
+    assert _normwise(got, ref) < 1e-2
+
+
+def test_feature_encoder_silent_and_constant_rows():
+    """A row of zeros (a fully padded batch row) and a constant row: zero variance, as in eager's group norm."""
+    encoder = _feature_encoder("group", *_STACKS["k>s"])
+    x = torch.zeros(3, 2000)
+    x[1] = 0.25
+    x[2] = torch.randn(2000)
+    with torch.no_grad():
+        got, eager = inference.InferenceFeatureEncoder(encoder, torch.float32)(x), _extractor_ref(encoder, x)
+        ref = _extractor_ref(encoder, x.double())
+    assert_within_2x_eager("feature encoder, silent rows", got, eager, ref)
+
+
+def test_feature_encoder_group_norm_statistics_of_long_rows():
+    """The group norm's statistics come from the windows' moments, merged chunk by chunk (Chan): a row longer
+    than one chunk, far from zero mean, matches torch.var_mean of the conv output."""
+    w = torch.randn(6, 1, 5, dtype=torch.float64)
+    x = 3.0 + torch.randn(2, 400_003, dtype=torch.float64)
+    mean, cov = inference._window_moments(x, 5, 3, chunk=1000)
+    h = torch.nn.functional.conv1d(x[:, None], w, stride=3)
+    var_ref, mean_ref = torch.var_mean(h, dim=-1, unbiased=False)
+    w2 = w[:, 0]
+    torch.testing.assert_close(mean @ w2.T, mean_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.einsum("ck,bkl,cl->bc", w2, cov, w2), var_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_feature_encoder_rejects_short_input_and_bad_tiles():
+    encoder = _feature_encoder("group", *_STACKS["k>s"])
+    with pytest.raises(ValueError, match="tile_frames must be a positive int"):
+        inference.InferenceFeatureEncoder(encoder, torch.float32, 0)
+    fast = inference.InferenceFeatureEncoder(encoder, torch.float32)
+    with pytest.raises(ValueError, match="input_values has 20 samples, fewer than the receptive field"):
+        fast(torch.randn(1, 20))
+
+
+# ------------------------------------------------------------------------------------------ positional conv
+@pytest.mark.parametrize("kernel,groups,activation", [(16, 2, "gelu"), (7, 4, "gelu"), (10, 1, "relu"),
+                                                     (5, 2, "gelu_new")])
+@pytest.mark.parametrize("frames", [1, 13, 129])
+def test_positional_conv_against_fp64(kernel, groups, activation, frames):
+    """oneDNN's grouped conv on the channels-last view, bias and GELU/ReLU fused (others applied after),
+    even kernels dropping the extra frame: within 2x eager's error, batch of 3."""
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs(
+        "UniSpeechSat", hidden_size=32, num_attention_heads=2, num_conv_pos_embeddings=kernel,
+        num_conv_pos_embedding_groups=groups, feat_extract_activation=activation))
+    module = uf.UniSpeechSatModel(config).eval().encoder.pos_conv_embed
+    fast = inference.InferencePositionalConv(module)
+    assert fast.activation is None if activation in ("gelu", "relu") else fast.activation is not None
+    x = torch.randn(3, frames, 32)
+    with torch.no_grad(), uf.backend("eager"):
+        got, eager = fast(x), module(x)
+        ref = copy.deepcopy(module).double()(x.double())
+    assert got.shape == x.shape
+    assert_within_2x_eager(f"pos conv k{kernel} g{groups} {activation}", got, eager, ref)
+
+
+def test_positional_conv_and_projection_in_bf16_for_the_budget_benchmark():
+    """The bfloat16 variants benchmarks/cpu_engine_bf16_budget.py measures: float32 in and out, error within
+    2x of the same module run in bfloat16 by eager PyTorch."""
+    model = _model("UniSpeechSat", "Model")
+    pos, proj = model.encoder.pos_conv_embed, model.feature_projection
+    h, feats = torch.randn(2, 37, 64), torch.randn(2, 37, 32)
+    with torch.no_grad(), uf.backend("eager"):
+        got = inference.InferencePositionalConv(pos, torch.bfloat16)(h)
+        eager = copy.deepcopy(pos).bfloat16()(h.bfloat16())
+        ref = copy.deepcopy(pos).double()(h.double())
+        got_proj, got_normed = inference.InferenceFeatureProjection(proj, torch.bfloat16)(feats)
+        eager_proj = copy.deepcopy(proj).bfloat16()(feats.bfloat16())[0]
+        ref_proj = copy.deepcopy(proj).double()(feats.double())[0]
+    assert got.dtype == got_proj.dtype == got_normed.dtype == torch.float32
+    assert_within_2x_eager("bf16 pos conv", got, eager, ref, floor=0.0)
+    assert_within_2x_eager("bf16 feature projection", got_proj, eager_proj, ref_proj, floor=0.0)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["post_ln", "stable_ln"])
+def test_bf16_snapshot_with_bf16_attention_stays_within_the_target(stable):
+    """``attention_dtype`` switched to bfloat16 (q, k, v in bf16 to the attention kernel), padded batch and
+    head mask: still within the 5e-3 normwise target against the float32 model."""
+    model = _model("UniSpeechSat", "Model", do_stable_layer_norm=stable)
+    x, mask = padded_batch([4000, 2600])
+    kwargs = dict(attention_mask=mask, head_mask=_head_mask(model.config))
+    with torch.no_grad():
+        ref = model(x, **kwargs).last_hidden_state
+    optimized = uf.optimize_for_inference(model, torch.bfloat16)
+    for layer in optimized.encoder.layers:
+        layer.attention_dtype = torch.bfloat16
+    got = optimized(x, **kwargs).last_hidden_state
+    assert got.dtype == torch.float32
+    assert _normwise(got, ref) <= 5e-3

@@ -13,30 +13,66 @@ What is prepared once (CPU, oneDNN as shipped inside torch):
   q/k/v as one ``[3H, H]`` GEMM, the feed-forward's first layer with the GELU (or ReLU) fused as a
   post-op and, in float32, the attention output and the feed-forward's second layer with the residual
   add fused as a binary post-op; the feature projection likewise. No per-call reorder, slice or copy;
-* the positional conv's weight norm, folded once (``W = g v / ||v||``), the conv run by ``F.conv1d``.
+* the feature encoder (:class:`InferenceFeatureEncoder`) as the same packed matmuls in a time-major
+  ``[T, C]`` layout: a conv layer is a matmul of its input windows (each a contiguous span: kernel 2 /
+  stride 2 is a free view, kernel 3 / stride 2 one copy) with bias and GELU fused; the group norm's
+  statistics come from the waveform windows' mean and covariance (the conv is linear), so layer 0's norm
+  folds into its weight per batch row with no statistics pass over the 512-channel activations; tiles
+  of 64 output frames (128 measured as fast, with 37 MiB more peak RSS at 10 s in float32), one batch
+  row at a time, as in :mod:`unispeech_fast.tiling`;
+* the positional conv's weight norm, folded once, and the conv as oneDNN's grouped convolution
+  (``torch.ops.mkldnn._convolution_pointwise``) on a prepacked weight over the channels-last view of
+  ``[B, T, H]`` (no transposes) with bias and GELU fused.
 
-Left as in the default path: the feature encoder (its tiled, cache-sized pass, :mod:`unispeech_fast.tiling`),
-attention (through dispatch, :func:`unispeech_fast.ops.attention`), LayerNorm and the task heads.
+Left as in the default path: attention (through dispatch, :func:`unispeech_fast.ops.attention`: the C++
+kernel on CPU), LayerNorm and the task heads.
 
 ``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
-(oneDNN; AVX512_BF16 where the CPU has it), as is attention; LayerNorm, the residual stream, the
-positional conv, the feature encoder, the feature projection and the heads stay float32. Inputs and
-outputs are float32 whatever ``dtype`` is.
+(oneDNN; AVX512_BF16 where the CPU has it); attention, LayerNorm, the residual stream, the positional
+conv, the feature encoder, the feature projection and the heads stay float32. Inputs and outputs are
+float32 whatever ``dtype`` is. Attention stays float32 because on this CPU (no AMX) it is not faster in
+bfloat16: the C++ kernel took 13.2 vs 10.6 ms (499 frames) and 137 vs 93 ms (1499 frames) per layer
+in bfloat16 vs float32 (ATen's SDPA likewise), and the whole bf16 snapshot ran 1.02x (10 s) and 1.04x
+(30 s) faster with q/k/v upcast once per layer, at a slightly lower error (4.80e-3 vs 4.82e-3 at 30 s);
+measured under load, process CPU time, 1 thread. ``InferenceEncoderLayer.attention_dtype`` switches it.
 
-Tried and left out (measured 2026-11-30 on the 2-core AMD EPYC development machine, AVX512_BF16 and
-VNNI, while it was loaded by other jobs, so the timings are indicative only):
+Measured 2026-11-30 on the 2-core AMD EPYC development machine (AVX512_BF16 and VNNI, no AMX) while
+other jobs loaded it heavily (load average 7-13), so only interleaved A/B ratios of process CPU time
+at 1 thread are quoted; the lead's quiet ``benchmarks/cpu_peers.py`` run is the reference:
+
+* against the previous snapshot (feature encoder and positional conv as on the default path),
+  UniSpeechSat-base: 1.13x faster in float32 and 1.17x in bfloat16 at 10 s of audio (7 reps), 1.10x and
+  1.15x at 30 s (3 reps), medians, with 128-frame feature-encoder tiles;
+* the feature encoder alone: 1.28x the default path's (tiles of 64-128 frames; 256: 1.18x), about 95
+  GFLOP/s on one loaded core; the positional conv alone: 1.68x (``F.conv1d`` + GELU on the transposed
+  input vs the channels-last oneDNN conv), at 499 and 1499 frames;
+* where the time goes now (torch.profiler, 1 thread, 10 s): float32 - feature encoder matmuls 31%,
+  encoder GEMMs 51% (FFN 34%, q/k/v 13%, out-proj 5%), attention 8%, positional conv 5% (profiled
+  before its oneDNN conv), copies 3%, LayerNorm < 1%; bfloat16 - feature encoder (float32) 41%, encoder GEMMs 37%,
+  attention 13%, copies and casts 4%, positional conv 3%.
+
+The bfloat16 error budget (``benchmarks/cpu_engine_bf16_budget.py``; normwise error of
+``last_hidden_state`` against the float32 model, UniSpeechSat-base, random weights, 4 s; 10 s within
+0.03e-3 of these): the shipped bfloat16 snapshot 4.81e-3; with the feature encoder's matmuls in
+bfloat16 as well 7.56e-3 (with bf16 attention: layer 1 alone, half the encoder's FLOPs, 5.65e-3;
+layers 4-6 6.36e-3), with the positional conv 4.87e-3, with the feature projection 5.42e-3, all three
+7.97e-3. The encoder layers use up the 5e-3 target by themselves, so the feature encoder (which would
+run about 2x faster in bfloat16) and the feature projection stay float32; the positional conv (3% of
+the time) would fit only with a 1-3% margin and stays float32 too.
+
+Tried and left out (same machine and load caveats):
 
 * int8 (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers: int8 weights,
   dynamic per-tensor int8 activations): normwise error of ``last_hidden_state`` against the float32
   model 3.9e-2 on UniSpeechSat-base, 4 s of audio, against 4.8e-3 for ``dtype=torch.bfloat16``, and no
   faster (median 12.5 s vs 12.0 s for bf16 under that load). The issue admits int8 only at <= 2x
   bf16's error, so it is not offered.
-* oneDNN convolution with a fused GELU post-op (``torch.ops.mkldnn._convolution_pointwise``) for the
-  feature encoder's 512-channel layers: same result as ``F.conv1d`` + GELU; on 10 s of audio the medians
-  were 4.92 s vs 4.94 s (aten) under that load, no measurable win, so the feature encoder stays as on
-  the default path.
+* the feature encoder's 512-channel layers as oneDNN convolutions (``_convolution_pointwise``,
+  channels-last, GELU fused) instead of window matmuls: within noise of the matmuls in bfloat16 and
+  float32 for one layer (kernel 3, 4111 frames); the matmuls take any length with one packed weight.
 * LayerNorm fused with the residual add: torch ships no fused add + LayerNorm CPU op; in float32 the
-  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass.
+  residual add is already fused into the preceding GEMM (binary post-op), leaving LayerNorm one pass
+  (under 1% of the time).
 
 Accuracy policy for this path: single ops may differ from eager by more than the per-op 2x rule (a
 oneDNN matmul accumulates the whole reduction without the chunking of :mod:`unispeech_fast.ops.linear`),
@@ -54,12 +90,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, tiling
 from .activations import get_activation
 from .modules import (
+    CONV_NORM_EPS,
     Attention,
     EncoderLayer,
     EncoderLayerStableLayerNorm,
+    FeatureEncoder,
     FeatureProjection,
     PositionalConvEmbedding,
 )
@@ -83,6 +121,8 @@ def _onednn_linear_available() -> bool:
     try:
         torch.ops.mkldnn._linear_pointwise.default
         torch.ops.mkldnn._reorder_linear_weight.default
+        torch.ops.mkldnn._convolution_pointwise.default
+        torch.ops.mkldnn._reorder_convolution_weight.default
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -163,6 +203,9 @@ class InferenceEncoderLayer(nn.Module):
                                 f"(merge adapters such as LoRA into the weights first)")
         self.stable = isinstance(layer, EncoderLayerStableLayerNorm)
         self.dtype = dtype
+        # The dtype q, k, v reach attention in: float32 for both (bf16 attention measured slower on this
+        # CPU; see the module docstring).
+        self.attention_dtype = torch.float32
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
@@ -181,9 +224,10 @@ class InferenceEncoderLayer(nn.Module):
 
     def _attention(self, x, key_padding_mask, head_mask, output_attentions):
         batch, frames, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, frames, 3, self.num_heads, self.head_dim).unbind(2)
-        if output_attentions and self.dtype != torch.float32:
-            q, k, v = q.float(), k.float(), v.float()  # the returned probabilities come from an fp32 softmax
+        qkv = self.qkv(x)
+        if output_attentions or self.attention_dtype == torch.float32:
+            qkv = qkv.float()  # returned probabilities come from an fp32 softmax
+        q, k, v = qkv.view(batch, frames, 3, self.num_heads, self.head_dim).unbind(2)
         out, weights = ops.attention(q, k, v, key_padding_mask=key_padding_mask, head_mask=head_mask,
                                      dropout_p=0.0, scale=self.scaling, need_weights=output_attentions)
         if weights is not None:
@@ -194,7 +238,7 @@ class InferenceEncoderLayer(nn.Module):
         """``residual + linear(x)`` in float32 (the residual stream stays float32)."""
         if self.dtype == torch.float32:
             return linear.add(x, residual)
-        return residual + linear(x).float()
+        return residual + linear(x)  # bf16 + fp32 promotes to fp32 in the add itself: no separate cast pass
 
     def _feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
         h = self.intermediate(x)
@@ -216,47 +260,215 @@ class InferenceEncoderLayer(nn.Module):
         return self.final_layer_norm(self._residual(self.output_dense, ff, hidden_states)), weights
 
 
-class InferenceFeatureProjection(nn.Module):
-    """LayerNorm then the packed projection, both float32 whatever the compute dtype (the projection is
-    under 1% of the model's FLOPs, and in bfloat16 its rounding reached every layer: on UniSpeechSat-base,
-    4 s of audio, the normwise error of ``last_hidden_state`` went from 5.5e-3 to 4.8e-3 with it in
-    float32). Returns ``(hidden [B, T, H], normed [B, T, C])``, both float32."""
+def _window_matrix(h: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Time-major ``h`` ``[T, C]`` -> the conv's input windows ``[T', kernel * C]`` (row ``t``: frames
+    ``t*stride .. t*stride+kernel-1``, frame-major). Each window is one contiguous span of ``h``, so for
+    ``kernel == stride`` this is a free view; otherwise one copy (``kernel / stride`` times ``h``)."""
+    h = h.contiguous()  # the windows below index the storage as [T, C] rows (a no-op for a fresh activation)
+    frames, channels = h.shape
+    out_frames = (frames - kernel) // stride + 1
+    return h.as_strided((out_frames, kernel * channels), (stride * channels, 1), h.storage_offset()).contiguous()
 
-    def __init__(self, module: FeatureProjection) -> None:
+
+def _conv_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight ``[C_out, C_in, kernel]`` -> ``[C_out, kernel * C_in]`` matching :func:`_window_matrix`."""
+    return weight.permute(0, 2, 1).reshape(weight.shape[0], -1)
+
+
+def _window_moments(x: torch.Tensor, kernel: int, stride: int, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[B, k]`` and population covariance ``[B, k, k]`` (float64) of each row's conv windows.
+
+    ``x`` ``[B, L]``; windows ``x[b, t*stride : t*stride+kernel]`` for every output frame ``t``. Chunks of
+    ``chunk`` frames are merged with Chan's formula, so no full-length float64 copy exists.
+    """
+    frames = (x.shape[-1] - kernel) // stride + 1
+    mean = cov = None
+    count = 0
+    for first in range(0, frames, chunk):
+        last = min(first + chunk, frames)
+        u = x[:, first * stride:(last - 1) * stride + kernel].unfold(-1, kernel, stride).double()
+        n = last - first
+        mean_c = u.mean(dim=1)
+        centered = u - mean_c[:, None]
+        scatter_c = centered.transpose(1, 2) @ centered
+        if mean is None:
+            mean, cov, count = mean_c, scatter_c, n
+            continue
+        total = count + n
+        delta = mean_c - mean
+        cov = cov + scatter_c + delta[:, :, None] * delta[:, None, :] * (count * n / total)
+        mean = mean + delta * (n / total)
+        count = total
+    return mean, cov / count
+
+
+class InferenceFeatureEncoder(nn.Module):
+    """The conv feature encoder as oneDNN matmuls in a time-major ``[T, C]`` layout, tile by tile.
+
+    A conv layer (kernel ``k``, stride ``s``) over time-major activations is a matmul of its input
+    windows ``[T', k*C_in]`` (each one contiguous span: a free view for ``k == s``, one copy otherwise)
+    with the weight ``[C_out, k*C_in]``, packed once, with the bias and the activation fused as oneDNN
+    post-ops where there is no norm in between. Layers after the first run in the compute dtype
+    (bfloat16: inputs and weights bf16, fp32 accumulation); layer 0 (one input channel, ``k*C_in`` = 10:
+    memory-bound) stays float32, as do the norms' statistics.
+
+    Group norm (base checkpoints: layer 0 normalised per channel over the whole time axis): its
+    statistics follow from the windows' mean ``mu`` and covariance ``S`` (float64), since the conv is
+    linear: channel ``c``'s mean is ``w_c . mu + b_c`` and its variance ``w_c^T S w_c``. The norm is then a
+    per-channel affine map folded into layer 0's weight and bias per batch row (no statistics pass over
+    the 512-channel activations). Layer norm (large checkpoints): float32 LayerNorm over channels after
+    each layer's matmul, then the activation.
+
+    Output frames are computed ``tile_frames`` at a time from their slice of the waveform (the stack has
+    no padding: :mod:`unispeech_fast.tiling`), one batch row at a time, so the activations of a tile stay
+    in cache and none exists at full length. ``forward``: ``input_values`` float32 ``[B, L]`` ->
+    features float32 ``[B, C, T]`` (a transposed view of a ``[B, T, C]`` tensor).
+    """
+
+    def __init__(self, module: FeatureEncoder, dtype: torch.dtype, tile_frames: int = 64) -> None:
+        super().__init__()
+        if not isinstance(tile_frames, int) or tile_frames < 1:
+            raise ValueError(f"tile_frames must be a positive int, got {tile_frames!r}")
+        layers = list(module.conv_layers)
+        for i, layer in enumerate(layers):
+            if type(layer.conv) is not nn.Conv1d or layer.conv.padding != (0,) or layer.conv.dilation != (1,) \
+                    or layer.conv.groups != 1:
+                raise TypeError(f"optimize_for_inference expects plain unpadded Conv1d layers in the feature "
+                                f"encoder; conv_layers[{i}].conv is {layer.conv!r}")
+        self.dtype = dtype
+        self.tile_frames = tile_frames
+        self.kernels = [layer.conv.kernel_size[0] for layer in layers]
+        self.strides = [layer.conv.stride[0] for layer in layers]
+        self.channels = layers[-1].conv.out_channels
+        self.group_norm = module.norm_type == "group" and layers[0].layer_norm is not None
+        self.eps = CONV_NORM_EPS
+        fused = _fused_activation_name(module.activation)
+        self.activation_name = module.activation
+        self.activation = get_activation(module.activation)  # where not fused into the matmul
+        with torch.no_grad():
+            first = layers[0]
+            self.weight0 = _conv_matrix(first.conv.weight.detach()).double().clone()  # [C0, k0]
+            self.bias0 = None if first.conv.bias is None else first.conv.bias.detach().double().clone()
+            if self.group_norm:
+                self.gamma0 = first.layer_norm.weight.detach().double().clone()
+                self.beta0 = first.layer_norm.bias.detach().double().clone()
+            self.linears = nn.ModuleList()  # per layer, its packed matmul
+            self.norms: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # per layer, LayerNorm (w, b) or None
+            for i, layer in enumerate(layers):
+                norm = None
+                if layer.layer_norm is not None and not (i == 0 and self.group_norm):
+                    norm = (layer.layer_norm.weight.detach().clone(), layer.layer_norm.bias.detach().clone())
+                layer_dtype = torch.float32 if i == 0 else dtype
+                self.linears.append(PackedLinear(_conv_matrix(layer.conv.weight), layer.conv.bias, layer_dtype,
+                                                 fused if norm is None else None))
+                self.norms.append(norm)
+
+    def extra_repr(self) -> str:
+        return (f"kernels={self.kernels}, strides={self.strides}, dtype={self.dtype}, "
+                f"group_norm={self.group_norm}, tile_frames={self.tile_frames}")
+
+    def _layer0_folded(self, x: torch.Tensor) -> list[PackedLinear]:
+        """Per batch row, layer 0 with its group norm folded in: ``W_c gamma_c / std_c``, bias shifted."""
+        mu, cov = _window_moments(x, self.kernels[0], self.strides[0])
+        w = self.weight0
+        mean = mu @ w.T + (0.0 if self.bias0 is None else self.bias0)  # [B, C0]
+        var = torch.einsum("ck,bkl,cl->bc", w, cov, w).clamp_min(0.0)
+        scale = self.gamma0 * torch.rsqrt(var + self.eps)  # [B, C0]
+        shift = self.beta0 - mean * scale + (0.0 if self.bias0 is None else self.bias0 * scale)
+        fused = self.linears[0].activation
+        return [PackedLinear(w * scale[row, :, None], shift[row], torch.float32, fused) for row in range(x.shape[0])]
+
+    def _tile(self, wave: torch.Tensor, first_layer: PackedLinear) -> torch.Tensor:
+        """One row's waveform slice ``[L]`` -> its output frames ``[T, C]`` (compute dtype)."""
+        h = wave[:, None]
+        for i, (linear, norm, kernel, stride) in enumerate(zip(self.linears, self.norms, self.kernels, self.strides)):
+            if i == 0:
+                linear = first_layer
+            h = linear(_window_matrix(h, kernel, stride))
+            if norm is not None:
+                h = F.layer_norm(h.float(), (h.shape[-1],), norm[0], norm[1], self.eps)
+            if linear.activation is None:
+                h = self.activation(h.float())
+        return h  # the next layer's matmul casts its windows to its own dtype
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        if input_values.dim() != 2 or input_values.dtype != torch.float32:
+            raise ValueError(f"input_values must be float32 [batch, samples], got {input_values.dtype} "
+                             f"{tuple(input_values.shape)}")
+        frames = tiling.output_frames(input_values.shape[-1], self.kernels, self.strides)
+        if frames == 0:
+            need = tiling.input_span(0, 1, self.kernels, self.strides)[1]
+            raise ValueError(f"input_values has {input_values.shape[-1]} samples, fewer than the receptive "
+                             f"field {need}")
+        x = input_values.contiguous()
+        firsts = self._layer0_folded(x) if self.group_norm else [self.linears[0]] * x.shape[0]
+        out = x.new_empty(x.shape[0], frames, self.channels)
+        for first in range(0, frames, self.tile_frames):
+            last = min(first + self.tile_frames, frames)
+            start, stop = tiling.input_span(first, last, self.kernels, self.strides)
+            for row in range(x.shape[0]):
+                out[row, first:last] = self._tile(x[row, start:stop], firsts[row])
+        return out.transpose(1, 2)
+
+
+class InferenceFeatureProjection(nn.Module):
+    """LayerNorm (float32) then the packed projection. The snapshot builds it in float32 whatever the compute
+    dtype (the projection is under 1% of the model's FLOPs, and in bfloat16 its rounding reaches every
+    layer: on UniSpeechSat-base, 4 s of audio, the normwise error of ``last_hidden_state`` went from 5.5e-3
+    to 4.8e-3 with it in float32); ``dtype`` is there to measure that (``benchmarks/cpu_engine_bf16_budget.py``).
+    Returns ``(hidden [B, T, H], normed [B, T, C])``, both float32."""
+
+    def __init__(self, module: FeatureProjection, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.layer_norm = copy.deepcopy(module.layer_norm)
-        self.projection = PackedLinear(module.projection.weight, module.projection.bias, torch.float32)
+        self.projection = PackedLinear(module.projection.weight, module.projection.bias, dtype)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(features)
-        return self.projection(normed), normed
+        return self.projection(normed).float(), normed
 
 
 class InferencePositionalConv(nn.Module):
     """The positional conv with its weight norm folded once: ``x + act(conv(x, W) + b)``, float32 ``[B, T, H]``.
 
-    The folded weight runs through ``F.conv1d`` (oneDNN inside ATen): for this op's CPU float32 forward
-    the measured auto order (``unispeech_fast/_auto_order.py``) ranks eager ahead of the C++ kernel.
+    The folded weight is reordered once for oneDNN's grouped convolution
+    (``torch.ops.mkldnn._convolution_pointwise``), which reads ``[B, T, H]`` as a channels-last
+    ``[B, H, 1, T]`` view (no transpose copy) and fuses the bias and the activation (GELU, ReLU) as
+    post-ops; other activations are applied after it. Against ``F.conv1d`` on the transposed input with a
+    separate GELU (the previous snapshot) it took 0.6x the CPU time at the base shapes (768 channels, 16
+    groups, kernel 128, 499 and 1499 frames, 1 thread; measured under load, CPU time).
     """
 
-    def __init__(self, module: PositionalConvEmbedding) -> None:
+    def __init__(self, module: PositionalConvEmbedding, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.dtype = dtype  # the snapshot uses float32; bfloat16 (input and weight) is there to measure it
         with torch.no_grad():
-            self.weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach().contiguous().clone()
-            self.bias = None if module.conv.bias is None else module.conv.bias.detach().clone()
-        self.groups = module.groups
-        self.activation = get_activation(module.activation)
-        self.kernel_size = self.weight.shape[-1]
+            weight = torch._weight_norm(module.weight_v, module.weight_g, 2).detach().to(dtype)
+            self.kernel_size = weight.shape[-1]
+            self.groups = module.groups
+            self.padding = [0, self.kernel_size // 2]
+            # Packed for any input size (input_size=None): batch and length vary per call.
+            self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.unsqueeze(2).contiguous(), self.padding, [1, 1], [1, 1], self.groups, None)
+            self.bias = None if module.conv.bias is None else module.conv.bias.detach().to(dtype).clone()
+        fused = _fused_activation_name(module.activation)
+        self._attr, self._algorithm = ("none", "") if fused is None else _FUSED_ACTIVATIONS[fused]
+        self.activation = None if fused is not None else get_activation(module.activation)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, groups={self.groups}"
+        return f"kernel_size={self.kernel_size}, groups={self.groups}, dtype={self.dtype}"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        h = F.conv1d(hidden_states.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size // 2,
-                     groups=self.groups)
-        if self.kernel_size % 2 == 0:
-            h = h[:, :, :-1]
-        return hidden_states + self.activation(h).transpose(1, 2)
+        hidden_states = hidden_states.contiguous()
+        frames = hidden_states.shape[1]
+        # [B, H, 1, T] channels-last, memory [B, T, H]
+        channels_last = hidden_states.to(self.dtype).transpose(1, 2).unsqueeze(2)
+        h = torch.ops.mkldnn._convolution_pointwise(channels_last, self.packed_weight, self.bias, self.padding,
+                                                    [1, 1], [1, 1], self.groups, self._attr, [], self._algorithm)
+        h = h[:, :, 0, :frames].transpose(1, 2)  # an even kernel yields one extra frame: dropped
+        if self.activation is not None:
+            h = self.activation(h.float())
+        return hidden_states + h.float()
 
 
 # ------------------------------------------------------------------------------------------ the snapshot
@@ -343,8 +555,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
     Args:
         model: one of the ten unispeech_fast model classes (``UniSpeech*`` / ``UniSpeechSat*``), with
             float32 parameters on the CPU. It is not modified.
-        dtype: the compute precision: ``torch.float32`` or ``torch.bfloat16`` (the encoder's matmuls and
-            attention in bfloat16 with fp32 accumulation; LayerNorm, the residual stream, the positional
+        dtype: the compute precision: ``torch.float32`` or ``torch.bfloat16`` (the encoder's matmuls in
+            bfloat16 with fp32 accumulation; attention, LayerNorm, the residual stream, the positional
             conv, the feature encoder, the feature projection and the heads in float32).
 
     Returns:
@@ -372,8 +584,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         raise ValueError(f"optimize_for_inference builds CPU kernels from float32 weights; model has parameters "
                          f"on/of {bad}: call it on model.float().cpu()")
     if not _onednn_linear_available():
-        raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear ops (torch.ops.mkldnn."
-                           "_linear_pointwise / _reorder_linear_weight), which this torch build lacks")
+        raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear and convolution ops "
+                           "(torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight / _convolution_pointwise / "
+                           "_reorder_convolution_weight), which this torch build lacks")
 
     # The replaced modules are built straight from the original's weights (each packs or copies what it
     # keeps) and handed to deepcopy through its memo, so their dense weights are never deep-copied first:
@@ -384,6 +597,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         for module in model.modules():
             if isinstance(module, (EncoderLayer, EncoderLayerStableLayerNorm)):
                 memo[id(module)] = InferenceEncoderLayer(module, hidden_act, dtype)
+            elif isinstance(module, FeatureEncoder):
+                memo[id(module)] = InferenceFeatureEncoder(module, torch.float32, module.tile_frames or 64)
             elif isinstance(module, FeatureProjection):
                 memo[id(module)] = InferenceFeatureProjection(module)
             elif isinstance(module, PositionalConvEmbedding):
