@@ -28,13 +28,14 @@ Left as in the default path: attention (through dispatch, :func:`unispeech_fast.
 kernel on CPU), LayerNorm and the task heads.
 
 ``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
-(oneDNN; AVX512_BF16 where the CPU has it); attention, LayerNorm, the residual stream, the positional
-conv, the feature encoder, the feature projection and the heads stay float32. Inputs and outputs are
-float32 whatever ``dtype`` is. Attention stays float32 because on this CPU (no AMX) it is not faster in
-bfloat16: the C++ kernel took 13.2 vs 10.6 ms (499 frames) and 137 vs 93 ms (1499 frames) per layer
-in bfloat16 vs float32 (ATen's SDPA likewise), and the whole bf16 snapshot ran 1.02x (10 s) and 1.04x
-(30 s) faster with q/k/v upcast once per layer, at a slightly lower error (4.80e-3 vs 4.82e-3 at 30 s);
-measured under load, process CPU time, 1 thread. ``InferenceEncoderLayer.attention_dtype`` switches it.
+(oneDNN; AVX512_BF16 where the CPU has it), and so are q, k and v into attention (the C++ kernel's
+bf16 path: VDPBF16PS products, fp32 softmax statistics and accumulators); LayerNorm, the residual
+stream, the positional conv, the feature encoder, the feature projection and the heads stay float32.
+Inputs and outputs are float32 whatever ``dtype`` is. With the C++ kernel's AVX512_BF16 microkernels
+the whole bf16 snapshot ran 1.08x (10 s) and 1.10x (30 s) faster with bf16 attention than with q/k/v
+upcast to float32, at the same error (4.81e-3 vs 4.83e-3 normwise, 10 s); interleaved wall-time
+medians, 2 threads, loaded machine. (With the kernel's earlier BLAS path, bf16 attention had been the
+slower one.) ``InferenceEncoderLayer.attention_dtype`` switches it.
 
 Measured 2026-11-30 on the 2-core AMD EPYC development machine (AVX512_BF16 and VNNI, no AMX) while
 other jobs loaded it heavily (load average 7-13), so only interleaved A/B ratios of process CPU time
@@ -203,9 +204,9 @@ class InferenceEncoderLayer(nn.Module):
                                 f"(merge adapters such as LoRA into the weights first)")
         self.stable = isinstance(layer, EncoderLayerStableLayerNorm)
         self.dtype = dtype
-        # The dtype q, k, v reach attention in: float32 for both (bf16 attention measured slower on this
-        # CPU; see the module docstring).
-        self.attention_dtype = torch.float32
+        # The dtype q, k, v reach attention in: the compute dtype (bf16 attention measured faster at the
+        # same error; see the module docstring).
+        self.attention_dtype = dtype
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
@@ -556,7 +557,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
         model: one of the ten unispeech_fast model classes (``UniSpeech*`` / ``UniSpeechSat*``), with
             float32 parameters on the CPU. It is not modified.
         dtype: the compute precision: ``torch.float32`` or ``torch.bfloat16`` (the encoder's matmuls in
-            bfloat16 with fp32 accumulation; attention, LayerNorm, the residual stream, the positional
+            bfloat16 with fp32 accumulation, attention's q/k/v too; LayerNorm, the residual stream, the positional
             conv, the feature encoder, the feature projection and the heads in float32).
 
     Returns:
