@@ -30,8 +30,11 @@ def declaring(op: str, dtype: torch.dtype, *, cpu_kernels_only: bool = False) ->
     params = []
     for name, impl in dispatch._REGISTRY[op].items():
         caps = impl.capabilities
-        if name == "eager" or caps is None:
+        if name == "eager":
             continue
+        if caps is None:  # never skipped silently: a backend without declared capabilities would go untested
+            raise AssertionError(f"the {name} backend of {op} registers no Capabilities: declare them (dispatch.register"
+                                 f"(..., capabilities=...)) or name the backend in the test")
         devices_ok = "cpu" in caps.devices if cpu_kernels_only else (not caps.devices or "cpu" in caps.devices)
         if devices_ok and (not caps.dtypes or dtype in caps.dtypes):
             params.append(pytest.param(name, id=name))
