@@ -587,6 +587,18 @@ def test_gumbel_quantizer_philox_noise_finite_at_real_size(ops):
     assert torch.isfinite(grad_l).all() and torch.isfinite(grad_c).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("sample", [False, True])
+def test_gumbel_quantizer_no_row_gives_nan_perplexity(ops, sample):
+    """N = 0 without a mask: the mean over no row is NaN, as eager, the C++ and the Triton backends give
+    (tests/ops/test_gumbel_quantizer.py); the kernel returned 0."""
+    logits = torch.randn(0, 2 * 5, device="cuda")
+    code = torch.randn(2 * 5, 3, device="cuda")
+    gumbels = torch.zeros_like(logits) if sample else None
+    q, idx, soft, perp = ops.gumbel_quantizer_fwd(logits, code, 2, 1.5, sample, gumbels, 0, 0)
+    assert q.shape == (0, 6) and idx.shape == (0, 2) and torch.isnan(perp).item()
+
+
 # ------------------------------------------------------------------------------------ gumbel quantizer: perplexity mask
 def _row_mask(rows, device, seed=3):
     """A bool ``[rows]`` mask with about half the rows, at least the first one."""

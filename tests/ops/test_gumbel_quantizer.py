@@ -436,3 +436,20 @@ def test_mask_input_errors_and_cuda_reason():
             q, ppl = gumbel_quantizer(logits, codevectors, 2, 1.5, False, mask=mask)
         assert torch.equal(q, expected[0])
         torch.testing.assert_close(ppl, expected[1])
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "triton", "cpp"])
+@pytest.mark.parametrize("sample", [False, True])
+@pytest.mark.parametrize("batch,frames", [(0, 5), (2, 0)])
+def test_no_frame_gives_nan_perplexity_on_every_backend(backend_name, sample, batch, frames):
+    """No frame and no mask: the perplexity is that of a mean over no row, NaN, on every backend (the CUDA
+    kernel returned 0: tests/test_cuda_ops.py); the eager reference itself failed on its ``reshape(..., -1)``."""
+    logits = torch.randn(batch, frames, 2 * 5, requires_grad=True)
+    codevectors = torch.randn(1, 2 * 5, 3, requires_grad=True)
+    with uf.backend(backend_name):
+        q, ppl = gumbel_quantizer(logits, codevectors, 2, 1.5, sample)
+    assert q.shape == (batch, frames, 6) and ppl.shape == () and torch.isnan(ppl)
+    assert ppl.dtype == torch.float32
+    (q.sum() + (ppl if sample else 0)).backward()
+    assert torch.equal(codevectors.grad, torch.zeros_like(codevectors))
+    assert (logits.grad is None) != sample and (not sample or logits.grad.shape == logits.shape)
