@@ -141,7 +141,4 @@ KNOWN_SPILLS: dict[tuple[str, int], int] = {
     ('fe_layer_bwd_norm_fp32_norm3_co128_t128_j32', 90): 2760,
     ('fe_layer_fwd_bf16_norm1_co256_t64_j32', 90): 176,
     ('fe_layer_fwd_fp16_norm1_co256_t64_j32', 90): 176,
-    ('pos_conv_grad_weight_bf16_ieee', 90): 120,
-    ('pos_conv_grad_weight_fp16_ieee', 90): 120,
-    ('pos_conv_grad_weight_fp32_ieee', 80): 152,
 }
