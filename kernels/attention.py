@@ -51,15 +51,18 @@ BLOCK_DS: tuple[int, ...] = (64, 128)
 #: Launch settings per (dtype, BLOCK_D) and kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
 #: ``fwd`` and ``bwd_q`` keep BLOCK_M queries resident and loop over BLOCK_N keys; ``bwd_kv`` keeps
 #: BLOCK_N keys resident and loops over BLOCK_M queries; ``bwd_pre`` (delta) is shaped like ``bwd_q``. fp32 uses
-#: smaller blocks (twice the bytes per element, and ieee-precision dots). Chosen not to spill registers
-#: (ptxas, Triton 3.9; ``python -m unispeech_fast.kernels.aot`` reports registers and spills): 16-bit
-#: ``bwd_kv`` at head dim 64 with 128 keys per block used 255 registers and spilled 512 bytes on sm_90
-#: (64 keys: 243, none); the fp32 forward at head dim 128 with 32 keys per block spilled about 15 KB on
-#: sm_80 (8 warps and 16 keys per block: none).
-_HALF_64 = {"fwd": (128, 64, 4, 3), "bwd_pre": (128, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (128, 32, 4, 3)}
-_HALF_128 = {"fwd": (128, 64, 8, 3), "bwd_pre": (128, 64, 8, 3), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
-_FP32_64 = {"fwd": (64, 32, 4, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 2)}
-_FP32_128 = {"fwd": (64, 16, 8, 2), "bwd_pre": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 32, 4, 2)}
+#: smaller blocks (twice the bytes per element, and ieee-precision dots, which run on CUDA cores and hold their
+#: operands in registers). Chosen not to spill registers on sm_80 or sm_90 (ptxas, Triton 3.9;
+#: ``python -m unispeech_fast.kernels.aot`` reports registers and spills): 16-bit ``bwd_kv`` at head dim 64 with
+#: 128 keys per block used 255 registers and spilled 512 bytes on sm_90 (64 keys: 243, none); with 4 warps the
+#: 16-bit head-dim-64 forward, delta and dQ kernels spilled 108-432 B on sm_80 (8 warps: none), the 16-bit
+#: head-dim-128 forward with 64 keys per block 116-152 B (32 keys: at most 16 B), its dK/dV and dQ kernels with
+#: 4 warps and 64 keys or queries 160-750 B on sm_90 (32 and 8 warps: none); every fp32 kernel with 4 warps
+#: spilled, 0.1-17 KB (8 warps: none; the head-dim-128 delta pass also needs 16 keys per block, 0.6 KB with 32).
+_HALF_64 = {"fwd": (128, 64, 8, 3), "bwd_pre": (128, 64, 8, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (128, 32, 8, 3)}
+_HALF_128 = {"fwd": (128, 32, 8, 3), "bwd_pre": (128, 64, 8, 3), "bwd_kv": (32, 32, 8, 2), "bwd_q": (32, 32, 8, 2)}
+_FP32_64 = {"fwd": (64, 32, 8, 2), "bwd_pre": (64, 32, 8, 2), "bwd_kv": (32, 64, 8, 2), "bwd_q": (64, 32, 8, 2)}
+_FP32_128 = {"fwd": (64, 16, 8, 2), "bwd_pre": (64, 16, 8, 2), "bwd_kv": (32, 32, 8, 2), "bwd_q": (32, 32, 8, 2)}
 KERNEL_CONFIGS: dict[tuple[str, int], dict[str, tuple[int, int, int, int]]] = {
     ("float16", 64): _HALF_64,
     ("float16", 128): _HALF_128,

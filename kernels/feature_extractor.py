@@ -370,14 +370,33 @@ _GPU_FWD_TILED = dict(BLOCK_CO=128, BLOCK_T=128, BLOCK_J=32, num_warps=8, num_st
 _GPU_FWD_LAYER = {  # by BLOCK_CO = next_pow2(C_out) (>= 64): all channels of a frame in one program
     64: dict(BLOCK_T=64, BLOCK_J=32, num_warps=4, num_stages=3),
     128: dict(BLOCK_T=64, BLOCK_J=32, num_warps=8, num_stages=3),
-    256: dict(BLOCK_T=64, BLOCK_J=32, num_warps=8, num_stages=2),
+    # 32 frames: with 64 the 16-bit forward used 255 registers and spilled 176 B (sm_90); now 247, none.
+    256: dict(BLOCK_T=32, BLOCK_J=32, num_warps=8, num_stages=2),
     # 16 frames: with 32 the layer-norm backward used 255 registers and spilled 2.4 KB (sm_90); now none.
     512: dict(BLOCK_T=16, BLOCK_J=32, num_warps=8, num_stages=2),
 }
 _GPU_BWD_WEIGHT = dict(BLOCK_CO=128, BLOCK_J=64, BLOCK_T=64, num_warps=8, num_stages=3)
 _GPU_BWD_INPUT = dict(BLOCK_CI=64, BLOCK_Q=128, BLOCK_R=32, num_warps=4, num_stages=3)
+# fp32 changes to the two: with the 16-bit settings the weight gradient spilled 1.4 KB (sm_80; 16 frames per
+# step: 128 registers, none) and the input gradient 170-400 B (8 warps: at most 246 registers, none).
+_GPU_BWD_WEIGHT_FP32 = dict(BLOCK_T=16)
+_GPU_BWD_INPUT_FP32 = dict(num_warps=8)
 _STATS_BLOCK = dict(BLOCK_TILES=1024, num_warps=4, num_stages=1)
 _INTERP_BLOCK = 16
+
+
+#: Frames per program of the norm backward (:func:`_fe_layer_bwd_norm_kernel`), which holds the recomputed conv
+#: tile, the output gradient and the normalised tile at once: fewer than the forward's. With the forward's frames
+#: it spilled (ptxas, Triton 3.9): 128-frame tiles 400-740 B (16-bit) and up to 2.8 KB (fp32, group norm), the
+#: 256-channel layer norm at 64 frames 0.9-2.3 KB, the 64/128-channel ones 70-120 B (sm_90). With these: none.
+_GPU_BWD_NORM_FRAMES = {"tiled": {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}, "layer": 32}
+
+
+def _bwd_norm_cfg(cfg: dict, layer: bool, dtype: torch.dtype) -> dict:
+    """The GPU blocks of the norm backward from the forward's (``cfg``): :data:`_GPU_BWD_NORM_FRAMES` frames, or
+    the forward's where fewer (the 512-channel layer norm's 16)."""
+    frames = _GPU_BWD_NORM_FRAMES["layer"] if layer else _GPU_BWD_NORM_FRAMES["tiled"][dtype]
+    return dict(cfg, BLOCK_T=min(cfg["BLOCK_T"], frames))
 
 
 def _for_dtype(cfg: dict, dtype: torch.dtype) -> dict:
@@ -402,16 +421,25 @@ def _fwd_blocks(norm: int, c_out: int, dtype: torch.dtype = torch.float16) -> di
     return _for_dtype(_GPU_FWD_TILED, dtype)
 
 
-def _bwd_weight_blocks() -> dict:
+def _bwd_norm_blocks(norm: int, c_out: int, dtype: torch.dtype) -> dict:
+    blocks = _fwd_blocks(norm, c_out, dtype)
+    return blocks if _interpreting() else _bwd_norm_cfg(blocks, norm == NORM_LAYER, dtype)
+
+
+def _gpu_bwd_blocks(cfg: dict, fp32_changes: dict, dtype: torch.dtype) -> dict:
+    return dict(cfg, **fp32_changes) if dtype == torch.float32 else dict(cfg)
+
+
+def _bwd_weight_blocks(dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(BLOCK_CO=_INTERP_BLOCK, BLOCK_J=_INTERP_BLOCK, BLOCK_T=_INTERP_BLOCK, num_warps=4, num_stages=1)
-    return dict(_GPU_BWD_WEIGHT)
+    return _gpu_bwd_blocks(_GPU_BWD_WEIGHT, _GPU_BWD_WEIGHT_FP32, dtype)
 
 
-def _bwd_input_blocks() -> dict:
+def _bwd_input_blocks(dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(BLOCK_CI=_INTERP_BLOCK, BLOCK_Q=2 * _INTERP_BLOCK, BLOCK_R=_INTERP_BLOCK, num_warps=4, num_stages=1)
-    return dict(_GPU_BWD_INPUT)
+    return _gpu_bwd_blocks(_GPU_BWD_INPUT, _GPU_BWD_INPUT_FP32, dtype)
 
 
 def _precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
@@ -493,7 +521,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     gamma_arg = gamma if gamma is not None else bias_arg
     beta_arg = beta if beta is not None else bias_arg
     gz = torch.empty(B, C_out, T, device=x.device, dtype=x.dtype)
-    blocks, launch = _split(_fwd_blocks(norm, C_out, x.dtype))
+    blocks, launch = _split(_bwd_norm_blocks(norm, C_out, x.dtype))
     n_t = triton.cdiv(T, blocks["BLOCK_T"])
     grid = (n_t, triton.cdiv(C_out, blocks["BLOCK_CO"]), B)
     part_gbias = torch.empty(B * n_t, C_out, device=x.device, dtype=torch.float32)
@@ -524,7 +552,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
 
     # dW: split the time axis so that small batches still fill the GPU.
     J = C_in * K
-    wb, wl = _split(_bwd_weight_blocks())
+    wb, wl = _split(_bwd_weight_blocks(x.dtype))
     tiles = triton.cdiv(T, wb["BLOCK_T"])
     base_programs = triton.cdiv(J, wb["BLOCK_J"]) * triton.cdiv(C_out, wb["BLOCK_CO"]) * B
     if x.device.type == "cuda":
@@ -542,7 +570,7 @@ def layer_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
 
     dx = None
     if need_input_grad:
-        ib, il = _split(_bwd_input_blocks())
+        ib, il = _split(_bwd_input_blocks(x.dtype))
         dx = torch.empty(B, C_in, L, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(triton.cdiv(L, stride), ib["BLOCK_Q"]), triton.cdiv(C_in, ib["BLOCK_CI"]), B * stride)
         _conv_bwd_input_kernel[grid](
@@ -572,13 +600,16 @@ def aot_variants() -> list[AotVariant]:
         configs = [(_K_NONE, tiled), (_GROUP_STATS, tiled), (_GROUP_APPLY, tiled)]
         configs += [(_K_LAYER, _for_dtype(dict(BLOCK_CO=bco, **cfg), dtype)) for bco, cfg in _GPU_FWD_LAYER.items()]
         for norm, cfg in configs:
+            for name, fn, sig, kcfg in (("fe_layer_fwd", _fe_layer_fwd_kernel, fwd_sig, cfg),
+                                        ("fe_layer_bwd_norm", _fe_layer_bwd_norm_kernel, bwd_sig,
+                                         _bwd_norm_cfg(cfg, norm == _K_LAYER, dtype))):
+                kblocks, klaunch = _split(kcfg)
+                ktag = f"{ty}_norm{norm}_co{kblocks['BLOCK_CO']}_t{kblocks['BLOCK_T']}_j{kblocks['BLOCK_J']}"
+                constexprs = dict(NORM=norm, PRECISION=prec, **kblocks)
+                out.append(AotVariant(f"{name}_{ktag}", fn, {**sig, **{k: "constexpr" for k in constexprs}},
+                                      constexprs, **klaunch))
             blocks, launch = _split(cfg)
             tag = f"{ty}_norm{norm}_co{blocks['BLOCK_CO']}_t{blocks['BLOCK_T']}_j{blocks['BLOCK_J']}"
-            for name, fn, sig in (("fe_layer_fwd", _fe_layer_fwd_kernel, fwd_sig),
-                                  ("fe_layer_bwd_norm", _fe_layer_bwd_norm_kernel, bwd_sig)):
-                constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
-                out.append(AotVariant(f"{name}_{tag}", fn, {**sig, **{k: "constexpr" for k in constexprs}},
-                                      constexprs, **launch))
             # Beyond about 22 minutes of audio in one row, the 512-channel activations' batch strides pass
             # 2^31 and Triton specialises them as int64: the forward's variants for those (inference on
             # long audio; the int64 offsets inside the kernel are the same code either way).
@@ -586,14 +617,14 @@ def aot_variants() -> list[AotVariant]:
                 constexprs = dict(NORM=norm, PRECISION=prec, **blocks)
                 sig64 = {**fwd_sig, "stride_xb": "i64", "stride_yb": "i64", **{k: "constexpr" for k in constexprs}}
                 out.append(AotVariant(f"fe_layer_fwd_{tag}_i64", _fe_layer_fwd_kernel, sig64, constexprs, **launch))
-        wb, wl = _split(_GPU_BWD_WEIGHT)
+        wb, wl = _split(_gpu_bwd_blocks(_GPU_BWD_WEIGHT, _GPU_BWD_WEIGHT_FP32, dtype))
         sig = {"X": p, "GZ": p, "PartGW": "*fp32", "C_out": "i32", "C_in": "i32", "T_out": "i32",
                "conv_stride": "i32", "ksize": "i32", "t_chunk": "i32", "n_split": "i32",
                "stride_xb": "i32", "stride_xc": "i32", "stride_xl": "i32"}
         constexprs = dict(PRECISION=prec, **wb)
         out.append(AotVariant(f"conv_bwd_weight_{ty}", _conv_bwd_weight_kernel,
                               {**sig, **{k: "constexpr" for k in constexprs}}, constexprs, **wl))
-        ib, il = _split(_GPU_BWD_INPUT)
+        ib, il = _split(_gpu_bwd_blocks(_GPU_BWD_INPUT, _GPU_BWD_INPUT_FP32, dtype))
         sig = {"GZ": p, "W": p, "GX": p, "C_out": "i32", "C_in": "i32", "L_in": "i32", "T_out": "i32",
                "conv_stride": "i32", "ksize": "i32", "n_taps": "i32",
                **{f"stride_{n}": "i32" for n in ("wo", "wi", "wk", "gxb", "gxc", "gxl")}}

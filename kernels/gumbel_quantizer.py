@@ -79,7 +79,7 @@ CONFIGS: dict[int, GumbelConfig] = {
     c.block_v: c
     for c in (
         GumbelConfig(32, 64, 32, 32, 64, 32, 4, 4),
-        GumbelConfig(128, 64, 16, 32, 64, 32, 4, 4),
+        GumbelConfig(128, 64, 16, 32, 64, 32, 4, 8),  # backward on 4 warps: 68 B spilled (16-bit IEEE, sm_90)
         GumbelConfig(512, 64, 4, 16, 64, 16, 4, 8),  # UniSpeech: V = 320
     )
 }
@@ -178,11 +178,12 @@ def _gumbel_fwd_kernel(
 def _gumbel_bwd_logits_kernel(
     GradOut, Codevectors, Soft, Logits, Coef, RowWeight, GradLogits,
     N, V, DG, stride_gn, stride_ln, stride_dn, tau,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Gradient of the logits (training path) for one (row block, group).
 
-    ``gy = gq @ codevectors[g]^T`` (fp32 ``tl.dot``, IEEE precision, looped over DG), then
+    ``gy = gq @ codevectors[g]^T`` (fp32 ``tl.dot`` with ``input_precision=DOT_PRECISION``, ``"ieee"`` or
+    ``"tf32"`` as the launcher's fp32 policy says, looped over DG), then
     ``dl = (s / tau) * (gy - <s, gy>) + p * (c - <p, c>)`` with ``p = softmax(l)`` recomputed from
     the logits, ``c = Coef[g]`` the perplexity coefficients (module docstring) and the second term
     multiplied by the row weight ``RowWeight[r]``.
@@ -210,7 +211,7 @@ def _gumbel_bwd_logits_kernel(
         gq = tl.load(GradOut + rows64[:, None] * stride_gn + (g * DG + d)[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         cv_t = tl.load(Codevectors + cv_rows[None, :] * DG + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        gy = tl.dot(gq, cv_t, acc=gy, input_precision="ieee")
+        gy = tl.dot(gq, cv_t, acc=gy, input_precision=DOT_PRECISION)
 
     flat = rows64[:, None] * (num_groups * V) + col_idx[None, :]
     soft = tl.load(Soft + flat, mask=mask, other=0.0)
@@ -260,6 +261,9 @@ def _gumbel_bwd_codevectors_kernel(
 DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
     ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"),
 )
+#: ``input_precision`` of the backward's fp32 dot: the launcher follows ``fp32_dot_precision``
+#: (``unispeech_fast/ops/_triton_common.py``), so both can be launched.
+DOT_PRECISIONS: tuple[str, ...] = ("ieee", "tf32")
 #: Forward modes: (SAMPLE, EXPLICIT_NOISE).
 FWD_MODES: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (True, True))
 
@@ -288,12 +292,14 @@ def aot_variants():
             sig = {
                 "GradOut": f"*{odt}", "Codevectors": "*fp32", "Soft": "*fp32", "Logits": f"*{ldt}", "Coef": "*fp32",
                 "RowWeight": "*fp32", "GradLogits": f"*{ldt}", "N": "i32", "V": "i32", "DG": "i32",
-                "stride_gn": "i32", "stride_ln": "i32", "stride_dn": "i32", "tau": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-                "BLOCK_D": "constexpr",
+                "stride_gn": "i32", "stride_ln": "i32", "stride_dn": "i32", "tau": "fp32", "DOT_PRECISION": "constexpr",
+                "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
             }
-            consts = {"BLOCK_N": cfg.block_n_bwd, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d_bwd}
-            out.append(AotVariant(f"gumbel_bwd_logits_{ldt}_{odt}_v{cfg.block_v}", _gumbel_bwd_logits_kernel, sig,
-                                  consts, cfg.num_warps_bwd, NUM_STAGES))
+            for prec in DOT_PRECISIONS:
+                consts = {"DOT_PRECISION": prec, "BLOCK_N": cfg.block_n_bwd, "BLOCK_V": cfg.block_v,
+                          "BLOCK_D": cfg.block_d_bwd}
+                out.append(AotVariant(f"gumbel_bwd_logits_{ldt}_{odt}_v{cfg.block_v}_{prec}", _gumbel_bwd_logits_kernel,
+                                      sig, consts, cfg.num_warps_bwd, NUM_STAGES))
     for odt in ("fp16", "bf16", "fp32"):
         sig = {"GradOut": f"*{odt}", "Index": "*i32", "GradCodevectors": "*fp32", "N": "i32", "V": "i32", "DG": "i32",
                "stride_gn": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}

@@ -16,6 +16,7 @@ from unispeech_fast.ops._triton_common import fp32_dot_precision
 # The modules, not the functionals of the same name that unispeech_fast.ops exports.
 attention_ops = importlib.import_module("unispeech_fast.ops.attention.triton")
 pos_conv_ops = importlib.import_module("unispeech_fast.ops.pos_conv.triton")
+gumbel_ops = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.triton")
 
 
 @pytest.fixture
@@ -32,6 +33,8 @@ def _launcher_choices(dtype, device):
         "attention": "ieee" if attention_ops._ieee(q) else "tf32",
         "feature_extractor": fe_kernels._precision(dtype, torch.device(device)),
         "pos_conv": pos_conv_ops._dot_precision(dtype, torch.device(device)),
+        # Its one dot is fp32 in every dtype (gradients upcast, fp32 codebook): the policy decides it alone.
+        "gumbel_quantizer": gumbel_ops._dot_precision(torch.device(device)),
     }
 
 
@@ -39,10 +42,40 @@ def _launcher_choices(dtype, device):
 def test_every_triton_launcher_follows_float32_matmul_precision(matmul_precision, policy, expected):
     matmul_precision(policy)
     assert fp32_dot_precision(torch.device("cuda")) == expected
-    assert _launcher_choices(torch.float32, "cuda") == dict.fromkeys(("attention", "feature_extractor", "pos_conv"),
-                                                                      expected)
+    assert _launcher_choices(torch.float32, "cuda") == dict.fromkeys(
+        ("attention", "feature_extractor", "pos_conv", "gumbel_quantizer"), expected)
     # The interpreter computes exact fp32 whatever it is told: CPU tensors always get IEEE.
     assert set(_launcher_choices(torch.float32, "cpu").values()) == {"ieee"}
+
+
+@pytest.mark.parametrize("policy", ["ieee", "tf32"])
+def test_gumbel_backward_launches_its_dot_with_the_policy(monkeypatch, policy):
+    """Item 14: the Gumbel logits gradient's fp32 dot used IEEE whatever the policy said. The launch must pass
+    what ``fp32_dot_precision`` answers (forced here: on CPU tensors it is always IEEE, and the interpreter
+    computes exact fp32 either way)."""
+    import unispeech_fast as uf
+    from unispeech_fast import dispatch
+    from unispeech_fast.kernels import gumbel_quantizer as gumbel_kernels
+
+    kernel = gumbel_kernels._gumbel_bwd_logits_kernel
+    launches = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("DOT_PRECISION"))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gumbel_kernels, "_gumbel_bwd_logits_kernel", Recording())
+    monkeypatch.setattr(gumbel_ops, "fp32_dot_precision", lambda device: policy)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 10, generator=g, requires_grad=True)
+    with dispatch.backend("triton"):
+        out, perplexity = uf.ops.gumbel_quantizer(logits, torch.randn(1, 10, 4, generator=g), 2, 2.0, True)
+    (out.sum() + perplexity).backward()
+    assert launches == [policy]
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_cudnn_allow_tf32_no_longer_decides(matmul_precision, monkeypatch):

@@ -10,7 +10,8 @@
 //   m[g] = mean_n softmax(l[n, g]) (sample) or mean_n onehot(idx) (eval)
 //   perplexity = sum_g exp(-sum_v m log m)   (0 log 0 = 0)
 //   With mask (bool [N]) the mean runs over the rows where it is true: m = (sum of those rows) / count,
-//   as csrc/cpu/gumbel_quantizer.cpp; count = 0 gives a NaN perplexity (and no perplexity gradient).
+//   as csrc/cpu/gumbel_quantizer.cpp; count = 0 gives a NaN perplexity (and no perplexity gradient), and so
+//   does N = 0 without a mask (eager's mean of no row).
 // Noise: the given gumbels, or, when None, n = -log(-log(u)) with u in (0, 1) from Philox4x32-10 keyed by
 // `seed` with the counter (element index n*G*V + g*V + v as two 32-bit words, `offset` as two words);
 // u = (2 (top 23 bits) + 1) / 2^24 in [2^-24, 1 - 2^-24] (uniform.h). (The CI toolkit has no curand headers, so Philox is written out here;
@@ -119,15 +120,19 @@ __global__ void __launch_bounds__(kGqThreads) select_kernel(const T* __restrict_
     T* dst = Quant + n * groups * dg + static_cast<int64_t>(g) * dg;
     for (int d = lane; d < dg; d += kWarp) dst[d] = src[d];
     if (sample) {
+      // As eager on CUDA (z / tau with a host scalar is z * (1/tau), then softmax): x = z * inv_tau, its max
+      // is best * inv_tau (a positive factor keeps the order), soft = exp(x - max) / sum. ((z - best) * inv_tau
+      // and a multiplication by 1/sum rounded differently and twice.)
+      const float mx = best * inv_tau;
       float sum = 0.f;
       for (int v = lane; v < codes; v += kWarp) {
         const float z = to_float(Logits[base + v]) + noise.at(base + v);
-        sum += expf((z - best) * inv_tau);
+        sum += expf(z * inv_tau - mx);
       }
-      const float inv_sum = 1.f / warp_sum(sum);
+      sum = warp_sum(sum);
       for (int v = lane; v < codes; v += kWarp) {
         const float z = to_float(Logits[base + v]) + noise.at(base + v);
-        Soft[base + v] = expf((z - best) * inv_tau) * inv_sum;
+        Soft[base + v] = expf(z * inv_tau - mx) / sum;
       }
     }
   }
@@ -297,6 +302,9 @@ unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, kGqWarps), 4096)));
 }
 
+// 1 / tau as torch computes it for z / tau with a Python float on CUDA: in float, from tau rounded to float.
+inline float inv_temperature(double temperature) { return 1.f / static_cast<float>(temperature); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& codevectors, int64_t num_groups, double temperature, bool sample,
     const std::optional<at::Tensor>& gumbels, int64_t seed, int64_t offset, const std::optional<at::Tensor>& mask) {
@@ -318,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_
   at::Tensor soft = sample ? at::empty({s.rows, s.groups, s.codes}, logits.options().dtype(at::kFloat))
                            : at::empty({0}, logits.options());  // empty, in the dtype the fake function gives
   at::Tensor perplexity = at::zeros({}, logits.options().dtype(at::kFloat));
-  if (s.rows == 0) {
-    if (keep.defined()) perplexity.fill_(std::numeric_limits<double>::quiet_NaN());  // a mask of no row
+  if (s.rows == 0) {  // the mean of no row: NaN, as eager (and the CPU kernel), with or without a mask
+    perplexity.fill_(std::numeric_limits<double>::quiet_NaN());
     return {quantized, indices, soft, perplexity};
   }
   at::Tensor marg = at::zeros({s.groups, s.codes}, logits.options().dtype(at::kFloat));
@@ -331,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantizer_fwd_
     select_kernel<scalar_t><<<grid, kGqThreads, 0, stream>>>(
         lc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), quantized.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
         sample ? soft.data_ptr<float>() : nullptr, src, s.rows, static_cast<int>(s.groups), static_cast<int>(s.codes),
-        static_cast<int>(s.dg), static_cast<float>(1.0 / temperature), sample);
+        static_cast<int>(s.dg), inv_temperature(temperature), sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     marginal_kernel<scalar_t><<<grid, kGqThreads, s.codes * sizeof(float), stream>>>(
         lc.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), keep.defined() ? keep.data_ptr<bool>() : nullptr,
@@ -413,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_quantizer_bwd_cuda(const at::Tensor& g
         sample ? coef.data_ptr<float>() : nullptr, keep.defined() ? keep.data_ptr<bool>() : nullptr,
         grad_code32.data_ptr<float>(), grad_logits.data_ptr<scalar_t>(),
         s.rows, static_cast<int>(s.groups), static_cast<int>(s.codes), static_cast<int>(s.dg),
-        static_cast<float>(1.0 / temperature), sample);
+        inv_temperature(temperature), sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_logits, grad_code32.to(cc.scalar_type())};

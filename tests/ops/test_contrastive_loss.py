@@ -290,3 +290,20 @@ def test_feature_width_limit_is_the_kernels_widest_block():
     assert max(kern.BLOCK_DS) == MAX_D and kern.block_d(MAX_D) == MAX_D
     with pytest.raises(ValueError, match="feature width D"):
         kern.block_d(MAX_D + 1)
+
+
+@pytest.mark.parametrize("dim", [1, 64, 65, 256, 257, 1024])
+def test_launch_and_aot_variant_share_one_config(dim):
+    """Issue 16 item 8: the launcher launches exactly the AOT variant the spill check compiled (one table,
+    ``ROWS_AND_WARPS``, now that the widest block has its own rows and warps; both used to hard-code them)."""
+    from unispeech_fast.kernels import contrastive_loss as kern
+    from unispeech_fast.ops.contrastive_loss import triton as launcher
+
+    rows = torch.arange(3)
+    _, grid, _, _, consts = launcher._launch_args(torch.zeros(3, dim), torch.zeros(3, dim), rows,
+                                                  torch.zeros(3, 2, dtype=torch.long), None)
+    variants = {v.name: v for v in kern.aot_variants()}
+    for kind in ("fwd", "bwd"):
+        v = variants[f"contrastive_{kind}_fp32_values_d{consts['BLOCK_D']}"]
+        assert {**v.constexprs, "num_warps": v.num_warps, "num_stages": v.num_stages} == consts
+    assert grid == (-(-3 // consts["BLOCK_M"]),)

@@ -330,7 +330,7 @@ def test_aot_variants_cover_the_gpu_launch_table(monkeypatch):
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     for dtype in ptr:
         for norm, kernel_norms in ((kernels.NORM_NONE, [0]), (kernels.NORM_GROUP, [2, 3]), (kernels.NORM_LAYER, [1])):
-            for c_out in (37, 512):
+            for c_out in (37, 100, 200, 512):
                 cfg = kernels._fwd_blocks(norm, c_out, dtype)
                 blocks = tuple(sorted((k, c) for k, c in cfg.items() if k.startswith("BLOCK")))
                 for kn in kernel_norms:
@@ -339,6 +339,15 @@ def test_aot_variants_cover_the_gpu_launch_table(monkeypatch):
                             continue
                         key = ("fe_layer_fwd", ptr[dtype], kn, blocks, cfg["num_warps"], cfg["num_stages"], stride_yb)
                         assert key in seen, key
+                    # The norm backward launches its own (non-spilling) blocks: those are variants too.
+                    bwd = kernels._bwd_norm_blocks(norm, c_out, dtype)
+                    bwd_blocks = tuple(sorted((k, c) for k, c in bwd.items() if k.startswith("BLOCK")))
+                    key = ("fe_layer_bwd_norm", ptr[dtype], kn, bwd_blocks, bwd["num_warps"], bwd["num_stages"], None)
+                    assert key in seen, key
+        for name, x_ptr, cfg in (("conv_bwd_weight", ptr[dtype], kernels._bwd_weight_blocks(dtype)),
+                                 ("conv_bwd_input", None, kernels._bwd_input_blocks(dtype))):
+            blocks = tuple(sorted((k, c) for k, c in cfg.items() if k.startswith("BLOCK")))
+            assert (name, x_ptr, None, blocks, cfg["num_warps"], cfg["num_stages"], None) in seen, (name, dtype)
     fp32 = kernels._fwd_blocks(kernels.NORM_LAYER, 512, torch.float32)
     assert fp32["num_stages"] == 1 and fp32["BLOCK_J"] == 16
 

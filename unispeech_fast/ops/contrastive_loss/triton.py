@@ -34,8 +34,8 @@ def _launch_args(predictions, targets, rows, negatives, codes):
     dim = predictions.shape[1]
     has_codes = codes is not None
     codes_t = codes if has_codes else rows  # unread without HAS_CODES
-    grid = (cdiv(m, kern.BLOCK_M),)
-    consts = dict(HAS_CODES=has_codes, BLOCK_M=kern.BLOCK_M, BLOCK_D=kern.block_d(dim), num_warps=4, num_stages=1)
+    consts = dict(HAS_CODES=has_codes, **kern.launch_config(dim))
+    grid = (cdiv(m, consts["BLOCK_M"]),)
     return kern, grid, codes_t, (m, k, dim, codes.shape[1] if has_codes else 0), consts
 
 

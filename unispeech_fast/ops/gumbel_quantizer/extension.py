@@ -105,7 +105,8 @@ def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, m
     flat = logits.reshape(batch * frames, gv)
     if not sample:
         flat = flat.detach()
-    codebook = codevectors.reshape(gv, -1)
+    dg = codevectors.shape[-1]  # explicit sizes: no -1 (ambiguous with no frame)
+    codebook = codevectors.reshape(gv, dg)
     if gumbels is not None:
         gumbels = gumbels.reshape(batch * frames, gv).to(torch.float32).contiguous()
     elif sample:
@@ -118,6 +119,6 @@ def gumbel_quantizer_ext(logits, codevectors, num_groups, temperature, sample, m
     )
     perplexity = perplexity.to(torch.float32 if sample else logits.dtype)
     if return_indices:
-        return quantized.view(batch, frames, -1), perplexity, indices.view(batch, frames, num_groups)
-    return quantized.view(batch, frames, -1), perplexity
+        return quantized.view(batch, frames, num_groups * dg), perplexity, indices.view(batch, frames, num_groups)
+    return quantized.view(batch, frames, num_groups * dg), perplexity
 

@@ -43,8 +43,9 @@ def gumbel_quantizer_ref(
     Returns:
         ``(quantized [batch, frames, D], perplexity scalar)``, plus the indices if ``return_indices``.
     """
-    batch, frames, _ = logits.shape
-    flat = logits.reshape(batch * frames * num_groups, -1)
+    batch, frames, gv = logits.shape
+    codes, dg = gv // num_groups, codevectors.shape[-1]  # explicit sizes: no -1 (ambiguous with no frame)
+    flat = logits.reshape(batch * frames * num_groups, codes)
     row_mask = None if mask is None else mask.reshape(batch * frames).to(device=logits.device, dtype=torch.bool)
     if gumbels is not None and not sample:
         raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")
@@ -57,20 +58,20 @@ def gumbel_quantizer_ref(
         index = y_soft.max(-1, keepdim=True)[1]
         y_hard = torch.zeros_like(work, memory_format=torch.legacy_contiguous_format).scatter_(-1, index, 1.0)
         probs = (y_hard - y_soft.detach() + y_soft).type_as(flat)
-        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, -1), dim=-1), row_mask)
+        perplexity = _perplexity(torch.softmax(work.view(batch * frames, num_groups, codes), dim=-1), row_mask)
     elif sample:
         probs = F.gumbel_softmax(flat.float(), tau=temperature, hard=True).type_as(flat)
-        soft = torch.softmax(flat.view(batch * frames, num_groups, -1).float(), dim=-1)
+        soft = torch.softmax(flat.view(batch * frames, num_groups, codes).float(), dim=-1)
         perplexity = _perplexity(soft, row_mask)
     else:
         idx = flat.argmax(dim=-1)
         probs = flat.new_zeros(*flat.shape).scatter_(-1, idx.view(-1, 1), 1.0)
-        perplexity = _perplexity(probs.view(batch * frames, num_groups, -1), row_mask)
-    probs = probs.view(batch * frames, -1)
+        perplexity = _perplexity(probs.view(batch * frames, num_groups, codes), row_mask)
+    probs = probs.view(batch * frames, gv)
     per_group = probs.unsqueeze(-1) * codevectors
-    quantized = per_group.view(batch * frames, num_groups, probs.shape[-1] // num_groups, -1).sum(-2)
+    quantized = per_group.view(batch * frames, num_groups, codes, dg).sum(-2)
     if return_indices:
         # The forward value of the straight-through one-hot is exactly 1 on the chosen code.
-        indices = probs.detach().view(batch, frames, num_groups, -1).argmax(-1)
-        return quantized.view(batch, frames, -1), perplexity, indices
-    return quantized.view(batch, frames, -1), perplexity
+        indices = probs.detach().view(batch, frames, num_groups, codes).argmax(-1)
+        return quantized.view(batch, frames, num_groups * dg), perplexity, indices
+    return quantized.view(batch, frames, num_groups * dg), perplexity

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton_common import cdiv, device_guard
+from .._triton_common import cdiv, device_guard, fp32_dot_precision
 from .common import MAX_CODES  # the kernels' limit, read without importing triton
 
 # Layers: kernels (unispeech_fast.kernels.gumbel_quantizer) -> launchers (_triton_forward /
@@ -13,6 +13,12 @@ from .common import MAX_CODES  # the kernels' limit, read without importing trit
 
 #: What the kernels run (``kernels/gumbel_quantizer.py``).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dot_precision(device: torch.device) -> str:
+    """``input_precision`` of the backward's dot ``grad_out @ codevectors^T``: its operands are always fp32 (16-bit
+    gradients are upcast, the codebook is read as fp32), so it follows the fp32 policy of every Triton kernel."""
+    return fp32_dot_precision(device)
 
 
 def _row_weights(mask, n, device):
@@ -96,6 +102,7 @@ def _triton_backward(grad_out, grad_perplexity, logits, codevectors, soft, index
             kern._gumbel_bwd_logits_kernel[(cdiv(n, cfg.block_n_bwd), num_groups)](
                 gq, book, soft, flat, coef, weight, grad_flat,
                 n, num_codes, dg, gq.stride(0), flat.stride(0), grad_flat.stride(0), float(temperature),
+                DOT_PRECISION=_dot_precision(logits.device),
                 BLOCK_N=cfg.block_n_bwd, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d_bwd,
                 num_warps=cfg.num_warps_bwd, num_stages=kern.NUM_STAGES,
             )
