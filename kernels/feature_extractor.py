@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unispeech_fast.ops.feature_extractor.common import MAX_LAYER_NORM_CHANNELS, NormKind, conv_output_length
+from unispeech_fast.ops.feature_extractor.common import NormKind, conv_output_length
 
 from .aot import AotVariant
 

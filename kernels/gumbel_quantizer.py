@@ -54,7 +54,7 @@ import triton.language as tl
 
 from unispeech_fast.ops.gumbel_quantizer.common import MAX_CODES
 
-__all__ = ["GumbelConfig", "CONFIGS", "pick_config", "MAX_V", "aot_variants"]
+__all__ = ["GumbelConfig", "CONFIGS", "pick_config", "MAX_CODES", "aot_variants"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,8 @@ CONFIGS: dict[int, GumbelConfig] = {
         GumbelConfig(512, 64, 4, 16, 64, 16, 4, 8),  # UniSpeech: V = 320
     )
 }
-#: The largest number of codes per group the table serves: the one limit the triton backend's reasons read too
-#: (``unispeech_fast.ops.gumbel_quantizer.common``); the table's widest entry must serve it.
-MAX_V = MAX_CODES
+#: (``MAX_CODES``, imported above from ``unispeech_fast.ops.gumbel_quantizer.common``, is the largest number of
+#: codes per group the table serves, the one limit the triton backend's reasons read too.)
 #: Pipelining depth of every launch (the loops are short; deeper only costs shared memory).
 NUM_STAGES = 2
 #: Rows per program of the codevector scatter-add, and its DG chunk.
@@ -96,8 +95,8 @@ SCATTER_NUM_WARPS = 4
 
 def pick_config(num_codes: int) -> GumbelConfig:
     """The smallest table entry with ``BLOCK_V >= num_codes`` (few entries keep the AOT list short)."""
-    if not 1 <= num_codes <= MAX_V:
-        raise ValueError(f"num_codes (V) must be in [1, {MAX_V}], got {num_codes}")
+    if not 1 <= num_codes <= MAX_CODES:
+        raise ValueError(f"num_codes (V) must be in [1, {MAX_CODES}], got {num_codes}")
     return CONFIGS[min(b for b in CONFIGS if b >= num_codes)]
 
 

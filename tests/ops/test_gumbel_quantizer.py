@@ -294,10 +294,10 @@ def test_launch_table_limit_matches_dispatch_limit():
 
     # The one limit (ops/gumbel_quantizer/common.py, read by the triton backend's reasons without triton) is what
     # the launch table's widest entry serves.
-    assert max(kern.CONFIGS) == kern.MAX_V
+    assert max(kern.CONFIGS) == kern.MAX_CODES
     assert kern.pick_config(320).block_v == 512
     with pytest.raises(ValueError, match="num_codes"):
-        kern.pick_config(kern.MAX_V + 1)
+        kern.pick_config(kern.MAX_CODES + 1)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -527,6 +527,8 @@ def test_explicit_gumbels_input_errors():
         gumbel_quantizer(logits, codevectors, 2, 1.5, True, gumbels=noise[:, :4])
     with pytest.raises(ValueError, match="gumbels must be a float tensor"):
         gumbel_quantizer(logits, codevectors, 2, 1.5, True, gumbels=noise.long())
+    with pytest.raises(TypeError, match="logits must be a tensor"):  # not blamed on gumbels
+        gumbel_quantizer(logits.tolist(), codevectors, 2, 1.5, True, gumbels=noise)
     module = GumbelVectorQuantizer(UniSpeechConfig(num_codevector_groups=2, num_codevectors_per_group=7,
                                                    codevector_dim=6), in_dim=5).eval()
     with pytest.raises(ValueError, match="only used in training"):

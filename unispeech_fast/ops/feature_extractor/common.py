@@ -1,6 +1,7 @@
 """The facts every layer of the stack and every backend of ``feature_extractor`` share, kept once: the norm
 codes (:class:`NormKind`), the conv output length (:func:`conv_output_length`) and the Triton kernels' limit
-(:data:`MAX_LAYER_NORM_CHANNELS`, read by the kernels and by the triton backend's reasons without importing triton).
+(:data:`MAX_LAYER_NORM_CHANNELS`, the widest layer-norm row the kernels' block choice serves, read by the triton
+backend's reasons without importing triton).
 
 Imports nothing from the package, so that the configuration, the models, the tiling, the op's backends and
 the Triton launchers (``unispeech_fast.kernels.feature_extractor``) can all use it.

@@ -77,6 +77,8 @@ def gumbel_quantizer(
     """
     extra = {}
     shape = tuple(getattr(logits, "shape", ()))
+    if (gumbels is not None or mask is not None) and not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a tensor [batch, frames, num_groups * V], got {type(logits).__name__}")
     if gumbels is not None:
         if not sample:
             raise ValueError("gumbels (explicit Gumbel noise) is only used with sample=True")

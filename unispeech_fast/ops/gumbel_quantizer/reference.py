@@ -33,7 +33,8 @@ def gumbel_quantizer_ref(
         logits: ``[batch, frames, num_groups * V]``.
         codevectors: ``[1, num_groups * V, D / num_groups]``.
         sample: True for the training path (Gumbel sampling, torch RNG), False for argmax.
-        gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only, for tests).
+        gumbels: optional explicit Gumbel noise, shape of ``logits`` (training path only: the tests'
+            fixed noise, and the pre-training heads' per-sample noise, README "Training").
             With it the call computes exactly what ``F.gumbel_softmax(hard=True)`` computes when it
             draws that noise, in fp32 (fp64 for fp64 logits, so tests get a high-precision reference).
         mask: optional bool ``[batch, frames]``: the perplexity's marginal is the mean over the frames
