@@ -8,14 +8,14 @@ absent, dispatch uses its default order.
 
 SOURCES: tuple[str, ...] = (
     'benchmarks/results/cpu_ops_2026-11-29/results.json',
-    'benchmarks/results/cpu_attention_2026-11-30/results.json',
+    'benchmarks/results/cpu_attention_2026-11-30T14/results.json',
     'benchmarks/results/cpu_contrastive_loss_2026-11-30/results.json',
 )
 
 ORDERS: dict[tuple[str, str, str, str], tuple[str, ...]] = {
     ('cpu:AVX512', 'attention', 'bfloat16', 'fwd'): ('cpp', 'eager'),
     ('cpu:AVX512', 'attention', 'bfloat16', 'fwd_bwd'): ('eager', 'cpp'),
-    ('cpu:AVX512', 'attention', 'float32', 'fwd'): ('cpp', 'eager'),
+    ('cpu:AVX512', 'attention', 'float32', 'fwd'): ('eager', 'cpp'),
     ('cpu:AVX512', 'attention', 'float32', 'fwd_bwd'): ('eager', 'cpp'),
     ('cpu:AVX512', 'contrastive_loss', 'float32', 'fwd'): ('cpp', 'eager'),
     ('cpu:AVX512', 'contrastive_loss', 'float32', 'fwd_bwd'): ('cpp', 'eager'),

@@ -24,8 +24,8 @@ What is prepared once (CPU, oneDNN as shipped inside torch):
   (``torch.ops.mkldnn._convolution_pointwise``) on a prepacked weight over the channels-last view of
   ``[B, T, H]`` (no transposes) with bias and GELU fused.
 
-Left as in the default path: attention (through dispatch, :func:`unispeech_fast.ops.attention`: the C++
-kernel on CPU), LayerNorm and the task heads.
+Left as in the default path: attention (through dispatch, :func:`unispeech_fast.ops.attention`: on CPU the
+measured order's pick, the C++ kernel in bf16 and SDPA in fp32), LayerNorm and the task heads.
 
 ``dtype=torch.bfloat16``: the encoder's matmul inputs and weights are bfloat16 with fp32 accumulation
 (oneDNN; AVX512_BF16 where the CPU has it), and so are q, k and v into attention (the C++ kernel's
