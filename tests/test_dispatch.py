@@ -119,7 +119,10 @@ def test_verify_passes_for_eager_model():
         model(torch.randn(1, 500))
 
 
-def test_auto_prefers_a_usable_kernel_backend(wrong_cpp_attention):
+def test_auto_prefers_a_usable_kernel_backend(wrong_cpp_attention, monkeypatch):
+    """Without a measured order (the committed one is this machine's), auto's default order tries a kernel
+    backend that can run the call before eager."""
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {})
     q, k, v = _qkv()
     assert dispatch.select("attention", {"q": q, "k": k, "v": v}).backend == "cpp"
 
@@ -128,6 +131,7 @@ def test_auto_follows_a_measured_order(wrong_cpp_attention, monkeypatch):
     """Where benchmarks ranked the backends, auto tries them fastest first; elsewhere the default order."""
     q, k, v = _qkv()
     inputs = {"q": q, "k": k, "v": v}
+    monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {})
     assert dispatch.select("attention", inputs).backend == "cpp"  # default order: cpp before eager
     monkeypatch.setattr(dispatch.selection, "_MEASURED_ORDERS", {(dispatch.CPU_KEY, "attention", "float32", "fwd"): ("eager", "cpp")})
     assert dispatch.auto_order("attention", "cpu", torch.float32) == (("eager", "cpp", "cuda", "triton"), True)
