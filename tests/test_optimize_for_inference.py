@@ -197,9 +197,10 @@ def test_bad_arguments_name_what_was_expected():
 @pytest.mark.parametrize("family,head", ALL_CLASSES)
 def test_whole_model_error_against_fp64_within_2x_of_eager_fp32(family, head):
     """The optimized path's accuracy policy: its float32 error against an fp64 run of the same model is
-    at most 2x the eager backend's float32 error (eager runs transformers' arithmetic), plus two float32
-    roundings of the output's own magnitude: a pooled head's logits are four numbers whose max error is one
-    or two ulps, where "2x" alone compares 2 ulps with 1 (seen: 1.44e-8 against eager's 6.99e-9)."""
+    at most 2x the eager backend's float32 error (eager runs transformers' arithmetic), or eager's error plus
+    two float32 roundings of the output's own magnitude where that is larger: a pooled head's logits are four
+    numbers whose max error is one or two ulps, where "2x" alone compares 2 ulps with 1 (seen: 1.44e-8
+    against eager's 6.99e-9). On hidden states (errors ~2e-6, two roundings ~1e-6) the rule stays 2x."""
     model = _model(family, head, hidden_size=128, num_attention_heads=2, intermediate_size=512)
     x, mask = padded_batch([6000, 4111])
     model64 = copy.deepcopy(model).double()
@@ -212,8 +213,8 @@ def test_whole_model_error_against_fp64_within_2x_of_eager_fp32(family, head):
         eager_err = (eager[key].double() - ref[key]).abs().max().item()
         ours_err = (got[key].double() - ref[key]).abs().max().item()
         two_ulps = 2 * torch.finfo(torch.float32).eps * ref[key].abs().max().item()
-        print(f"{family}{head} {key}: eager fp32 {eager_err:.2e}, optimized fp32 {ours_err:.2e}")
-        assert ours_err <= 2 * eager_err + two_ulps, (key, ours_err, eager_err, two_ulps)
+        print(f"{family}{head} {key}: eager fp32 {eager_err:.2e}, optimized fp32 {ours_err:.2e}, two ulps {two_ulps:.2e}")
+        assert ours_err <= max(2 * eager_err, eager_err + two_ulps), (key, ours_err, eager_err, two_ulps)
 
 
 def test_runs_under_inference_mode_and_no_grad():

@@ -78,8 +78,8 @@ Tried and left out (same machine and load caveats):
 Accuracy policy for this path: single ops may differ from eager by more than the per-op 2x rule (a
 oneDNN matmul accumulates the whole reduction without the chunking of :mod:`unispeech_fast.ops.linear`),
 but the whole model's float32 error against an fp64 run of the same model stays within 2x of the default
-path's own float32 error, plus two float32 roundings of the output's magnitude (a pooled head's few logits
-differ by an ulp or two) (``tests/test_optimize_for_inference.py``).
+path's own float32 error (or that error plus two float32 roundings of the output's magnitude, where larger: a
+pooled head's few logits differ by an ulp or two) (``tests/test_optimize_for_inference.py``).
 """
 
 from __future__ import annotations
