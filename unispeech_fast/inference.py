@@ -94,6 +94,7 @@ import torch.nn.functional as F
 
 from . import ops, tiling
 from .activations import get_activation
+from .ops.feature_extractor.common import conv_output_length
 from .modules import (
     CONV_NORM_EPS,
     Attention,
@@ -268,7 +269,7 @@ def _window_matrix(h: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     ``kernel == stride`` this is a free view; otherwise one copy (``kernel / stride`` times ``h``)."""
     h = h.contiguous()  # the windows below index the storage as [T, C] rows (a no-op for a fresh activation)
     frames, channels = h.shape
-    out_frames = (frames - kernel) // stride + 1
+    out_frames = conv_output_length(frames, kernel, stride)
     return h.as_strided((out_frames, kernel * channels), (stride * channels, 1), h.storage_offset()).contiguous()
 
 
@@ -283,7 +284,7 @@ def _window_moments(x: torch.Tensor, kernel: int, stride: int, chunk: int = 1 <<
     ``x`` ``[B, L]``; windows ``x[b, t*stride : t*stride+kernel]`` for every output frame ``t``. Chunks of
     ``chunk`` frames are merged with Chan's formula, so no full-length float64 copy exists.
     """
-    frames = (x.shape[-1] - kernel) // stride + 1
+    frames = conv_output_length(x.shape[-1], kernel, stride)
     mean = cov = None
     count = 0
     for first in range(0, frames, chunk):
