@@ -53,7 +53,9 @@ _NO_BACKWARD = "the CUDA attention has no backward; the triton backend serves tr
 def _setup_context(ctx, inputs, output):
     q, k, v, seqlens, head_mask, scale = inputs
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, seqlens, head_mask, output)
+    # The output only serves the C++ backward (the recomputing one does not read it): not kept otherwise.
+    keep_output = _cpp_backward_runs(q, ctx.needs_input_grad)
+    ctx.save_for_backward(q, k, v, seqlens, head_mask, output if keep_output else None)
 
 
 def _cpp_backward_runs(q, needs_input_grad) -> bool:
