@@ -1,8 +1,8 @@
 """Where ``optimize_for_inference(dtype=torch.bfloat16)`` spends its error budget, and what each part buys.
 
 The issue's bfloat16 target is a normwise relative error of ``last_hidden_state`` against the float32
-model of at most 5e-3. The shipped snapshot runs the encoder layers' matmuls in bfloat16 and keeps
-attention, the feature encoder, the positional conv and the feature projection in float32. This script
+model of at most 5e-3. The shipped snapshot runs the encoder layers' matmuls and attention in bfloat16
+and keeps the feature encoder, the positional conv and the feature projection in float32. This script
 turns those three on in bfloat16 one at a time (then all together) on top of the shipped snapshot and
 prints, per variant, the normwise and max abs error against the float32 default path and the median
 forward time (interleaved runs: one forward of each variant in turn).

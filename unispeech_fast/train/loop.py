@@ -183,7 +183,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     the models avoid the CPU kernel that two compared 2-thread runs found adding in thread order, the
     backward of advanced-indexing gathers with repeated indices (``index_put_`` with
     ``accumulate=True`` uses atomic float adds on float32 tensors of 32768+ elements with more than
-    one thread); see :func:`unispeech_fast.pretraining.utterance_contrastive_loss`.
+    one thread); see :func:`unispeech_fast.ops.contrastive_loss.reference.gather_rows`.
     """
     from ..audio import _min_samples
     from ..training import SpeechDataCollator, _frames, sample_seed
