@@ -59,7 +59,9 @@ bfloat16 as well 7.56e-3 (with bf16 attention: layer 1 alone, half the encoder's
 layers 4-6 6.36e-3), with the positional conv 4.87e-3, with the feature projection 5.42e-3, all three
 7.97e-3. The encoder layers use up the 5e-3 target by themselves, so the feature encoder (which would
 run about 2x faster in bfloat16) and the feature projection stay float32; the positional conv (3% of
-the time) would fit only with a 1-3% margin and stays float32 too.
+the time) would fit only with a 1-3% margin and stays float32 too. ``benchmarks/cpu_engine_bf16_bound.py``
+measures every part's error alone and bounds the fastest split within 5e-3 at the matmul peaks: on this CPU
+none is as fast as OpenVINO's all-bf16 default (README, "Optimized CPU inference").
 
 Tried and left out (same machine and load caveats):
 
