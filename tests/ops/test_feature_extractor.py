@@ -266,6 +266,19 @@ def test_not_supported_reasons_name_the_problem():
         feature_extractor(**{**base, "activation": "relu"})
 
 
+
+def test_cpp_and_cuda_reasons_share_the_argument_rules():
+    """Activation, norm type and waveform rank: one rule for the cpp and cuda backends, each naming itself."""
+    from unispeech_fast.ops.feature_extractor.extension import _cuda_reasons, _feature_cpp_reasons
+
+    args = (torch.randn(1, 2, 400), [torch.randn(4, 1, 10)], [None], [None], [None], [5], "batch")
+    for reasons_of, backend in ((_feature_cpp_reasons, "the C++"), (_cuda_reasons, "the CUDA")):
+        text = "\n".join(reasons_of(*args, activation="relu"))
+        assert f"{backend} feature extractor fuses exact GELU only, got activation='relu'" in text
+        assert "norm_type must be 'group' or 'layer', got 'batch'" in text
+        assert "x must be a waveform [batch, samples], got shape (1, 2, 400)" in text
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
