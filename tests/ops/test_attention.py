@@ -18,7 +18,6 @@ section "cuda backend"): its reasons and row rules on CPU, the kernel on ``gpu``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import pytest
@@ -31,10 +30,10 @@ from unispeech_fast.ops.attention import attention, attention_ref
 from unispeech_fast.ops.attention import extension as _attention_cpp  # the cpp (and cuda) backends
 from unispeech_fast.ops.attention.reference import attention_eager as _attention_eager
 from unispeech_fast.ops.attention.triton import _attention_triton
-from _tolerance import FLOOR, assert_within_2x_eager
+from _backends import DEVICE
+from _tolerance import FLOOR, assert_close_cuda as _assert_close, assert_within_2x_eager
 from conftest import padded_batch, tiny_config_kwargs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative tolerance of the dropout checks, which have no eager counterpart (different random masks).
 _DROPOUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -524,9 +523,6 @@ def test_eager_error_within_policy(dtype):
 
 
 # ============================================================================================ cuda backend
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 

@@ -9,7 +9,6 @@ gradient, max |kernel - fp64 reference| <= 2 * max |eager(dtype) - fp64 referenc
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from unispeech_fast.ops.feature_extractor.triton import feature_extractor_triton
 from unispeech_fast.ops import _extension_ops
 from unispeech_fast.ops.feature_extractor import extension as fe_ext
 from _backends import declaring, device_for, run_on
-from _tolerance import FLOOR, assert_within_2x_eager
+from _tolerance import FLOOR, assert_close_cuda as _assert_close, assert_within_2x_eager
 
 SMALL_KERNELS, SMALL_STRIDES = (10, 3, 2), (5, 2, 2)  # receptive field 30 samples, hop 20
 REAL_KERNELS, REAL_STRIDES = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
@@ -535,9 +534,6 @@ def test_cpp_opcheck(case):
 
 
 # ---------------------------------------------------------------------------------------------- CUDA (cuda)
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
