@@ -9,7 +9,6 @@ gradient, max |kernel - fp64 reference| <= 2 * max |eager(dtype) - fp64 referenc
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,7 +262,6 @@ def test_not_supported_reasons_name_the_problem():
     assert any("bfloat16" in r for r in impl.not_supported_reasons(**{**base, "x": x.bfloat16()}))
     with uf.backend("triton"), pytest.raises(uf.BackendNotSupportedError, match="gelu"):
         feature_extractor(**{**base, "activation": "relu"})
-
 
 
 def test_cpp_and_cuda_reasons_share_the_argument_rules():
