@@ -18,21 +18,22 @@ def _load(pattern: str) -> list[tuple[str, dict]]:
     return [(os.path.relpath(p, os.path.dirname(HERE)), json.load(open(p))) for p in sorted(glob.glob(os.path.join(HERE, pattern)))]
 
 
+def _measured_table(header: str, align: str, doc: dict, row_line) -> list[str]:
+    """A markdown table after a blank line: ``header``, ``align``, then ``row_line(row)`` for each row of ``doc`` that
+    was measured (has ``median_s``; a row that failed has not), then a blank line."""
+    return ["", header, align] + [row_line(row) for row in doc["rows"] if "median_s" in row] + [""]
+
+
 def cpu_forward() -> list[str]:
     lines = []
     for path, doc in _load("cpu_forward_*.json"):
         lines.append(f"CPU forward, {doc['config']}, {doc['seconds_of_audio']:g} s of audio, {doc['threads']} threads, "
                      f"median of {doc['reps']} interleaved runs. Device: {doc['device']}; torch {doc['torch']}, "
                      f"transformers {doc['transformers']}; {doc['date']} (`{path}`).")
-        lines.append("")
-        lines.append("| section | provider | median ms | speed-up vs baseline |")
-        lines.append("| --- | --- | ---: | ---: |")
-        for row in doc["rows"]:
-            if "median_s" not in row:
-                continue
-            lines.append(f"| {row['section']} | {row['provider']} | {row['median_s'] * 1e3:.1f} | "
-                         f"{row['speedup_vs_baseline']:.2f}x vs {row['baseline']} |")
-        lines.append("")
+        lines += _measured_table(
+            "| section | provider | median ms | speed-up vs baseline |", "| --- | --- | ---: | ---: |", doc,
+            lambda row: f"| {row['section']} | {row['provider']} | {row['median_s'] * 1e3:.1f} | "
+                        f"{row['speedup_vs_baseline']:.2f}x vs {row['baseline']} |")
         accuracy = [r for r in doc["rows"] if "max_abs_diff_vs_transformers" in r]
         if accuracy:
             lines.append("Max abs difference of `last_hidden_state` from transformers: " + ", ".join(
@@ -53,16 +54,12 @@ def cpu_peers() -> list[str]:
                      f"{dev['logical_cpus']} logical cores, {dev['torch_cpu_capability']} ({', '.join(dev['isa_flags'])}); "
                      f"oneDNN matmul peak measured there: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s; "
                      f"torch {doc['versions']['torch']}; {doc['date'][:19]}, commit {doc['versions']['git_commit'][:7]} (`{path}`).")
-        lines.append("")
-        lines.append("| audio | provider | median ms | vs transformers | max abs diff | normwise error | peak RSS MiB | GFLOP/s (% of peak) |")
-        lines.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for row in doc["rows"]:
-            if "median_s" not in row:
-                continue
-            lines.append(f"| {row['seconds']:g} s | {row['provider']} | {row['median_s'] * 1e3:.0f} | "
-                         f"{row['speedup_vs_transformers']:.2f}x | {row['max_abs_diff']:.1e} | {row['normwise_rel_err']:.1e} | "
-                         f"{row['peak_rss_mib']:.0f} | {row['gflops_per_s']:.0f} ({row['pct_of_matmul_peak']:.0f}% {row['matmul_peak_used']}) |")
-        lines.append("")
+        lines += _measured_table(
+            "| audio | provider | median ms | vs transformers | max abs diff | normwise error | peak RSS MiB | GFLOP/s (% of peak) |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |", doc,
+            lambda row: f"| {row['seconds']:g} s | {row['provider']} | {row['median_s'] * 1e3:.0f} | "
+                        f"{row['speedup_vs_transformers']:.2f}x | {row['max_abs_diff']:.1e} | {row['normwise_rel_err']:.1e} | "
+                        f"{row['peak_rss_mib']:.0f} | {row['gflops_per_s']:.0f} ({row['pct_of_matmul_peak']:.0f}% {row['matmul_peak_used']}) |")
     return lines
 
 

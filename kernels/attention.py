@@ -111,6 +111,25 @@ def _row_length_and_scale(Lengths, b, seq_len, sm_scale):
 
 
 @triton.jit
+def _batch_head(Lengths, n_heads, seq_len, sm_scale):
+    """``(pid_bh, b, h, L, scale)`` of this program: grid axis 1 is ``b * heads + h`` (``b``, ``h`` int64), and
+    ``L``, ``scale`` are :func:`_row_length_and_scale` of row ``b``."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
+    return pid_bh, b, h, length, sm_scale
+
+
+@triton.jit
+def _block(start, limit, BLOCK: tl.constexpr):
+    """``(idx, ok, idx64)``: the indices ``start .. start + BLOCK - 1``, which are below ``limit``, and the indices
+    as int64 (to multiply by strides)."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < limit, idx.to(tl.int64)
+
+
+@triton.jit
 def _keep(seed_bh, offsets, dropout_p):
     """Dropout keep mask ``Z`` (True = kept) at Philox counters ``offsets = query * N + key``."""
     return tl.rand(seed_bh, offsets) >= dropout_p
@@ -120,6 +139,13 @@ def _keep(seed_bh, offsets, dropout_p):
 def _load_tile(Base, idx, stride_t, offs_d, idx_ok, d_ok):
     """The ``[len(idx), BLOCK_D]`` tile of frames ``idx`` (int64) of one (batch, head); zeros where masked."""
     return tl.load(Base + idx[:, None] * stride_t + offs_d[None, :], mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(Base, idx, stride_t, offs_d, idx_ok, d_ok, value):
+    """Store ``value`` (cast to ``Base``'s type) as the tile of frames ``idx`` (int64); the inverse of :func:`_load_tile`."""
+    tl.store(Base + idx[:, None] * stride_t + offs_d[None, :], value.to(Base.dtype.element_ty),
+             mask=idx_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -168,18 +194,9 @@ def _attn_fwd(
     at or beyond the row's valid length are never visited; the partial block is masked.
     ``Lse`` is fp32 ``[batch, heads, N]`` contiguous.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seq_len
-    d_ok = offs_d < head_dim
-    rows64 = rows.to(tl.int64)
+    pid_bh, b, h, length, sm_scale = _batch_head(Lengths, n_heads, seq_len, sm_scale)
+    rows, row_ok, rows64 = _block(tl.program_id(0) * BLOCK_M, seq_len, BLOCK_M)
+    offs_d, d_ok, _ = _block(0, head_dim, BLOCK_D)
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows64, stride_qt, offs_d, row_ok, d_ok)
     K_base = K + b * stride_kb + h * stride_kh
@@ -191,9 +208,8 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, length, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < length
-        k = _load_tile(K_base, cols.to(tl.int64), stride_kt, offs_d, col_ok, d_ok)
+        cols, col_ok, cols64 = _block(start_n, length, BLOCK_N)
+        k = _load_tile(K_base, cols64, stride_kt, offs_d, col_ok, d_ok)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         mu_new = tl.maximum(mu, tl.max(s, 1))
@@ -202,13 +218,12 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed_bh, rows[:, None] * seq_len + cols[None, :], dropout_p), p, 0.0)
-        v = _load_tile(V_base, cols.to(tl.int64), stride_vt, offs_d, col_ok, d_ok)
+        v = _load_tile(V_base, cols64, stride_vt, offs_d, col_ok, d_ok)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         mu = mu_new
 
     out = acc * (f / l_i)[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + rows64[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(O + b * stride_ob + h * stride_oh, rows64, stride_ot, offs_d, row_ok, d_ok, out)
     lse = (mu + tl.log2(l_i)) / _LOG2E
     tl.store(Lse + pid_bh.to(tl.int64) * seq_len + rows64, lse, mask=row_ok)
 
@@ -239,18 +254,9 @@ def _attn_bwd_rows(
     ``COMPUTE_DQ=True`` (after the preprocess): ``dQ = scale * (P o (dP - delta)) K``.
     Grid ``(cdiv(N, BLOCK_M), batch * heads)``.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seq_len
-    d_ok = offs_d < head_dim
-    rows64 = rows.to(tl.int64)
+    pid_bh, b, h, length, sm_scale = _batch_head(Lengths, n_heads, seq_len, sm_scale)
+    rows, row_ok, rows64 = _block(tl.program_id(0) * BLOCK_M, seq_len, BLOCK_M)
+    offs_d, d_ok, _ = _block(0, head_dim, BLOCK_D)
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows64, stride_qt, offs_d, row_ok, d_ok)
     do = _load_tile(DO + b * stride_dob + h * stride_doh, rows64, stride_dot, offs_d, row_ok, d_ok)
@@ -267,10 +273,9 @@ def _attn_bwd_rows(
     else:
         delta = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, length, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < length
-        k = _load_tile(K_base, cols.to(tl.int64), stride_kt, offs_d, col_ok, d_ok)
-        v = _load_tile(V_base, cols.to(tl.int64), stride_vt, offs_d, col_ok, d_ok)
+        cols, col_ok, cols64 = _block(start_n, length, BLOCK_N)
+        k = _load_tile(K_base, cols64, stride_kt, offs_d, col_ok, d_ok)
+        v = _load_tile(V_base, cols64, stride_vt, offs_d, col_ok, d_ok)
         p, dp = _p_dp(q, do, k, v, lse2, qk_scale, f, rows, cols, col_ok, seq_len, seed_bh, dropout_p,
                       HAS_DROPOUT, IEEE)
         if COMPUTE_DQ:
@@ -279,8 +284,7 @@ def _attn_bwd_rows(
             delta += tl.sum(p * dp, 1)
     if COMPUTE_DQ:
         dq = dq * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqt + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        _store_tile(DQ + b * stride_dqb + h * stride_dqh, rows64, stride_dqt, offs_d, row_ok, d_ok, dq)
     else:
         tl.store(Delta_rows, delta, mask=row_ok)
 
@@ -304,17 +308,9 @@ def _attn_bwd_dkdv(
     (keys on rows). Padded keys (``j >= L_b``) get zero gradients. Grid ``(cdiv(N, BLOCK_N), batch * heads)``.
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length, sm_scale = _row_length_and_scale(Lengths, b, seq_len, sm_scale)
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < length
-    d_ok = offs_d < head_dim
-    cols64 = cols.to(tl.int64)
+    pid_bh, b, h, length, sm_scale = _batch_head(Lengths, n_heads, seq_len, sm_scale)
+    cols, col_ok, cols64 = _block(pid_n * BLOCK_N, length, BLOCK_N)
+    offs_d, d_ok, _ = _block(0, head_dim, BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -328,9 +324,7 @@ def _attn_bwd_dkdv(
         qk_scale = sm_scale * _LOG2E
         f, seed_bh = _prob_factor(HeadMask, Seed, h, pid_bh, dropout_p, HAS_HEAD_MASK, HAS_DROPOUT)
         for start_m in range(0, seq_len, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seq_len
-            rows64 = rows.to(tl.int64)
+            rows, row_ok, rows64 = _block(start_m, seq_len, BLOCK_M)
             q = _load_tile(Q_base, rows64, stride_qt, offs_d, row_ok, d_ok)
             do = _load_tile(DO_base, rows64, stride_dot, offs_d, row_ok, d_ok)
             lse2 = tl.load(Lse_base + rows64, mask=row_ok, other=0.0) * _LOG2E
@@ -347,10 +341,9 @@ def _attn_bwd_dkdv(
             dv += _dot(pdt.to(do.dtype), do, IEEE)
             dk += _dot((pt * (dpt - delta[None, :])).to(q.dtype), q, IEEE)
         dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + cols64[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None] & d_ok[None, :])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + cols64[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None] & d_ok[None, :])
+    in_seq = cols < seq_len  # padded keys of the block get their zero gradients
+    _store_tile(DK + b * stride_dkb + h * stride_dkh, cols64, stride_dkt, offs_d, in_seq, d_ok, dk)
+    _store_tile(DV + b * stride_dvb + h * stride_dvh, cols64, stride_dvt, offs_d, in_seq, d_ok, dv)
 
 
 # ---------------------------------------------------------------------------------------------- AOT

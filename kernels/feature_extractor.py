@@ -90,6 +90,38 @@ def _conv_tile(X, W, Bias, pid_b, offs_co, offs_t, C_out, C_in, T_out, conv_stri
 
 
 @triton.jit
+def _layer_tile(X, W, Bias, C_out, C_in, T_out, conv_stride, ksize,
+                stride_xb, stride_xc, stride_xl, stride_wo, stride_wi, stride_wk,
+                BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
+    """This program's tile of one layer, grid (t tiles, co tiles, batch): ``(pid_t, pid_b, offs_co, offs_t,
+    mask_co, mask_t, z)`` with ``z`` = :func:`_conv_tile`. The forward and the backward (which recomputes ``z``)
+    take their tile from here, so the two see the same ``z``."""
+    pid_t = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    z = _conv_tile(X, W, Bias, pid_b, offs_co, offs_t, C_out, C_in, T_out, conv_stride, ksize,
+                   stride_xb, stride_xc, stride_xl, stride_wo, stride_wi, stride_wk,
+                   BLOCK_CO, BLOCK_T, BLOCK_J, PRECISION)
+    return pid_t, pid_b, offs_co, offs_t, offs_co < C_out, offs_t < T_out, z
+
+
+@triton.jit
+def _norm_stats(Stat0, Stat1, idx, mask):
+    """The saved ``(mean, rstd)`` at ``idx``: frames for the layer norm, (batch, channel) rows for the group norm."""
+    return tl.load(Stat0 + idx, mask=mask, other=0.0), tl.load(Stat1 + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _norm_affine(Gamma, Beta, offs_co, mask_co):
+    """The norm's ``(gamma, beta)`` of channels ``offs_co``, in fp32."""
+    gamma = tl.load(Gamma + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+    beta = tl.load(Beta + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+    return gamma, beta
+
+
+@triton.jit
 def _gelu(a):
     return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
 
@@ -114,17 +146,10 @@ def _fe_layer_fwd_kernel(
     NORM 2: writes this tile's per-channel mean and M2 to Stat0/Stat1 ``[B * C_out, n_t_tiles]``, no y.
     NORM 3: y = gelu(gamma * (z - mean) * rstd + beta) with Stat0/Stat1 = mean, rstd ``[B * C_out]``.
     """
-    pid_t = tl.program_id(0)
-    pid_co = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_co = offs_co < C_out
-    mask_t = offs_t < T_out
+    pid_t, pid_b, offs_co, offs_t, mask_co, mask_t, z = _layer_tile(
+        X, W, Bias, C_out, C_in, T_out, conv_stride, ksize, stride_xb, stride_xc, stride_xl,
+        stride_wo, stride_wi, stride_wk, BLOCK_CO, BLOCK_T, BLOCK_J, PRECISION)
     mask = mask_co[:, None] & mask_t[None, :]
-    z = _conv_tile(X, W, Bias, pid_b, offs_co, offs_t, C_out, C_in, T_out, conv_stride, ksize,
-                   stride_xb, stride_xc, stride_xl, stride_wo, stride_wi, stride_wk,
-                   BLOCK_CO, BLOCK_T, BLOCK_J, PRECISION)
     if NORM == 2:
         n_valid = tl.minimum(T_out - pid_t * BLOCK_T, BLOCK_T).to(tl.float32)
         tile_mean = tl.sum(z, axis=1) / n_valid
@@ -139,18 +164,15 @@ def _fe_layer_fwd_kernel(
             d = tl.where(mask, z - mean[None, :], 0.0)
             var = tl.sum(d * d, axis=0) / C_out
             rstd = 1.0 / tl.sqrt(var + eps)
-            gamma = tl.load(Gamma + offs_co, mask=mask_co, other=0.0).to(tl.float32)
-            beta = tl.load(Beta + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+            gamma, beta = _norm_affine(Gamma, Beta, offs_co, mask_co)
             a = d * rstd[None, :] * gamma[:, None] + beta[:, None]
             frames = pid_b.to(tl.int64) * T_out + offs_t
             tl.store(Stat0 + frames, mean, mask=mask_t)
             tl.store(Stat1 + frames, rstd, mask=mask_t)
         elif NORM == 3:
             rows = pid_b.to(tl.int64) * C_out + offs_co
-            mean = tl.load(Stat0 + rows, mask=mask_co, other=0.0)
-            rstd = tl.load(Stat1 + rows, mask=mask_co, other=0.0)
-            gamma = tl.load(Gamma + offs_co, mask=mask_co, other=0.0).to(tl.float32)
-            beta = tl.load(Beta + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+            mean, rstd = _norm_stats(Stat0, Stat1, rows, mask_co)
+            gamma, beta = _norm_affine(Gamma, Beta, offs_co, mask_co)
             a = (z - mean[:, None]) * (rstd * gamma)[:, None] + beta[:, None]
         else:
             a = z
@@ -215,18 +237,11 @@ def _fe_layer_bwd_norm_kernel(
     with Sum0/Sum1 ``[B * C_out]`` the full time sums of ga and ga * xhat. NORM 0/1/3 write
     PartGBias ``[B * n_t, C_out]`` = sum_t gz.
     """
-    pid_t = tl.program_id(0)
-    pid_co = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_t, pid_b, offs_co, offs_t, mask_co, mask_t, z = _layer_tile(
+        X, W, Bias, C_out, C_in, T_out, conv_stride, ksize, stride_xb, stride_xc, stride_xl,
+        stride_wo, stride_wi, stride_wk, BLOCK_CO, BLOCK_T, BLOCK_J, PRECISION)
     n_t = tl.num_programs(0)
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_co = offs_co < C_out
-    mask_t = offs_t < T_out
     mask = mask_co[:, None] & mask_t[None, :]
-    z = _conv_tile(X, W, Bias, pid_b, offs_co, offs_t, C_out, C_in, T_out, conv_stride, ksize,
-                   stride_xb, stride_xc, stride_xl, stride_wo, stride_wi, stride_wk,
-                   BLOCK_CO, BLOCK_T, BLOCK_J, PRECISION)
     gy = tl.load(GY + pid_b.to(tl.int64) * stride_gyb + offs_co[:, None].to(tl.int64) * stride_gyc
                  + offs_t[None, :].to(tl.int64) * stride_gyl, mask=mask, other=0.0).to(tl.float32)
     tile_row = pid_b.to(tl.int64) * n_t + pid_t
@@ -234,10 +249,8 @@ def _fe_layer_bwd_norm_kernel(
         gz = gy * _gelu_grad(z)
     elif NORM == 1:
         frames = pid_b.to(tl.int64) * T_out + offs_t
-        mean = tl.load(Stat0 + frames, mask=mask_t, other=0.0)
-        rstd = tl.load(Stat1 + frames, mask=mask_t, other=0.0)
-        gamma = tl.load(Gamma + offs_co, mask=mask_co, other=0.0).to(tl.float32)
-        beta = tl.load(Beta + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+        mean, rstd = _norm_stats(Stat0, Stat1, frames, mask_t)
+        gamma, beta = _norm_affine(Gamma, Beta, offs_co, mask_co)
         xhat = tl.where(mask, (z - mean[None, :]) * rstd[None, :], 0.0)
         ga = tl.where(mask, gy * _gelu_grad(xhat * gamma[:, None] + beta[:, None]), 0.0)
         g = ga * gamma[:, None]
@@ -248,10 +261,8 @@ def _fe_layer_bwd_norm_kernel(
         tl.store(Sum1 + tile_row * C_out + offs_co, tl.sum(ga, axis=1), mask=mask_co)
     else:
         rows = pid_b.to(tl.int64) * C_out + offs_co
-        mean = tl.load(Stat0 + rows, mask=mask_co, other=0.0)
-        rstd = tl.load(Stat1 + rows, mask=mask_co, other=0.0)
-        gamma = tl.load(Gamma + offs_co, mask=mask_co, other=0.0).to(tl.float32)
-        beta = tl.load(Beta + offs_co, mask=mask_co, other=0.0).to(tl.float32)
+        mean, rstd = _norm_stats(Stat0, Stat1, rows, mask_co)
+        gamma, beta = _norm_affine(Gamma, Beta, offs_co, mask_co)
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
         ga = tl.where(mask, gy * _gelu_grad(xhat * gamma[:, None] + beta[:, None]), 0.0)
         if NORM == 2:

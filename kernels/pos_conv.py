@@ -52,6 +52,17 @@ INTERPRETER_CONFIGS: dict[str, tuple[int, ...]] = {
 
 
 @triton.jit
+def _group_channels(C, BLOCK_CO: tl.constexpr):
+    """Grid axis 1 is (group, channel block): ``(g, chan0, offs_co, mask_co)``, ``chan0 = g * C`` (int64) the group's
+    first channel and ``offs_co`` the block's channels within the group (``mask_co``: those below ``C``)."""
+    pid_gc = tl.program_id(1)
+    n_co = tl.cdiv(C, BLOCK_CO)
+    g = pid_gc // n_co
+    offs_co = (pid_gc % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    return g, (g * C).to(tl.int64), offs_co, offs_co < C
+
+
+@triton.jit
 def _conv_kernel(
     X, Wp, Bias, Res, Out, Pre,
     T, C, R, OFFSET,
@@ -77,17 +88,10 @@ def _conv_kernel(
     Grid: (time tiles, groups x channel blocks, batch). Accumulation in fp32 with ``tl.dot``.
     """
     pid_t = tl.program_id(0)
-    pid_gc = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    n_co = tl.cdiv(C, BLOCK_CO)
-    g = pid_gc // n_co
-    co_block = pid_gc % n_co
-    chan0 = (g * C).to(tl.int64)
-
+    g, chan0, offs_co, mask_co = _group_channels(C, BLOCK_CO)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_t = offs_t < T
-    mask_co = offs_co < C
 
     X_b = X + pid_b * stride_xb + chan0 * stride_xh
     Wp_g = Wp + g.to(tl.int64) * stride_wg
@@ -157,17 +161,10 @@ def _grad_weight_kernel(
     channel blocks, splits).
     """
     pid_r = tl.program_id(0)
-    pid_gc = tl.program_id(1)
     pid_s = tl.program_id(2)
-    n_co = tl.cdiv(C, BLOCK_CO)
-    g = pid_gc // n_co
-    co_block = pid_gc % n_co
-    chan0 = (g * C).to(tl.int64)
-
+    g, chan0, offs_co, mask_co = _group_channels(C, BLOCK_CO)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_r = offs_r < R
-    mask_co = offs_co < C
     tap = offs_r // C
     ci = offs_r % C
     x_chan = (chan0 + ci.to(tl.int64)) * stride_xh

@@ -6,9 +6,11 @@ one rounding)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["FLOOR", "assert_within_2x_eager", "max_err"]
+__all__ = ["FLOOR", "assert_close_cuda", "assert_within_2x_eager", "max_err"]
 
 #: The floor per dtype, in units of the reference's magnitude.
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -41,3 +43,7 @@ def assert_within_2x_eager(name: str, out: torch.Tensor, eager: torch.Tensor, re
     err, eager_err = max_err(out, ref), max_err(eager, ref)
     assert err <= 2 * eager_err + bound_floor, (
         f"{name}: max error {err:.3e} > 2 x eager {eager_err:.3e} + floor {bound_floor:.1e} ({out.dtype})")
+
+
+#: The rule with the floor the CUDA op tests have always used: 2 units roundoff of the dtype times (max |ref| + 1).
+assert_close_cuda = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")

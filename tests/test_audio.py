@@ -319,6 +319,13 @@ def _cli(argv, capsys):
     return code, out.out, out.err
 
 
+def _cli_output_lines(command, files, model, out_file, capsys) -> list[str]:
+    """Run ``command`` quietly on ``files`` with ``--model model -o out_file``; it must exit 0. Returns the lines it wrote."""
+    code, _, err = _cli([command, *files, "--model", model, "-o", str(out_file), "--quiet"], capsys)
+    assert code == 0, err
+    return out_file.read_text(encoding="utf-8").splitlines()
+
+
 def test_cli_embed_npy_and_safetensors(ckpts, wavs, tmp_path, capsys):
     files = [wavs["mono"], wavs["stereo"], wavs["8k"], wavs["44k"]]
     code, _, err = _cli(["embed", *files, "--model", ckpts["ctc"], "-o", str(tmp_path / "emb")], capsys)
@@ -347,10 +354,7 @@ def test_cli_embed_npy_and_safetensors(ckpts, wavs, tmp_path, capsys):
 
 def test_cli_transcribe(ckpts, wavs, tmp_path, capsys):
     files = [wavs["mono"], wavs["stereo"], wavs["8k"]]
-    out_file = tmp_path / "text.tsv"
-    code, _, err = _cli(["transcribe", *files, "--model", ckpts["ctc"], "-o", str(out_file), "--quiet"], capsys)
-    assert code == 0, err
-    lines = out_file.read_text(encoding="utf-8").splitlines()
+    lines = _cli_output_lines("transcribe", files, ckpts["ctc"], tmp_path / "text.tsv", capsys)
     assert [line.split("\t")[0] for line in lines] == files
     # the text is the greedy decoding of the model's own argmax path
     model = audio.load_model(ckpts["ctc"])
@@ -371,10 +375,7 @@ def test_cli_transcribe(ckpts, wavs, tmp_path, capsys):
 
 def test_cli_diarize_writes_rttm(ckpts, wavs, tmp_path, capsys):
     files = [wavs["mono"], wavs["stereo"], wavs["8k"]]
-    rttm = tmp_path / "out.rttm"
-    code, _, err = _cli(["diarize", *files, "--model", ckpts["frames"], "-o", str(rttm), "--quiet"], capsys)
-    assert code == 0, err
-    lines = rttm.read_text().splitlines()
+    lines = _cli_output_lines("diarize", files, ckpts["frames"], tmp_path / "out.rttm", capsys)
     assert lines
     durations = {"mono": 0.2, "stereo": 3000 / 16000, "low": 2900 / 16000}
     for line in lines:

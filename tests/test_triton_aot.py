@@ -17,12 +17,40 @@ import pytest
 from unispeech_fast.kernels import aot
 
 
+def _env(cache_dir=None) -> dict[str, str]:
+    """This environment without ``TRITON_INTERPRET`` (the checker compiles for real GPUs); with ``cache_dir``, Triton's
+    cache there (an empty cache: the first compile is fresh, the second could hit)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def _python(code: str, cache_dir=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=_env(cache_dir), capture_output=True, text=True, timeout=600)
+
+
+def _check_toy_kernel(tmp_path, name: str, body: str, block: int, warps: int, stages: int, arch: int):
+    """Run the checker on ``def name(X, Y, BLOCK)`` with ``body`` (fp32 pointers, BLOCK = ``block``) for sm_``arch``
+    in a fresh process with an empty cache; it exits 0 when the checker fails the variant, and prints its row."""
+    (tmp_path / f"{name}.py").write_text(
+        f"import triton, triton.language as tl\n@triton.jit\ndef {name}(X, Y, BLOCK: tl.constexpr):\n{body}")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        f"from {name} import {name}\n"
+        "from unispeech_fast.kernels.aot import AotVariant, compile_variant\n"
+        f"v = AotVariant({name!r}, {name}, {{'X': '*fp32', 'Y': '*fp32', 'BLOCK': 'constexpr'}}, {{'BLOCK': {block}}}, "
+        f"{warps}, {stages})\n"
+        f"row = compile_variant(v, {arch}); print(row); sys.exit(0 if not row['ok'] else 1)\n"
+    )
+    return _python(code, tmp_path)
+
+
 @pytest.mark.parametrize("module", aot.KERNEL_MODULES)
 def test_every_variant_compiles_for_sm80_and_sm90(module):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "unispeech_fast.kernels.aot", "--module", module],
-        env=env, capture_output=True, text=True, timeout=1200,
+        env=_env(), capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, f"AOT compile failed for {module}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert "variants compiled" in proc.stdout
@@ -33,25 +61,10 @@ def test_every_variant_compiles_for_sm80_and_sm90(module):
 
 def test_checker_fails_a_kernel_that_does_not_fit(tmp_path):
     """The checker can fail: a variant needing more shared memory than sm_80 has is reported."""
-    src = tmp_path / "too_big.py"
-    src.write_text(
-        "import triton, triton.language as tl\n"
-        "@triton.jit\n"
-        "def big(X, Y, BLOCK: tl.constexpr):\n"
-        "    r = tl.arange(0, BLOCK)\n"
-        "    a = tl.load(X + r[:, None] * BLOCK + r[None, :])\n"
-        "    tl.store(Y + r[:, None] * BLOCK + r[None, :], tl.dot(a, a))\n"
-    )
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from too_big import big\n"
-        "from unispeech_fast.kernels.aot import AotVariant, compile_variant\n"
-        "v = AotVariant('big', big, {'X': '*fp32', 'Y': '*fp32', 'BLOCK': 'constexpr'}, {'BLOCK': 256}, 8, 3)\n"
-        "row = compile_variant(v, 80); print(row); sys.exit(0 if not row['ok'] else 1)\n"
-    ) % str(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # an empty cache: the first compile is fresh, the second could hit
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    body = ("    r = tl.arange(0, BLOCK)\n"
+            "    a = tl.load(X + r[:, None] * BLOCK + r[None, :])\n"
+            "    tl.store(Y + r[:, None] * BLOCK + r[None, :], tl.dot(a, a))\n")
+    proc = _check_toy_kernel(tmp_path, "too_big", body, block=256, warps=8, stages=3, arch=80)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bytes of shared memory, sm_80 allows 166912" in proc.stdout
 
@@ -69,25 +82,10 @@ def test_ptxas_log_parser():
 def test_checker_fails_a_kernel_that_spills(tmp_path):
     """Issue 16 item 8: the checker reports registers and spills, and fails a variant over the budget (one
     warp holding 16384 fp32 values live across a reduction: 512 per thread; ptxas spilled about 6 KB)."""
-    src = tmp_path / "spills.py"
-    src.write_text(
-        "import triton, triton.language as tl\n"
-        "@triton.jit\n"
-        "def spill(X, Y, BLOCK: tl.constexpr):\n"
-        "    r = tl.arange(0, BLOCK)\n"
-        "    x = tl.load(X + r)\n"
-        "    tl.store(Y + r, x * tl.sum(x * x) + tl.exp(x))\n"
-    )
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from spills import spill\n"
-        "from unispeech_fast.kernels.aot import AotVariant, compile_variant\n"
-        "v = AotVariant('spill', spill, {'X': '*fp32', 'Y': '*fp32', 'BLOCK': 'constexpr'}, {'BLOCK': 16384}, 1, 1)\n"
-        "row = compile_variant(v, 90); print(row); sys.exit(0 if not row['ok'] else 1)\n"
-    ) % str(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # an empty cache: the first compile is fresh, the second could hit
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    body = ("    r = tl.arange(0, BLOCK)\n"
+            "    x = tl.load(X + r)\n"
+            "    tl.store(Y + r, x * tl.sum(x * x) + tl.exp(x))\n")
+    proc = _check_toy_kernel(tmp_path, "spills", body, block=16384, warps=1, stages=1, arch=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bytes of registers" in proc.stdout and "'ok': False" in proc.stdout and "'registers': " in proc.stdout
 
@@ -95,14 +93,13 @@ def test_checker_fails_a_kernel_that_spills(tmp_path):
 def test_known_spills_name_existing_variants():
     """Every allowance in aot.KNOWN_SPILLS names a variant the launchers can pick (stale ones must go), allows
     more than the budget and gives its reason."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("from unispeech_fast.kernels import aot\n"
             "names = {v.name for v in aot._variants(aot.KERNEL_MODULES)}\n"
             "stale = [k for k in aot.KNOWN_SPILLS if k[0] not in names or k[1] not in aot.SMEM_LIMIT_BYTES]\n"
             "stale += [k for k, (size, reason) in aot.KNOWN_SPILLS.items() if size <= aot.SPILL_BUDGET_BYTES\n"
             "          or not reason.strip()]  # an entry allows more than the budget, and says why\n"
             "print(stale); raise SystemExit(1 if stale else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -116,7 +113,5 @@ def test_report_is_the_same_on_a_second_compile(tmp_path):
             "keys = ('ok', 'registers', 'spill_stores', 'spill_loads', 'shared_bytes')\n"
             "print([[r.get(k) for k in keys] for r in rows])\n"
             "raise SystemExit(0 if rows[0]['ok'] and [rows[0][k] for k in keys] == [rows[1][k] for k in keys] else 1)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # an empty cache: the first compile is fresh, the second could hit
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = _python(code, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

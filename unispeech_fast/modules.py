@@ -302,8 +302,8 @@ class AttnAdapterLayer(nn.Module):
         return self.linear_2(self.act_fn(self.linear_1(self.norm(hidden_states))))
 
 
-class EncoderLayer(nn.Module):
-    """Post-LN layer: ``x = LN(x + drop(attn(x))); x = final_LN(x + ffn(x))``."""
+class _EncoderLayerBase(nn.Module):
+    """The submodules both encoder layers own, under transformers' names; each layer orders them in ``forward``."""
 
     def __init__(self, config: _BaseConfig) -> None:
         super().__init__()
@@ -312,6 +312,10 @@ class EncoderLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class EncoderLayer(_EncoderLayerBase):
+    """Post-LN layer: ``x = LN(x + drop(attn(x))); x = final_LN(x + ffn(x))``."""
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
         """Arguments, results and shapes as :meth:`Attention.forward`: ``[batch, frames, hidden_size]`` in and out."""
@@ -322,16 +326,11 @@ class EncoderLayer(nn.Module):
         return self.final_layer_norm(hidden_states), weights
 
 
-class EncoderLayerStableLayerNorm(nn.Module):
+class EncoderLayerStableLayerNorm(_EncoderLayerBase):
     """Pre-LN layer: ``x = x + drop(attn(LN(x))); x = x + ffn(final_LN(x)); [x = x + adapter(x)]``."""
 
     def __init__(self, config: _BaseConfig) -> None:
-        super().__init__()
-        self.attention = Attention(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.feed_forward = FeedForward(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        super().__init__(config)
         if getattr(config, "adapter_attn_dim", None) is not None:
             self.adapter_layer: nn.Module | None = AttnAdapterLayer(config)
         else:

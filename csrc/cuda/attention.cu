@@ -28,6 +28,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace unispeech_fast {
@@ -91,6 +93,35 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ 
   }
 }
 
+// One warp: C[16 x N] = A[16 x K] B[K x N] (+ C when ACCUMULATE) on tensor cores, 16x16x16 WMMA tiles with fp32
+// accumulators; all three in shared memory. A is row-major (leading dimension lda), B row- or column-major
+// (BLayout, leading dimension ldb: a column-major B is the transpose of a row-major [N x K]), C fp32 row-major.
+template <typename T, int N, int K, typename BLayout, bool ACCUMULATE>
+__device__ __forceinline__ void warp_mma(float* C, int ldc, const T* A, int lda, const T* B, int ldb) {
+#pragma unroll
+  for (int n = 0; n < N / 16; ++n) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if constexpr (ACCUMULATE) {
+      wmma::load_matrix_sync(acc, C + n * 16, ldc, wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(acc, 0.f);
+    }
+#pragma unroll
+    for (int k = 0; k < K / 16; ++k) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
+      wmma::load_matrix_sync(a, A + k * 16, lda);
+      if constexpr (std::is_same_v<BLayout, wmma::row_major>) {
+        wmma::load_matrix_sync(b, B + k * 16 * ldb + n * 16, ldb);
+      } else {
+        wmma::load_matrix_sync(b, B + n * 16 * ldb + k * 16, ldb);
+      }
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(C + n * 16, acc, ldc, wmma::mem_row_major);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const int* __restrict__ Seqlens,
@@ -144,21 +175,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(
     load_rows<T, D, kBlockN>(Vs, Smem::ld_qkv, v_base, stride_vt, n0, kv_len, vec);
     __syncthreads();
 
-    // S_w = Q_w K^T (16 x 64), fp32.
-#pragma unroll
-    for (int j = 0; j < kBlockN / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, Qw + kk * 16, Smem::ld_qkv);
-        wmma::load_matrix_sync(bt, Ks + j * 16 * Smem::ld_qkv + kk * 16, Smem::ld_qkv);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(Sw + j * 16, acc, Smem::ld_s, wmma::mem_row_major);
-    }
+    // S_w = Q_w K^T (16 x 64), fp32: K's [64 x D] rows read column-major are K^T.
+    warp_mma<T, kBlockN, D, wmma::col_major, false>(Sw, Smem::ld_s, Qw, Smem::ld_qkv, Ks, Smem::ld_qkv);
     __syncwarp();
 
     // Online softmax over the 64 columns of each of the warp's 16 rows; lanes own columns lane, lane+32.
@@ -179,20 +197,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(
     __syncwarp();
 
     // O_w += P_w V (16 x D).
-#pragma unroll
-    for (int dj = 0; dj < D / 16; ++dj) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, Ow + dj * 16, Smem::ld_o, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, Pw + kk * 16, Smem::ld_p);
-        wmma::load_matrix_sync(bv, Vs + kk * 16 * Smem::ld_qkv + dj * 16, Smem::ld_qkv);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
-      wmma::store_matrix_sync(Ow + dj * 16, acc, Smem::ld_o, wmma::mem_row_major);
-    }
+    warp_mma<T, D, kBlockN, wmma::row_major, true>(Ow, Smem::ld_o, Pw, Smem::ld_p, Vs, Smem::ld_qkv);
     __syncwarp();
   }
 

@@ -127,6 +127,30 @@ __global__ void __launch_bounds__(kThreads) frames_kernel(const T* __restrict__ 
   }
 }
 
+// The tile of the group-norm kernels, grid (chunks of kChunk frames, blocks of kGnChannels channels, B): batch row
+// b, frames from t0, channels c0 .. c0 + n_ch - 1, and in shared memory xs, the samples those frames read, then ws,
+// the channels' weights. gn_stats and gn_apply both load their inputs here, so the apply pass recomputes the conv
+// from the same values the statistics saw.
+struct GnTile {
+  int64_t b, t0;
+  int c0, n_ch;
+  float* xs;  // [(kChunk - 1) * stride + kernel]
+  float* ws;  // [kGnChannels * kernel]
+};
+
+// Loads the tile's samples and weights into smem (every thread takes part; __syncthreads() before reading them).
+template <typename T>
+__device__ __forceinline__ GnTile load_gn_tile(float* smem, const T* __restrict__ X, const T* __restrict__ W,
+                                               int64_t t_in, int channels, int kernel, int stride) {
+  const int n_samples = (kChunk - 1) * stride + kernel;
+  const int c0 = blockIdx.y * kGnChannels;
+  const GnTile tile{blockIdx.z, static_cast<int64_t>(blockIdx.x) * kChunk, c0, min(kGnChannels, channels - c0), smem,
+                    smem + n_samples};
+  load_samples(tile.xs, X + tile.b * t_in, tile.t0 * stride, n_samples, t_in);
+  for (int i = threadIdx.x; i < tile.n_ch * kernel; i += blockDim.x) tile.ws[i] = to_float(W[c0 * kernel + i]);
+  return tile;
+}
+
 // Group norm pass 1. Grid (chunks, channel blocks, B); Partial [B, C, chunks, 3] = (count, mean, M2).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const T* __restrict__ X, const T* __restrict__ W,
@@ -134,17 +158,8 @@ __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const T* __restrict_
                                                             int64_t t_in, int64_t t_out, int channels, int kernel,
                                                             int stride) {
   extern __shared__ float smem[];
-  const int n_samples = (kChunk - 1) * stride + kernel;
-  float* xs = smem;               // [n_samples]
-  float* ws = xs + n_samples;     // [kGnChannels * kernel]
-  const int64_t b = blockIdx.z;
-  const int c0 = blockIdx.y * kGnChannels;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const auto [b, t0, c0, n_ch, xs, ws] = load_gn_tile(smem, X, W, t_in, channels, kernel, stride);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int n_ch = min(kGnChannels, channels - c0);
-
-  load_samples(xs, X + b * t_in, t0 * stride, n_samples, t_in);
-  for (int i = threadIdx.x; i < n_ch * kernel; i += blockDim.x) ws[i] = to_float(W[c0 * kernel + i]);
   __syncthreads();
 
   const int frames = static_cast<int>(min64(kChunk, t_out - t0));
@@ -198,20 +213,11 @@ __global__ void __launch_bounds__(kThreads) gn_apply_kernel(const T* __restrict_
                                                             T* __restrict__ Y, int64_t t_in, int64_t t_out, int channels,
                                                             int kernel, int stride) {
   extern __shared__ float smem[];
-  const int n_samples = (kChunk - 1) * stride + kernel;
-  float* xs = smem;                          // [n_samples]
-  float* ws = xs + n_samples;                // [kGnChannels * kernel]
+  const auto [b, t0, c0, n_ch, xs, ws] = load_gn_tile(smem, X, W, t_in, channels, kernel, stride);
   float* means = ws + kGnChannels * kernel;  // [kGnChannels]
   float* scale = means + kGnChannels;        // [kGnChannels]: gamma * rstd
   float* shift = scale + kGnChannels;        // [kGnChannels]: beta
-  const int64_t b = blockIdx.z;
-  const int c0 = blockIdx.y * kGnChannels;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int n_ch = min(kGnChannels, channels - c0);
-
-  load_samples(xs, X + b * t_in, t0 * stride, n_samples, t_in);
-  for (int i = threadIdx.x; i < n_ch * kernel; i += blockDim.x) ws[i] = to_float(W[c0 * kernel + i]);
   for (int cl = threadIdx.x; cl < n_ch; cl += blockDim.x) {
     const float* st = Stats + (b * channels + c0 + cl) * 2;
     means[cl] = st[0];

@@ -49,6 +49,13 @@ constexpr int kGqThreads = 256;
 constexpr int kGqWarps = kGqThreads / kWarp;
 constexpr int kMaxGroups = 32;
 
+// The rows of the (row blocks, G) kernels, one warp per row: warp w of block x takes row x * kGqWarps + w, then
+// every row_stride()-th row after it (for (int64_t n = first_row(); n < rows; n += row_stride())).
+__device__ __forceinline__ int64_t first_row() {
+  return static_cast<int64_t>(blockIdx.x) * kGqWarps + threadIdx.x / kWarp;
+}
+__device__ __forceinline__ int64_t row_stride() { return static_cast<int64_t>(gridDim.x) * kGqWarps; }
+
 // Philox4x32-10 (Salmon et al., SC'11); returns the first output word.
 __device__ __forceinline__ uint32_t philox_first(uint64_t seed, uint64_t counter_lo, uint64_t counter_hi) {
   uint32_t c0 = static_cast<uint32_t>(counter_lo), c1 = static_cast<uint32_t>(counter_lo >> 32);
@@ -90,10 +97,9 @@ __global__ void __launch_bounds__(kGqThreads) select_kernel(const T* __restrict_
                                                             float* __restrict__ Soft, NoiseSource noise, int64_t rows,
                                                             int groups, int codes, int dg, float inv_tau, bool sample) {
   const int g = blockIdx.y;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int64_t gv = static_cast<int64_t>(groups) * codes;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGqWarps + warp; n < rows;
-       n += static_cast<int64_t>(gridDim.x) * kGqWarps) {
+  for (int64_t n = first_row(); n < rows; n += row_stride()) {
     const int64_t base = n * gv + static_cast<int64_t>(g) * codes;
     float best = -INFINITY;
     int best_v = codes;  // beyond any valid index
@@ -148,12 +154,11 @@ __global__ void __launch_bounds__(kGqThreads) marginal_kernel(const T* __restric
                                                               int codes, bool sample) {
   extern __shared__ float marg[];
   const int g = blockIdx.y;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarp;
   for (int v = threadIdx.x; v < codes; v += blockDim.x) marg[v] = 0.f;
   __syncthreads();
   const int64_t gv = static_cast<int64_t>(groups) * codes;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGqWarps + warp; n < rows;
-       n += static_cast<int64_t>(gridDim.x) * kGqWarps) {
+  for (int64_t n = first_row(); n < rows; n += row_stride()) {
     if (Keep != nullptr && !Keep[n]) continue;  // one row per warp: the whole warp skips it
     if (sample) {
       const T* l = Logits + n * gv + static_cast<int64_t>(g) * codes;
@@ -221,10 +226,9 @@ __global__ void __launch_bounds__(kGqThreads) backward_kernel(
     const bool* __restrict__ Keep, float* __restrict__ GradCode, T* __restrict__ GradLogits, int64_t rows,
     int groups, int codes, int dg, float inv_tau, bool sample) {
   const int g = blockIdx.y;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int64_t gv = static_cast<int64_t>(groups) * codes;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGqWarps + warp; n < rows;
-       n += static_cast<int64_t>(gridDim.x) * kGqWarps) {
+  for (int64_t n = first_row(); n < rows; n += row_stride()) {
     const int64_t idx = Indices[n * groups + g];
     const T* gq = GradQ + n * groups * dg + static_cast<int64_t>(g) * dg;
     float* gc = GradCode + (static_cast<int64_t>(g) * codes + idx) * dg;

@@ -18,7 +18,6 @@ section "cuda backend"): its reasons and row rules on CPU, the kernel on ``gpu``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import pytest
@@ -31,10 +30,10 @@ from unispeech_fast.ops.attention import attention, attention_ref
 from unispeech_fast.ops.attention import extension as _attention_cpp  # the cpp (and cuda) backends
 from unispeech_fast.ops.attention.reference import attention_eager as _attention_eager
 from unispeech_fast.ops.attention.triton import _attention_triton
-from _tolerance import FLOOR, assert_within_2x_eager
+from _backends import DEVICE
+from _tolerance import FLOOR, assert_close_cuda as _assert_close, assert_within_2x_eager
 from conftest import padded_batch, tiny_config_kwargs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative tolerance of the dropout checks, which have no eager counterpart (different random masks).
 _DROPOUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -101,14 +100,15 @@ def test_head_dim_80_with_padding_fp32():
                             head_mask=torch.tensor([1.5, 1.0], device=DEVICE))
 
 
-def test_padded_batch_equals_per_sample():
+@pytest.mark.parametrize("backend,frames,valid", [("triton", 30, 19), ("cpp", 300, 259)])
+def test_padded_batch_equals_per_sample(backend, frames, valid):
     """Padding a sample with extra frames leaves its valid queries' outputs unchanged."""
-    q, k, v = make_qkv(1, 30, 2, 32, torch.float32)
-    mask = right_padded_mask([19], 30)
-    with dispatch.backend("triton"):
+    q, k, v = make_qkv(1, frames, 2, 32, torch.float32)
+    mask = right_padded_mask([valid], frames)
+    with dispatch.backend(backend):
         padded, _ = attention(q, k, v, key_padding_mask=mask)
-        alone, _ = attention(q[:, :19], k[:, :19], v[:, :19])
-    torch.testing.assert_close(padded[:, :19], alone, atol=1e-6, rtol=1e-5)
+        alone, _ = attention(q[:, :valid], k[:, :valid], v[:, :valid])
+    torch.testing.assert_close(padded[:, :valid], alone, atol=1e-6, rtol=1e-5)
 
 
 
@@ -301,15 +301,20 @@ def test_torch_compile_fullgraph_matches_eager_call():
 
 
 # --------------------------------------------------------------------------------------------- dispatch
-def test_need_weights_runs_the_eager_path_and_logs(monkeypatch, caplog):
+@pytest.mark.parametrize("backend,head_dim,served_by,log", [
+    ("triton", 16, _attention_eager, "need_weights=True run the eager path"),
+    ("cpp", 8, attention_ref, "need_weights=True run the eager reference"),
+])
+def test_need_weights_is_served_by_the_eager_path_and_logs(backend, head_dim, served_by, log, monkeypatch, caplog):
+    """The triton and cpp kernels never materialise the probabilities: need_weights=True runs eager, logged once."""
     monkeypatch.setattr(dispatch.registry, "_logged_once", set())
-    q, k, v = make_qkv(2, 9, 2, 16, torch.float32)
+    q, k, v = make_qkv(2, 9, 2, head_dim, torch.float32)
     mask = right_padded_mask([9, 4], 9)
-    with dispatch.backend("triton"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
+    with dispatch.backend(backend), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
         out, weights = attention(q, k, v, key_padding_mask=mask, need_weights=True)
-    ref_out, ref_weights = _attention_eager(q, k, v, key_padding_mask=mask, need_weights=True)
+    ref_out, ref_weights = served_by(q, k, v, key_padding_mask=mask, need_weights=True)
     assert torch.equal(out, ref_out) and torch.equal(weights, ref_weights)
-    assert "need_weights=True run the eager path" in caplog.text
+    assert log in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -518,9 +523,6 @@ def test_eager_error_within_policy(dtype):
 
 
 # ============================================================================================ cuda backend
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -888,15 +890,6 @@ def test_cpp_layouts_are_read_in_place_or_copied():
     torch.testing.assert_close(views, attention_ref(q, k, v)[0], atol=2e-6, rtol=1e-5)
 
 
-def test_cpp_padded_batch_equals_per_sample():
-    q, k, v = make_qkv(1, 300, 2, 32, torch.float32)
-    mask = right_padded_mask([259], 300)
-    with dispatch.backend("cpp"):
-        padded, _ = attention(q, k, v, key_padding_mask=mask)
-        alone, _ = attention(q[:, :259], k[:, :259], v[:, :259])
-    torch.testing.assert_close(padded[:, :259], alone, atol=1e-6, rtol=1e-5)
-
-
 def test_cpp_empty_inputs():
     q, k, v = make_qkv(2, 0, 2, 8, torch.float32)
     with dispatch.backend("cpp"):
@@ -934,17 +927,6 @@ def test_cpp_auto_takes_cpp_for_inference_only(monkeypatch):
         assert dispatch.select("attention", grad_inputs).backend == "cpp"
     with dispatch.backend("cpp"):
         assert dispatch.select("attention", grad_inputs).backend == "cpp"
-
-
-def test_cpp_need_weights_is_served_by_the_reference(caplog, monkeypatch):
-    monkeypatch.setattr(dispatch.registry, "_logged_once", set())
-    q, k, v = make_qkv(2, 9, 2, 8, torch.float32)
-    mask = right_padded_mask([9, 4], 9)
-    with dispatch.backend("cpp"), caplog.at_level(logging.WARNING, logger="unispeech_fast"):
-        out, w = attention(q, k, v, key_padding_mask=mask, need_weights=True)
-    ref_out, ref_w = attention_ref(q, k, v, key_padding_mask=mask, need_weights=True)
-    assert torch.equal(out, ref_out) and torch.equal(w, ref_w)
-    assert "need_weights=True run the eager reference" in caplog.text
 
 
 def test_cpp_kernel_errors_name_the_argument():

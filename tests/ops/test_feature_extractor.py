@@ -9,8 +9,6 @@ gradient, max |kernel - fp64 reference| <= 2 * max |eager(dtype) - fp64 referenc
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,7 @@ from unispeech_fast.ops.feature_extractor.triton import feature_extractor_triton
 from unispeech_fast.ops import _extension_ops
 from unispeech_fast.ops.feature_extractor import extension as fe_ext
 from _backends import declaring, device_for, run_on
-from _tolerance import FLOOR, assert_within_2x_eager
+from _tolerance import FLOOR, assert_close_cuda as _assert_close, assert_within_2x_eager
 
 SMALL_KERNELS, SMALL_STRIDES = (10, 3, 2), (5, 2, 2)  # receptive field 30 samples, hop 20
 REAL_KERNELS, REAL_STRIDES = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
@@ -264,6 +262,18 @@ def test_not_supported_reasons_name_the_problem():
     assert any("bfloat16" in r for r in impl.not_supported_reasons(**{**base, "x": x.bfloat16()}))
     with uf.backend("triton"), pytest.raises(uf.BackendNotSupportedError, match="gelu"):
         feature_extractor(**{**base, "activation": "relu"})
+
+
+def test_cpp_and_cuda_reasons_share_the_argument_rules():
+    """Activation, norm type and waveform rank: one rule for the cpp and cuda backends, each naming itself."""
+    from unispeech_fast.ops.feature_extractor.extension import _cuda_reasons, _feature_cpp_reasons
+
+    args = (torch.randn(1, 2, 400), [torch.randn(4, 1, 10)], [None], [None], [None], [5], "batch")
+    for reasons_of, backend in ((_feature_cpp_reasons, "the C++"), (_cuda_reasons, "the CUDA")):
+        text = "\n".join(reasons_of(*args, activation="relu"))
+        assert f"{backend} feature extractor fuses exact GELU only, got activation='relu'" in text
+        assert "norm_type must be 'group' or 'layer', got 'batch'" in text
+        assert "x must be a waveform [batch, samples], got shape (1, 2, 400)" in text
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -522,9 +532,6 @@ def test_cpp_opcheck(case):
 
 
 # ---------------------------------------------------------------------------------------------- CUDA (cuda)
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

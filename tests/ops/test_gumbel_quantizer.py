@@ -9,7 +9,6 @@ a tiny floor. Eval indices must match exactly.
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import pytest
@@ -23,12 +22,11 @@ from unispeech_fast.modules import GumbelVectorQuantizer
 from unispeech_fast.ops import gumbel_quantizer, gumbel_quantizer_ref
 from unispeech_fast.ops import _extension_ops
 from unispeech_fast.ops.gumbel_quantizer import extension as gq_ext
-from _backends import declaring, device_for, run_on
-from _tolerance import FLOOR, assert_within_2x_eager, max_err
+from _backends import DEVICE, declaring, device_for, run_on
+from _tolerance import FLOOR, assert_close_cuda as _assert_close, assert_within_2x_eager, max_err
 
 gq_module = importlib.import_module("unispeech_fast.ops.gumbel_quantizer.triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_impl = gq_module._gumbel_quantizer_triton
 # The shared rule (tests/_tolerance.py); for half inputs the floors these tests have always had (10x the shared
 # ones: kept, since the shared ones would tighten them, bf16 on GPUs only).
@@ -631,9 +629,6 @@ def test_cpp_opcheck(case):
 
 # ------------------------------------------------------------------------------------------------ CUDA (cuda)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 
 
 def test_cuda_refuses_cpu_tensors():

@@ -10,7 +10,6 @@ dtype, plus a tiny floor, for the output and every gradient.
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import pytest
@@ -21,13 +20,12 @@ import unispeech_fast as uf
 from unispeech_fast import dispatch
 from unispeech_fast.ops import _extension_ops as ext
 from unispeech_fast.ops.pos_conv import pos_conv, pos_conv_ref
-from _backends import declaring, device_for, run_on
-from _tolerance import assert_within_2x_eager
+from _backends import DEVICE, declaring, device_for, run_on
+from _tolerance import assert_close_cuda as _assert_close, assert_within_2x_eager
 
 # the triton backend module (its launchers and dispatch entry)
 pos_conv_mod = importlib.import_module("unispeech_fast.ops.pos_conv.triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _NAMES = ("x", "weight_g", "weight_v", "bias")
 
 
@@ -365,9 +363,6 @@ def test_real_sizes_on_gpu(hidden, frames, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- GPU: CUDA op (cuda)
-# The shared rule (tests/_tolerance.py), with the floor the CUDA op tests have always used: 2 units roundoff of
-# the dtype times (max |ref| + 1).
-_assert_close = functools.partial(assert_within_2x_eager, floor_eps=2.0, scale="ref+1")
 
 
 def _pos_conv_folded(x, weight, bias, groups):

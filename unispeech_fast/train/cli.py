@@ -103,7 +103,11 @@ def _error(message: str, code: int) -> int:
 
 
 def _model_type(args) -> tuple[str | None, str | None]:
-    """(model_type, None) from ``--model``'s config.json, or (None, error message)."""
+    """(model_type, None) from ``--model``'s config.json once the options common to finetune and pretrain
+    check out (:func:`_check_common`, first), or (None, error message)."""
+    problem = _check_common(args)
+    if problem is not None:
+        return None, problem
     config_file = os.path.join(args.model, "config.json")
     try:
         with open(config_file, encoding="utf-8") as f:
@@ -134,9 +138,6 @@ def _check_common(args) -> str | None:
 def run_finetune(args: argparse.Namespace) -> int:
     from .data import encode_labels
 
-    problem = _check_common(args)
-    if problem is not None:
-        return _error(problem, EXIT_USAGE)
     model_type, problem = _model_type(args)
     if problem is not None:
         return _error(problem, EXIT_USAGE)
@@ -163,9 +164,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .data import ManifestError, encode_pretraining_labels
     from .pretrain import PretrainObjective
 
-    problem = _check_common(args)
-    if problem is not None:
-        return _error(problem, EXIT_USAGE)
     model_type, problem = _model_type(args)
     if problem is not None:
         return _error(problem, EXIT_USAGE)

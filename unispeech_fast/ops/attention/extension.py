@@ -32,7 +32,7 @@ from ... import _extension, dispatch
 from .._extension_ops import _ops, cuda_ops, on_load
 from .padding import mask_lengths, padding_mask_reasons, right_padded_lengths
 from .reference import attention_ref
-from .triton import _last_dim_contiguous
+from .triton import _last_dim_contiguous, _qkv_dtype_reasons, _qkv_shape_reasons
 
 __all__ = ["CUDA_DTYPES", "attention_cpp", "attention_cuda"]
 
@@ -127,15 +127,11 @@ def _cpp_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.0, 
     """Why the C++ attention cannot run this call (empty when it can)."""
     if need_weights:
         return []  # served by the reference (the kernel never materialises the probabilities)
-    reasons = []
+    shape_reasons = _qkv_shape_reasons(q, k, v)
+    if shape_reasons:
+        return shape_reasons
+    reasons = _qkv_dtype_reasons(q, k, v, _CPP_DTYPES, "the C++ attention runs float32, bfloat16, float16 or float64")
     tensors = {"q": q, "k": k, "v": v}
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        reasons.append(f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
-                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)")
-        return reasons
-    if q.dtype not in _CPP_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"the C++ attention runs float32, bfloat16, float16 or float64 for q, k and v alike, got "
-                       f"{q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > _CPP_MAX_HEAD_DIM:
         reasons.append(f"the C++ attention supports head_dim <= {_CPP_MAX_HEAD_DIM}, got {q.shape[-1]}")
     if dropout_p > 0.0:

@@ -28,6 +28,21 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _qkv_shape_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """The triton and cpp kernels' shape rule (self-attention): q, k and v share one 4-d shape."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        return [f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)"]
+    return []
+
+
+def _qkv_dtype_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple, rule: str) -> list[str]:
+    """The triton and cpp kernels' dtype rule: q, k and v share one dtype of ``dtypes``, which ``rule`` names."""
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        return [f"{rule} for q, k and v alike, got {q.dtype}, {k.dtype}, {v.dtype}"]
+    return []
+
+
 _device_guard = device_guard
 
 
@@ -193,14 +208,10 @@ def _triton_reasons(q, k, v, key_padding_mask=None, head_mask=None, dropout_p=0.
     """Why the Triton kernels cannot run this call (empty when they can)."""
     if need_weights:
         return []  # served by the eager path (the kernels never materialise the probabilities)
-    reasons = []
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        reasons.append(f"q, k and v must share one [batch, frames, heads, head_dim] shape, got "
-                       f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (self-attention only)")
-        return reasons
-    if q.dtype not in _TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"dtype must be float16, bfloat16 or float32 for q, k and v alike, got "
-                       f"{q.dtype}, {k.dtype}, {v.dtype}")
+    shape_reasons = _qkv_shape_reasons(q, k, v)
+    if shape_reasons:
+        return shape_reasons
+    reasons = _qkv_dtype_reasons(q, k, v, _TRITON_DTYPES, "dtype must be float16, bfloat16 or float32")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         reasons.append("bfloat16 is computed incorrectly by the Triton interpreter (CPU tensors); use a GPU")
     if not 1 <= q.shape[-1] <= _MAX_HEAD_DIM:

@@ -67,17 +67,24 @@ def _cng_backward(ctx, grad_out):
     return (*out, None, None, None)
 
 
+def _argument_reasons(x, norm_type, activation, backend: str) -> list[str]:
+    """The rules the cpp and cuda backends share: exact GELU, a group or layer norm, x a ``[batch, samples]``
+    waveform. ``backend`` names the backend in the activation reason."""
+    reasons = []
+    if activation != "gelu":
+        reasons.append(f"{backend} fuses exact GELU only, got activation={activation!r}")
+    if norm_type not in ("group", "layer"):
+        reasons.append(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
+    if x.dim() != 2:
+        reasons.append(f"x must be a waveform [batch, samples], got shape {tuple(x.shape)}")
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------- cpp
 def _feature_cpp_reasons(
     x, conv_weights, conv_biases, norm_weights, norm_biases, conv_strides, norm_type, activation="gelu", eps=1e-5
 ) -> list[str]:
-    reasons = []
-    if activation != "gelu":
-        reasons.append(f"only activation 'gelu' is fused, got {activation!r}")
-    if norm_type not in ("group", "layer"):
-        reasons.append(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
-    if x.dim() != 2:
-        reasons.append(f"x must be a waveform [batch, samples], got {tuple(x.shape)}")
+    reasons = _argument_reasons(x, norm_type, activation, "the C++ feature extractor")
     n = len(conv_weights)
     if not (len(conv_biases) == len(norm_weights) == len(norm_biases) == len(conv_strides) == n):
         reasons.append("conv_weights, conv_biases, norm_weights, norm_biases and conv_strides must have one entry per layer")
@@ -136,12 +143,7 @@ def _cuda_reasons(
     reasons = []
     if x.device.type != "cuda":  # the device check names x (its wording is pinned by tests)
         reasons.append(f"x must be a CUDA tensor, got {x.device.type}")
-    if activation != "gelu":
-        reasons.append(f"the CUDA feature extractor fuses exact GELU only, got activation={activation!r}")
-    if norm_type not in ("group", "layer"):
-        reasons.append(f"norm_type must be 'group' or 'layer', got {norm_type!r}")
-    if x.dim() != 2:
-        reasons.append(f"x must be a waveform [batch, samples], got shape {tuple(x.shape)}")
+    reasons += _argument_reasons(x, norm_type, activation, "the CUDA feature extractor")
     if not conv_weights:
         reasons.append("no conv layers given")
     else:
