@@ -4,6 +4,8 @@ path, the snapshot contract, inference-only errors, and the whole-model error po
 from __future__ import annotations
 
 import copy
+import io
+import re
 
 import pytest
 import torch
@@ -147,8 +149,95 @@ def test_snapshot_does_not_share_storage_with_the_original():
     model = _model("UniSpeech", "Model")
     optimized = uf.optimize_for_inference(model)
     original = {t.data_ptr() for t in model.state_dict().values()}
-    kept = {t.data_ptr() for t in optimized.state_dict(keep_vars=True).values()}
+    # nn.Module's own state_dict: the snapshot's refuses (its packed weights are not in it)
+    kept = {t.data_ptr() for t in torch.nn.Module.state_dict(optimized, keep_vars=True).values()}
     assert not (original & kept)
+
+
+# ------------------------------------------------------------------------- what a rebuild from weights drops
+class _LoraLinear(torch.nn.Module):
+    """A PEFT-style adapter: exposes the base layer's weight and bias, adds a low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.lora_b = torch.nn.Linear(2, base.out_features, bias=False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def _wrap(owner, name):
+    setattr(owner, name, _LoraLinear(getattr(owner, name)))
+
+
+def _hook(module):
+    module.register_forward_hook(lambda m, args, out: out)
+
+
+class _MyEncoderLayer(uf.modules.EncoderLayer):
+    pass
+
+
+_DROPPED = {  # case: (the change, a literal part of the error)
+    "lora on intermediate_dense": (lambda b: _wrap(b.encoder.layers[0].feed_forward, "intermediate_dense"),
+                                   "layers.0.feed_forward.intermediate_dense (_LoraLinear) is not one of them"),
+    "lora on output_dense": (lambda b: _wrap(b.encoder.layers[1].feed_forward, "output_dense"),
+                             "layers.1.feed_forward.output_dense (_LoraLinear) is not one of them"),
+    "lora on q_proj": (lambda b: _wrap(b.encoder.layers[0].attention, "q_proj"), "attention.q_proj (_LoraLinear)"),
+    "lora on the feature projection": (lambda b: _wrap(b.feature_projection, "projection"),
+                                       "feature_projection.projection (_LoraLinear)"),
+    "hook on intermediate_dense": (lambda b: _hook(b.encoder.layers[0].feed_forward.intermediate_dense),
+                                   "hooks on unispeech_sat.encoder.layers.0.feed_forward.intermediate_dense (Linear)"),
+    "hook on the feature projection's linear": (lambda b: _hook(b.feature_projection.projection),
+                                                "hooks on unispeech_sat.feature_projection.projection (Linear)"),
+    "hook on an encoder layer": (lambda b: _hook(b.encoder.layers[1]),
+                                 "hooks on unispeech_sat.encoder.layers.1 (EncoderLayer) would not run"),
+    "hook on attention": (lambda b: _hook(b.encoder.layers[0].attention), "layers.0.attention (Attention) would not"),
+    "pre-hook on the feature encoder": (lambda b: b.feature_extractor.register_forward_pre_hook(lambda m, a: a),
+                                        "hooks on unispeech_sat.feature_extractor (FeatureEncoder)"),
+    "hook on the positional conv": (lambda b: _hook(b.encoder.pos_conv_embed),
+                                    "hooks on unispeech_sat.encoder.pos_conv_embed (PositionalConvEmbedding)"),
+    "subclassed encoder layer": (lambda b: b.encoder.layers.__setitem__(0, _MyEncoderLayer(b.config)),
+                                 "layers.0 (_MyEncoderLayer) is not one of them"),
+    "activation changed": (lambda b: setattr(b.encoder.layers[0].feed_forward, "intermediate_act_fn", torch.tanh),
+                           "layers.0.feed_forward.intermediate_act_fn is not config.hidden_act ('gelu')"),
+}
+
+
+@pytest.mark.parametrize("case", list(_DROPPED))
+def test_refuses_what_a_rebuild_from_weights_would_drop(case):
+    """Adapters, wrappers, hooks and swapped modules on what the snapshot rebuilds from weights are refused
+    by name; the default path honours them, so a snapshot without them would differ silently."""
+    model = _model("UniSpeechSat", "ForCTC")
+    change, message = _DROPPED[case]
+    change(model.unispeech_sat)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        uf.optimize_for_inference(model)
+
+
+def test_hooks_on_deep_copied_children_still_run():
+    """The encoder layers' LayerNorms are deep-copied into the snapshot, hooks included: no refusal, same output."""
+    model = _model("UniSpeechSat", "Model")
+    calls = []
+    model.encoder.layers[0].final_layer_norm.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0.5)
+    x = torch.randn(1, 3000)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    optimized = uf.optimize_for_inference(model)
+    got = optimized(x).last_hidden_state
+    assert len(calls) == 2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ inference only
@@ -172,6 +261,12 @@ def test_training_a_snapshot_raises():
         out.sum().backward()
     with pytest.raises(uf.InferenceOnlyError, match="load_state_dict"):
         optimized.load_state_dict(model.state_dict())
+    with pytest.raises(uf.InferenceOnlyError, match="state_dict is unavailable"):
+        optimized.state_dict()
+    with pytest.raises(uf.InferenceOnlyError, match="cannot pickle or torch.save"):
+        torch.save(optimized, io.BytesIO())
+    with pytest.raises(uf.InferenceOnlyError, match="cannot deepcopy"):
+        copy.deepcopy(optimized)
     with pytest.raises(uf.InferenceOnlyError, match="move or cast"):
         optimized.to(torch.float64)
     with pytest.raises(uf.InferenceOnlyError, match="move or cast"):
@@ -185,6 +280,11 @@ def test_bad_arguments_name_what_was_expected():
         uf.optimize_for_inference(model, torch.float16)
     with pytest.raises(TypeError, match="model must be a unispeech_fast model"):
         uf.optimize_for_inference(torch.nn.Linear(2, 2))
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.UniSpeechSatForCTC(transformers.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat")))
+    with pytest.raises(TypeError, match=r"got transformers' UniSpeechSatForCTC; load the checkpoint with "
+                                        r"unispeech_fast\.UniSpeechSatForCTC\.from_pretrained"):
+        uf.optimize_for_inference(theirs)
     with pytest.raises(ValueError, match="float32 weights"):
         uf.optimize_for_inference(copy.deepcopy(model).double())
     with pytest.raises(TypeError, match="already an optimize_for_inference snapshot"):

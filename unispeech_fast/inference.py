@@ -100,10 +100,12 @@ from .ops.feature_extractor.common import conv_output_length
 from .modules import (
     CONV_NORM_EPS,
     Attention,
+    ConvLayer,
     EncoderLayer,
     EncoderLayerStableLayerNorm,
     FeatureEncoder,
     FeatureProjection,
+    FeedForward,
     PositionalConvEmbedding,
 )
 
@@ -476,6 +478,56 @@ class InferencePositionalConv(nn.Module):
         return hidden_states + h.float()
 
 
+# ------------------------------------------------------------------------------- what a snapshot cannot carry
+# The snapshot rebuilds these modules from their weights; their deep-copied children (LayerNorms, the adapter)
+# keep their type and hooks, so only the rest of each subtree is checked.
+_REPLACED = (EncoderLayer, EncoderLayerStableLayerNorm, FeatureEncoder, FeatureProjection, PositionalConvEmbedding)
+_CARRIED_CHILDREN = {EncoderLayer: ("layer_norm", "final_layer_norm"),
+                     EncoderLayerStableLayerNorm: ("layer_norm", "final_layer_norm", "adapter_layer"),
+                     FeatureProjection: ("layer_norm",)}
+# The module types the rebuilt modules stand in for, exactly (a subclass may override forward).
+_REBUILT_TYPES = (*_REPLACED, Attention, FeedForward, ConvLayer, nn.Linear, nn.Conv1d, nn.LayerNorm, nn.GroupNorm,
+                  nn.Dropout, nn.ModuleList)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks))
+
+
+def _refuse_what_a_snapshot_would_drop(model: nn.Module) -> None:
+    """Raise ``TypeError`` for anything on the modules the snapshot rebuilds from weights that a rebuild would
+    silently lose: a forward/backward hook, a wrapped or subclassed layer (LoRA or other adapters, PEFT
+    wrappers, parametrizations), or a feed-forward activation that no longer matches the config."""
+    from .patching import _is_weight_normed
+
+    for path, module in model.named_modules():
+        if not isinstance(module, _REPLACED):
+            continue
+        carried = {id(getattr(module, name)) for name in _CARRIED_CHILDREN.get(type(module), ())
+                   if getattr(module, name, None) is not None}
+        stack = [(path, module)]
+        while stack:
+            name, sub = stack.pop()
+            if id(sub) in carried:
+                continue
+            where = f"{name} ({type(sub).__name__})"
+            if _has_hooks(sub):
+                raise TypeError(f"optimize_for_inference rebuilds {path} from its weights, so the hooks on {where} would "
+                                f"not run in the snapshot; remove them (or fold what they do into the weights) first")
+            if isinstance(sub, PositionalConvEmbedding) and not _is_weight_normed(sub.conv):
+                raise TypeError(f"optimize_for_inference folds the positional conv's weight norm; {name}.conv is not "
+                                f"exactly weight_norm(dim=2) of a Conv1d")
+            if type(sub) not in _REBUILT_TYPES:
+                raise TypeError(f"optimize_for_inference rebuilds {path} from plain layers' weights; {where} is not one "
+                                f"of them (merge adapters such as LoRA into the weights first)")
+            if isinstance(sub, FeedForward) and sub.intermediate_act_fn is not get_activation(model.config.hidden_act):
+                raise TypeError(f"{name}.intermediate_act_fn is not config.hidden_act ({model.config.hidden_act!r}), "
+                                f"the activation the snapshot fuses; set the config to match")
+            if isinstance(sub, PositionalConvEmbedding):
+                continue  # its conv's parametrization internals were checked above
+            stack.extend((f"{name}.{child}", m) for child, m in sub.named_children() if m is not None)
+
+
 # ------------------------------------------------------------------------------------------ the snapshot
 class _InferenceOnly:
     """Mixed into the snapshot's class: forbids training, moving, casting and reloading."""
@@ -521,6 +573,18 @@ class _InferenceOnly:
 
     def save_pretrained(self, *args, **kwargs):
         raise self._refuse("cannot save: save_pretrained is unavailable (save the original model)")
+
+    def state_dict(self, *args, **kwargs):
+        # The packed weights are plain attributes, so a state_dict would hold only the unpacked leftovers.
+        raise self._refuse("cannot save: state_dict is unavailable (the packed weights are not in it; save the "
+                           "original model)")
+
+    def __reduce_ex__(self, protocol):  # pickle / torch.save: oneDNN's packed tensors have no storage to save
+        raise self._refuse("cannot pickle or torch.save: the packed weights are not serialisable (save the original "
+                           "model)")
+
+    def __deepcopy__(self, memo):  # oneDNN's packed tensors cannot be copied
+        raise self._refuse("cannot deepcopy: the packed weights cannot be copied (copy the original model)")
 
     def _apply(self, fn, recurse=True):
         raise self._refuse("cannot move or cast: .cuda/.half/.float/.double are unavailable")
@@ -574,11 +638,16 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
     an optimizer), ``requires_grad_``, ``load_state_dict``, ``save_pretrained`` and moving or casting it
     raise :class:`InferenceOnlyError`; its outputs carry no autograd graph.
     """
-    from .models import MODEL_CLASSES  # noqa: F401  (the models package imports this module's siblings)
+    from .models import MODEL_CLASSES  # (the models package imports this module's siblings)
     from .models.base import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a unispeech_fast model (one of the ten classes), got {type(model).__name__}")
+        kind = type(model)
+        if kind.__module__.split(".")[0] == "transformers" and kind.__name__ in {c.__name__ for c in MODEL_CLASSES}:
+            raise TypeError(f"model must be a unispeech_fast model (one of the ten classes), got transformers' "
+                            f"{kind.__name__}; load the checkpoint with unispeech_fast.{kind.__name__}.from_pretrained "
+                            f"(same weights and outputs) and optimize that")
+        raise TypeError(f"model must be a unispeech_fast model (one of the ten classes), got {kind.__name__}")
     if isinstance(model, _InferenceOnly):
         raise TypeError("model is already an optimize_for_inference snapshot; optimize the original model")
     if dtype not in _DTYPES:
@@ -588,6 +657,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
     if bad:
         raise ValueError(f"optimize_for_inference builds CPU kernels from float32 weights; model has parameters "
                          f"on/of {bad}: call it on model.float().cpu()")
+    _refuse_what_a_snapshot_would_drop(model)
     if not _onednn_linear_available():
         raise RuntimeError("optimize_for_inference needs torch's oneDNN (mkldnn) linear and convolution ops "
                            "(torch.ops.mkldnn._linear_pointwise / _reorder_linear_weight / _convolution_pointwise / "
