@@ -635,8 +635,15 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32)
     The result is a **snapshot of the weights at call time**, like ``torch.jit.freeze``: later changes to
     ``model`` (in-place writes, ``load_state_dict``, optimizer steps) do not affect it; optimize again to
     pick them up. It is for inference only: ``.train()``, inputs that require grad, ``parameters()`` (so
-    an optimizer), ``requires_grad_``, ``load_state_dict``, ``save_pretrained`` and moving or casting it
-    raise :class:`InferenceOnlyError`; its outputs carry no autograd graph.
+    an optimizer), ``requires_grad_``, ``load_state_dict``, ``state_dict``, ``save_pretrained``, pickling,
+    ``copy.deepcopy`` and moving or casting it raise :class:`InferenceOnlyError`; its outputs carry no
+    autograd graph.
+
+    Raises ``TypeError`` (naming the module) for what rebuilding the encoder layers, feature encoder,
+    feature projection and positional conv from their weights would silently lose: hooks on or inside
+    them (the encoder layers' deep-copied LayerNorms and adapter keep theirs), wrapped or subclassed layers
+    (merge LoRA and other adapters into the weights first), a feed-forward activation that differs from
+    ``config.hidden_act``.
     """
     from .models import MODEL_CLASSES  # (the models package imports this module's siblings)
     from .models.base import PreTrainedModel
