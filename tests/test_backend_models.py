@@ -74,6 +74,55 @@ def test_training_step_matches_eager(name):
         torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
 
 
+def _trainable_layer_norms_only(model):
+    for n, p in model.named_parameters():
+        p.requires_grad_("layer_norm" in n)
+
+
+@pytest.mark.parametrize("trainable", ["all", "layer_norms_only"])
+def test_cpp_training_step_with_dense_gradients_names_linear(trainable):
+    """README ("Training under backend('cpp')"): the oneDNN linear has no backward, so a step in which a
+    backbone dense layer needs a gradient (its weight, or its input through a trainable LayerNorm before it)
+    raises naming the op and the reason; it never runs F.linear in its place."""
+    family, head, overrides = CASES[0]
+    model = _model(family, head, **overrides).train()
+    if trainable == "layer_norms_only":
+        _trainable_layer_norms_only(model)
+    x, mask = padded_batch(LENGTHS)
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
+    with uf.backend("cpp"), pytest.raises(
+        uf.BackendNotSupportedError, match=r"(?s)backend 'cpp' cannot run 'linear'.*the oneDNN linear has no backward"
+    ):
+        model(x, attention_mask=mask, labels=labels)
+    with uf.backend("auto"):  # auto (and eager) train the same model
+        model(x, attention_mask=mask, labels=labels).loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("unispeech_sat."))
+
+
+def test_cpp_training_step_with_a_frozen_backbone_matches_eager():
+    """README: under ``backend("cpp")`` a model trains with its backbone frozen; loss and head gradients equal eager's."""
+    family, head, overrides = CASES[0]
+    model = _model(family, head, **overrides).train()
+    model.freeze_base_model()
+    twin = copy.deepcopy(model)
+    x, mask = padded_batch(LENGTHS)
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
+    with uf.backend("eager"):
+        ref = model(x, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    with uf.backend("cpp"):
+        out = twin(x, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
+    trained = [n for n, p in twin.named_parameters() if p.grad is not None]
+    assert trained and not any(n.startswith("unispeech_sat.") for n in trained)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
+
+
 @pytest.mark.parametrize("name", ["auto"] + _backends())
 def test_torch_compile_fullgraph_of_a_model_matches_eager(name):
     """The kernels are torch.library ops with fake implementations, so a whole model compiles in one graph."""
