@@ -53,19 +53,17 @@ def test_eval_forward_matches_eager(name, family, head, overrides):
         torch.testing.assert_close(o, r, atol=2e-4, rtol=2e-4, msg=f"hidden_states[{i}]")
 
 
-def _assert_same_gradients(model, reference):
-    """The same parameters have gradients in both models, equal within the training-step tolerance."""
-    for (n, p), (_, q) in zip(reference.named_parameters(), model.named_parameters()):
-        if p.grad is None:
-            assert q.grad is None, n
-            continue
-        torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
+# (backend, freeze the backbone): under cpp only a frozen backbone trains (README, "Training under backend('cpp')").
+TRAINING_CASES = [(name, False) for name in _backends()] + [("cpp", True)]
 
 
-@pytest.mark.parametrize("name", _backends())
-def test_training_step_matches_eager(name):
+@pytest.mark.parametrize("name,frozen_backbone", TRAINING_CASES,
+                         ids=[n + ("-frozen_backbone" if f else "") for n, f in TRAINING_CASES])
+def test_training_step_matches_eager(name, frozen_backbone):
     family, head, overrides = CASES[0]
     model = _model(family, head, **overrides).train()
+    if frozen_backbone:
+        model.freeze_base_model()
     twin = copy.deepcopy(model)
     x, mask = padded_batch(LENGTHS)
     labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
@@ -76,12 +74,13 @@ def test_training_step_matches_eager(name):
         out = twin(x, attention_mask=mask, labels=labels)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
-    _assert_same_gradients(twin, model)
-
-
-def _trainable_layer_norms_only(model):
-    for n, p in model.named_parameters():
-        p.requires_grad_("layer_norm" in n)
+    trained = [n for n, p in twin.named_parameters() if p.grad is not None]
+    assert trained and not (frozen_backbone and any(n.startswith("unispeech_sat.") for n in trained))
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
 
 
 @pytest.mark.parametrize("trainable", ["all", "layer_norms_only"])
@@ -91,8 +90,8 @@ def test_cpp_training_step_with_dense_gradients_names_linear(trainable):
     raises naming the op and the reason; it never runs F.linear in its place."""
     family, head, overrides = CASES[0]
     model = _model(family, head, **overrides).train()
-    if trainable == "layer_norms_only":
-        _trainable_layer_norms_only(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or "layer_norm" in n)
     x, mask = padded_batch(LENGTHS)
     labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
     with uf.backend("cpp"), pytest.raises(
@@ -102,26 +101,6 @@ def test_cpp_training_step_with_dense_gradients_names_linear(trainable):
     with uf.backend("auto"):  # auto (and eager) train the same model
         model(x, attention_mask=mask, labels=labels).loss.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("unispeech_sat."))
-
-
-def test_cpp_training_step_with_a_frozen_backbone_matches_eager():
-    """README: under ``backend("cpp")`` a model trains with its backbone frozen; loss and head gradients equal eager's."""
-    family, head, overrides = CASES[0]
-    model = _model(family, head, **overrides).train()
-    model.freeze_base_model()
-    twin = copy.deepcopy(model)
-    x, mask = padded_batch(LENGTHS)
-    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
-    with uf.backend("eager"):
-        ref = model(x, attention_mask=mask, labels=labels)
-    ref.loss.backward()
-    with uf.backend("cpp"):
-        out = twin(x, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
-    trained = [n for n, p in twin.named_parameters() if p.grad is not None]
-    assert trained and not any(n.startswith("unispeech_sat.") for n in trained)
-    _assert_same_gradients(twin, model)
 
 
 @pytest.mark.parametrize("name", ["auto"] + _backends())
