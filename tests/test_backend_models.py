@@ -2,7 +2,9 @@
 
 Every op of the model runs on the forced backend (``backend("triton")`` on CPU tensors runs Triton's
 interpreter, so the configs are tiny). Eval forwards on padded batches with a head mask, and a
-deterministic training step (dropout, LayerDrop and SpecAugment off) compared loss and gradients.
+deterministic training step (dropout, LayerDrop and SpecAugment off) compared loss and gradients. Under
+``backend("cpp")`` the training step runs with a frozen backbone; with trainable dense layers it is refused
+(the oneDNN linear has no backward).
 """
 
 from __future__ import annotations
