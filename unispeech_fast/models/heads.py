@@ -64,7 +64,8 @@ def _check_class_labels(labels: Any, batch: int, num_labels: int, ignore_index: 
         raise ValueError(f"labels must have shape ({batch},) (one class per sample), got {tuple(labels.shape)}")
     valid = labels[labels != -100] if ignore_index else labels
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
-        allowed = "or -100 to ignore" if ignore_index else "(the AM-softmax loss has no ignore index: -100 is not allowed)"
+        allowed = ("or -100 to ignore" if ignore_index
+                   else "(the AM-softmax loss has no ignore index: -100 is not allowed)")
         raise ValueError(
             f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}) {allowed}, "
             f"got values in [{int(valid.min())}, {int(valid.max())}]"
