@@ -2,7 +2,9 @@
 
 Every op of the model runs on the forced backend (``backend("triton")`` on CPU tensors runs Triton's
 interpreter, so the configs are tiny). Eval forwards on padded batches with a head mask, and a
-deterministic training step (dropout, LayerDrop and SpecAugment off) compared loss and gradients.
+deterministic training step (dropout, LayerDrop and SpecAugment off) compared loss and gradients. Under
+``backend("cpp")`` the training step runs with a frozen backbone; with trainable dense layers it is refused
+(the oneDNN linear has no backward).
 """
 
 from __future__ import annotations
@@ -53,10 +55,17 @@ def test_eval_forward_matches_eager(name, family, head, overrides):
         torch.testing.assert_close(o, r, atol=2e-4, rtol=2e-4, msg=f"hidden_states[{i}]")
 
 
-@pytest.mark.parametrize("name", _backends())
-def test_training_step_matches_eager(name):
+# (backend, freeze the backbone): under cpp only a frozen backbone trains (README, "Training under backend('cpp')").
+TRAINING_CASES = [(name, False) for name in _backends()] + [("cpp", True)]
+
+
+@pytest.mark.parametrize("name,frozen_backbone", TRAINING_CASES,
+                         ids=[n + ("-frozen_backbone" if f else "") for n, f in TRAINING_CASES])
+def test_training_step_matches_eager(name, frozen_backbone):
     family, head, overrides = CASES[0]
     model = _model(family, head, **overrides).train()
+    if frozen_backbone:
+        model.freeze_base_model()
     twin = copy.deepcopy(model)
     x, mask = padded_batch(LENGTHS)
     labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
@@ -67,11 +76,33 @@ def test_training_step_matches_eager(name):
         out = twin(x, attention_mask=mask, labels=labels)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
+    trained = [n for n, p in twin.named_parameters() if p.grad is not None]
+    assert trained and not (frozen_backbone and any(n.startswith("unispeech_sat.") for n in trained))
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         if p.grad is None:
             assert q.grad is None, n
             continue
         torch.testing.assert_close(q.grad, p.grad, atol=5e-4, rtol=5e-3, msg=n)
+
+
+@pytest.mark.parametrize("trainable", ["all", "layer_norms_only"])
+def test_cpp_training_step_with_dense_gradients_names_linear(trainable):
+    """README ("Training under backend('cpp')"): the oneDNN linear has no backward, so a step in which a
+    backbone dense layer needs a gradient (its weight, or its input through a trainable LayerNorm before it)
+    raises naming the op and the reason; it never runs F.linear in its place."""
+    family, head, overrides = CASES[0]
+    model = _model(family, head, **overrides).train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or "layer_norm" in n)
+    x, mask = padded_batch(LENGTHS)
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
+    with uf.backend("cpp"), pytest.raises(
+        uf.BackendNotSupportedError, match=r"(?s)backend 'cpp' cannot run 'linear'.*the oneDNN linear has no backward"
+    ):
+        model(x, attention_mask=mask, labels=labels)
+    with uf.backend("auto"):  # auto (and eager) train the same model
+        model(x, attention_mask=mask, labels=labels).loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("unispeech_sat."))
 
 
 @pytest.mark.parametrize("name", ["auto"] + _backends())

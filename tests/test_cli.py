@@ -147,6 +147,12 @@ def test_bad_backend_environment_variable_is_a_usage_error(tmp_path):
     assert "UNISPEECH_FAST_BACKEND" in res.stderr
 
 
+def test_bad_verify_environment_variable_is_a_usage_error(tmp_path):
+    res = run_cli(["demo", "--model", "tiny"], tmp_path, env={"UNISPEECH_FAST_VERIFY": "bogus"})
+    assert res.returncode == 2
+    assert "UNISPEECH_FAST_VERIFY" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_help(tmp_path):
     res = run_cli(["--help"], tmp_path)
     assert res.returncode == 0

@@ -153,6 +153,7 @@ _INVALID = [
     (dict(feat_extract_norm="batch"), r"feat_extract_norm.*'batch'"),
     (dict(hidden_act="not_an_activation"), r"hidden_act.*not_an_activation"),
     (dict(feat_extract_activation="mish2"), r"feat_extract_activation.*mish2"),
+    (dict(hidden_act="selu"), r"hidden_act.*'selu'"),  # not in transformers' ACT2FN: it could not load it
     (dict(hidden_dropout=-0.1), r"hidden_dropout.*\[0, 1\].*-0\.1"),
     (dict(attention_dropout=1.5), r"attention_dropout.*\[0, 1\]"),
     (dict(mask_time_prob=1.01), r"mask_time_prob.*\[0, 1\]"),
@@ -176,6 +177,21 @@ def test_invalid_config_raises_value_error_naming_field(family, overrides, patte
     with pytest.raises(ValueError, match=pattern) as excinfo:
         _ours(family)(**tiny_config_kwargs(family, **overrides))
     assert isinstance(excinfo.value, uf.ConfigError)
+
+
+def test_supported_activations_are_transformers_act2fn_names_we_implement():
+    """Every accepted activation is a name of transformers' ACT2FN (so transformers loads what we save) and
+    computes what transformers' does; every activation we implement is accepted."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from unispeech_fast.activations import _ACTIVATIONS, get_activation
+    from unispeech_fast.configuration import SUPPORTED_ACTIVATIONS
+
+    assert set(SUPPORTED_ACTIVATIONS) == {name for name in _ACTIVATIONS if name in ACT2FN} == set(_ACTIVATIONS)
+    x = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    for name in SUPPORTED_ACTIVATIONS:
+        torch.testing.assert_close(get_activation(name)(x), ACT2FN[name](x), atol=1e-12, rtol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize(

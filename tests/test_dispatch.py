@@ -110,6 +110,29 @@ def test_verify_env_var(wrong_cpp_attention, monkeypatch):
         attention(q, k, v)
 
 
+@pytest.mark.parametrize("value,on", [
+    (None, False), ("", False), ("0", False), ("false", False), ("False", False), ("NO", False), ("off", False),
+    (" 0 ", False), ("1", True), ("true", True), ("TRUE", True), ("Yes", True), ("on", True), (" on\n", True),
+])
+def test_verify_env_var_is_read_as_a_boolean(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("UNISPEECH_FAST_VERIFY", raising=False)
+    else:
+        monkeypatch.setenv("UNISPEECH_FAST_VERIFY", value)
+    assert (dispatch.verify_enabled() is not None) is on
+    with uf.verify():
+        assert dispatch.verify_enabled() is not None  # the context manager turns it on whatever the variable says
+
+
+@pytest.mark.parametrize("value", ["2", "enabled", "y", "-1"])
+def test_verify_env_var_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv("UNISPEECH_FAST_VERIFY", value)
+    with pytest.raises(ValueError, match=rf"UNISPEECH_FAST_VERIFY.*'true'.*'false'.*got '{value}'"):
+        dispatch.verify_enabled()
+    with pytest.raises(ValueError, match="UNISPEECH_FAST_VERIFY"):
+        attention(*_qkv())  # the first op call reports it, as a bad $UNISPEECH_FAST_BACKEND does
+
+
 def test_verify_passes_for_eager_model():
     config = uf.UniSpeechSatConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
                                    conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),

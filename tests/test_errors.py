@@ -249,6 +249,25 @@ def test_class_labels_float_dtype(family, head):
         model(torch.randn(2, 800), labels=torch.tensor([0.0, 1.0]))
 
 
+@pytest.mark.parametrize("labels", [[-100, 1], [-100, -100]])
+def test_xvector_labels_minus_100_are_refused_before_the_loss(labels):
+    """The AM-softmax loss has no ignore index (nor has transformers'): -100 is a clear error naming labels and
+    the valid range, not torch's "Class values must be non-negative." from inside the loss."""
+    model = _model("UniSpeechSat", "ForXVector")  # num_labels=3
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 2\] \(num_labels=3\) \(the AM-softmax loss has no "
+                                         r"ignore index: -100 is not allowed\), got values in \[-100, "):
+        model(torch.randn(2, 800), labels=torch.tensor(labels))
+
+
+@pytest.mark.parametrize("family", ["UniSpeech", "UniSpeechSat"])
+def test_sequence_classification_labels_minus_100_are_ignored(family):
+    model = _model(family, "ForSequenceClassification")
+    x = torch.randn(2, 800)
+    with torch.no_grad():
+        out = model(x, labels=torch.tensor([-100, 1]))
+    assert torch.equal(out.loss, torch.nn.functional.cross_entropy(out.logits[1:], torch.tensor([1])))
+
+
 def test_sequence_classification_valid_labels_work():
     model = _model("UniSpeechSat", "ForSequenceClassification")
     with torch.no_grad():

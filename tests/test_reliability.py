@@ -2,8 +2,9 @@
 
 * Weight updates of every kind reach the next forward, on every CPU-runnable backend: the default
   forward path keeps no derived-weight cache that could disagree with the parameters.
-* ``torch.inference_mode()``: models built, loaded or run inside it work, and an inference-mode forward
-  does not poison later autograd.
+* ``torch.inference_mode()``: models run inside it work, and an inference-mode forward does not poison
+  later autograd. Models built or loaded inside it run inside it and, after it, without autograd (no_grad,
+  inference_mode, or frozen parameters); with grad mode on and trainable parameters torch refuses them.
 * ``backend(...)`` is a context variable: threads started inside the block do not inherit it.
 
 Run on its own: ``.venv/bin/pytest -q tests/test_reliability.py``. ``patch()`` following a transformers
@@ -170,6 +171,31 @@ def test_model_loaded_inside_inference_mode_runs(backend, tmp_path):
         with _on(backend):
             out = model(x, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out, _forward(source, backend, x, mask), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["built", "loaded"])
+@pytest.mark.parametrize("backend", ["eager", "cpp", "auto"])
+def test_model_made_inside_inference_mode_after_the_block(backend, how, tmp_path):
+    """README, "Correctness guarantees": after the block such a model runs under no_grad or inference_mode or
+    with frozen parameters; a forward with grad mode on and parameters that require grad raises torch's error
+    (its parameters are inference tensors)."""
+    torch.manual_seed(1)
+    source = _model()
+    source.save_pretrained(tmp_path / "ckpt")
+    x, mask = padded_batch(LENGTHS)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        model = _model() if how == "built" else uf.UniSpeechSatModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert all(p.is_inference() and p.requires_grad for p in model.parameters())
+    expected = _forward(source, backend, x, mask)
+    torch.testing.assert_close(_forward(model, backend, x, mask), expected, atol=0, rtol=0)  # no_grad
+    with torch.inference_mode(), _on(backend):
+        torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, expected, atol=0, rtol=0)
+    with _on(backend), pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        model(x, attention_mask=mask)
+    model.requires_grad_(False)
+    with _on(backend):
+        torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, expected, atol=0, rtol=0)
 
 
 def test_audio_load_model_and_embed_inside_inference_mode(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import unispeech_fast as uf
 from unispeech_fast import ops, tiling
 from unispeech_fast.modules import CONV_NORM_EPS
-from conftest import padded_batch, tiny_config_kwargs
+from conftest import ALL_CLASSES, padded_batch, tiny_config_kwargs
 
 KERNELS, STRIDES = (10, 3, 2), (5, 2, 2)
 RECEPTIVE = tiling.input_span(0, 1, KERNELS, STRIDES)[1]
@@ -98,6 +98,28 @@ def test_models_tile_long_inputs_by_themselves_and_match(norm, monkeypatch):
     calls.clear()
     model(x, attention_mask=mask)
     assert not calls
+
+
+@pytest.mark.parametrize("family,head", ALL_CLASSES, ids=[f + h for f, h in ALL_CLASSES])
+def test_tiling_settings_are_where_the_readme_says(family, head, monkeypatch):
+    """README "Long audio": the settings live on ``model.feature_extractor`` of the two base classes,
+    ``model.unispeech[_sat].feature_extractor`` of the heads and ``model.base_model.feature_extractor`` of all ten,
+    and setting them there makes the model's own forward tile."""
+    from unispeech_fast.modules import FeatureEncoder
+
+    config = getattr(uf, family + "Config")(**tiny_config_kwargs(family))
+    model = getattr(uf, family + head)(config).eval()
+    prefix = "unispeech_sat" if family == "UniSpeechSat" else "unispeech"
+    encoder = model.feature_extractor if head == "Model" else getattr(model, prefix).feature_extractor
+    assert type(encoder) is FeatureEncoder and model.base_model.feature_extractor is encoder
+    assert (encoder.tile_threshold_bytes, encoder.tile_frames) == (None, None)
+    calls = []
+    real = tiling.tiled_feature_extractor
+    monkeypatch.setattr(tiling, "tiled_feature_extractor", lambda *a, **k: calls.append(k) or real(*a, **k))
+    encoder.tile_threshold_bytes, encoder.tile_frames = 0, 5
+    with torch.no_grad():
+        model(torch.randn(1, 4000))
+    assert calls and calls[0]["tile_frames"] == 5
 
 
 def test_device_defaults_decide_when_inference_is_tiled():

@@ -1,4 +1,5 @@
-"""Activation functions by transformers' ACT2FN names, computed with the same torch ops."""
+"""Activation functions by transformers' ACT2FN names, computed with the same torch ops (only names that
+transformers' ``ACT2FN`` has, so every config we accept loads in transformers)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "relu": F.relu,
-    "selu": F.selu,
     "gelu_new": _gelu_new,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": _gelu_fast,

@@ -19,11 +19,12 @@ from .ops.feature_extractor.common import conv_output_length
 
 __all__ = ["UniSpeechConfig", "UniSpeechSatConfig", "ConfigError", "SUPPORTED_ACTIVATIONS"]
 
-#: Activations accepted for ``hidden_act`` and ``feat_extract_activation`` (transformers' ACT2FN names).
+#: Activations accepted for ``hidden_act`` and ``feat_extract_activation``: the names of transformers' ``ACT2FN``
+#: that :mod:`unispeech_fast.activations` implements (a config that transformers cannot load is refused;
+#: ``tests/test_config.py`` compares with ``transformers.activations.ACT2FN``).
 SUPPORTED_ACTIVATIONS = (
     "gelu",
     "relu",
-    "selu",
     "gelu_new",
     "gelu_pytorch_tanh",
     "gelu_fast",

@@ -154,7 +154,7 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
 
     from .. import audio
     from ..configuration import ConfigError
-    from ..dispatch import BackendNotSupportedError, VerificationError, backend, current_backend
+    from ..dispatch import BackendNotSupportedError, VerificationError, backend, current_backend, verify_enabled
     from ..loading import CheckpointError
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -163,11 +163,12 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
         # every rank would run every file and write the same outputs: only corpus jobs are split
         return error(f"$WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): give the inputs as --manifest FILE|DIR "
                       "with --output DIR so the ranks split them (embed, transcribe, diarize)", EXIT_USAGE)
-    if args.backend is None:
-        try:
+    try:
+        verify_enabled()  # reads $UNISPEECH_FAST_VERIFY
+        if args.backend is None:
             args.backend = current_backend()
-        except ValueError as exc:  # a bad $UNISPEECH_FAST_BACKEND
-            return error(str(exc), EXIT_USAGE)
+    except ValueError as exc:  # a bad $UNISPEECH_FAST_VERIFY or $UNISPEECH_FAST_BACKEND
+        return error(str(exc), EXIT_USAGE)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

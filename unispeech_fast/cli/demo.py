@@ -41,13 +41,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .. import (BackendNotSupportedError, UniSpeechSatConfig, UniSpeechSatModel, VerificationError, backend,
                    current_backend)
-    from ..dispatch import format_backend_table
+    from ..dispatch import format_backend_table, verify_enabled
 
-    if args.backend is None:
-        try:
+    try:
+        verify_enabled()  # reads $UNISPEECH_FAST_VERIFY
+        if args.backend is None:
             args.backend = current_backend()
-        except ValueError as exc:  # a bad $UNISPEECH_FAST_BACKEND
-            return error(str(exc), EXIT_USAGE)
+    except ValueError as exc:  # a bad $UNISPEECH_FAST_VERIFY or $UNISPEECH_FAST_BACKEND
+        return error(str(exc), EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here (see `python -m unispeech_fast info`)",
               file=sys.stderr)

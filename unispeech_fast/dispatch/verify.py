@@ -1,5 +1,5 @@
 """Verify mode: run the eager reference beside the chosen backend on every call and compare
-(:func:`verify` or ``UNISPEECH_FAST_VERIFY=1``)."""
+(:func:`verify` or ``UNISPEECH_FAST_VERIFY=1``; the variable is read as a boolean, see :func:`verify_enabled`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from .context import _compile_mirror
 from .registry import OpImpl
 
 _ENV_VERIFY = "UNISPEECH_FAST_VERIFY"
+#: The values of ``$UNISPEECH_FAST_VERIFY`` (any case, surrounding blanks ignored); anything else is an error.
+_ENV_OFF = ("", "0", "false", "no", "off")
+_ENV_ON = ("1", "true", "yes", "on")
 
 _verify_var: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unispeech_fast_verify", default=None)
 
@@ -30,11 +33,26 @@ class VerificationError(AssertionError):
     """Verify mode found a backend output that disagrees with the eager reference."""
 
 
+def _env_verify() -> bool:
+    """``$UNISPEECH_FAST_VERIFY`` as a boolean: unset or one of :data:`_ENV_OFF` is off, one of :data:`_ENV_ON`
+    on (any case); any other value raises ``ValueError`` naming the variable and the accepted values."""
+    value = os.environ.get(_ENV_VERIFY, "")
+    word = value.strip().lower()
+    if word in _ENV_OFF:
+        return False
+    if word in _ENV_ON:
+        return True
+    raise ValueError(f"${_ENV_VERIFY}: verify must be one of {_ENV_ON} (on) or {_ENV_OFF} (off), in any case, "
+                     f"got {value!r}")
+
+
 def verify_enabled() -> dict | None:
+    """The verify settings of this context (``atol``/``rtol``, ``None`` for the per-dtype defaults), or ``None``
+    when verify mode is off: :func:`verify` if active, else ``$UNISPEECH_FAST_VERIFY`` (see :func:`_env_verify`)."""
     cfg = _compile_mirror["verify"] if torch.compiler.is_compiling() else _verify_var.get()
     if cfg is not None:
         return cfg
-    if os.environ.get(_ENV_VERIFY, "0") not in ("", "0"):
+    if _env_verify():
         return {"atol": None, "rtol": None}
     return None
 

@@ -54,16 +54,20 @@ __all__ = [
 ]
 
 
-def _check_class_labels(labels: Any, batch: int, num_labels: int) -> torch.Tensor:
+def _check_class_labels(labels: Any, batch: int, num_labels: int, ignore_index: bool = True) -> torch.Tensor:
+    """``labels [batch]`` class ids in ``[0, num_labels)``; with ``ignore_index`` also -100 (the cross-entropy
+    heads skip it). The AM-softmax loss of the x-vector head has no ignore index: it passes ``False``."""
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of shape ({batch},), got "
                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     if labels.numel() != batch:
         raise ValueError(f"labels must have shape ({batch},) (one class per sample), got {tuple(labels.shape)}")
-    valid = labels[labels != -100]
+    valid = labels[labels != -100] if ignore_index else labels
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
+        allowed = ("or -100 to ignore" if ignore_index
+                   else "(the AM-softmax loss has no ignore index: -100 is not allowed)")
         raise ValueError(
-            f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}) or -100 to ignore, "
+            f"labels must be in [0, {num_labels - 1}] (num_labels={num_labels}) {allowed}, "
             f"got values in [{int(valid.min())}, {int(valid.max())}]"
         )
     return labels
@@ -138,11 +142,14 @@ class _Head(PreTrainedModel):
         hidden = weighted_layer_sum(hidden_states, self.layer_weights) if weighted else last
         return hidden, hidden_states if output_hidden_states else None, attentions
 
+    #: Whether the loss skips label -100 (cross-entropy heads); the x-vector head's AM-softmax does not.
+    _ignores_label_minus_100: ClassVar[bool] = True
+
     def _encode_for_class_labels(self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh):
         """:meth:`_encode_for_classifier` after checking ``input_values`` and the class ``labels [batch]``."""
         check_input_values(self, input_values)
         if labels is not None:
-            _check_class_labels(labels, input_values.shape[0], self.config.num_labels)
+            _check_class_labels(labels, input_values.shape[0], self.config.num_labels, self._ignores_label_minus_100)
         return self._encode_for_classifier(input_values, attention_mask, mask_time_indices, head_mask, oa, oh)
 
 
@@ -339,6 +346,8 @@ class ForXVector(_Head):
     """Projector -> TDNN stack -> mean/std statistics pooling -> ``feature_extractor`` (embeddings) ->
     ``classifier``; AM-softmax loss on the classifier output (``logits``, of size xvector_output_dim)."""
 
+    _ignores_label_minus_100 = False  # transformers' AMSoftmaxLoss has no ignore index
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self._make_backbone(config)
@@ -364,7 +373,8 @@ class ForXVector(_Head):
     def _head_forward(
         self, input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
     ) -> XVectorOutput:
-        """``labels`` ``[batch]`` speaker ids. Returns ``XVectorOutput(loss, logits, embeddings, ...)``."""
+        """``labels`` ``[batch]`` speaker ids in ``[0, num_labels)`` (no -100: the AM-softmax loss ignores no label).
+        Returns ``XVectorOutput(loss, logits, embeddings, ...)``."""
         hidden, hidden_states, attentions = self._encode_for_class_labels(
             input_values, attention_mask, labels, mask_time_indices, head_mask, oa, oh
         )
