@@ -67,9 +67,10 @@ Tried and left out (same machine and load caveats):
 
 * int8 (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers: int8 weights,
   dynamic per-tensor int8 activations): normwise error of ``last_hidden_state`` against the float32
-  model 3.9e-2 on UniSpeechSat-base, 4 s of audio, against 4.8e-3 for ``dtype=torch.bfloat16``, and no
-  faster (median 12.5 s vs 12.0 s for bf16 under that load). The issue admits int8 only at <= 2x
-  bf16's error, so it is not offered.
+  model 3.95e-2 on UniSpeechSat-base, 4 s of audio, against 4.82e-3 for ``dtype=torch.bfloat16``, and
+  0.90x the bf16 snapshot's speed (quiet machine, interleaved medians;
+  ``benchmarks/results/cpu_engine_bf16_budget_2026-11-30T16.json``). The issue admits int8 only if faster
+  than bf16 at <= 2x its error, so it is not offered.
 * the feature encoder's 512-channel layers as oneDNN convolutions (``_convolution_pointwise``,
   channels-last, GELU fused) instead of window matmuls: within noise of the matmuls in bfloat16 and
   float32 for one layer (kernel 3, 4111 frames); the matmuls take any length with one packed weight.
