@@ -47,7 +47,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, error, fraction, positive, run_command
+from .common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, backend_from_environment, error, fraction, positive,
+                     run_command)
 
 __all__ = ["add_parsers", "run_embed", "run_transcribe", "run_diarize", "run_verify_speakers", "run_corpus",
            "read_manifest", "split_by_duration", "ManifestError", "main"]
@@ -154,7 +155,7 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
 
     from .. import audio
     from ..configuration import ConfigError
-    from ..dispatch import BackendNotSupportedError, VerificationError, backend, current_backend, verify_enabled
+    from ..dispatch import BackendNotSupportedError, VerificationError, backend
     from ..loading import CheckpointError
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -163,12 +164,9 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
         # every rank would run every file and write the same outputs: only corpus jobs are split
         return error(f"$WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): give the inputs as --manifest FILE|DIR "
                       "with --output DIR so the ranks split them (embed, transcribe, diarize)", EXIT_USAGE)
-    try:
-        verify_enabled()  # reads $UNISPEECH_FAST_VERIFY
-        if args.backend is None:
-            args.backend = current_backend()
-    except ValueError as exc:  # a bad $UNISPEECH_FAST_VERIFY or $UNISPEECH_FAST_BACKEND
-        return error(str(exc), EXIT_USAGE)
+    problem = backend_from_environment(args)
+    if problem is not None:
+        return error(problem, EXIT_USAGE)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -13,7 +13,7 @@ from typing import Sequence
 from ..audio.resampling import SAMPLE_RATE
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "SAMPLE_RATE", "positive", "fraction", "error", "run_command",
-           "add_command"]
+           "add_command", "backend_from_environment"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -51,6 +51,20 @@ def error(message: str, code: int) -> int:
     """Print ``error: message`` on stderr and return ``code`` (the command's exit code)."""
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def backend_from_environment(args: argparse.Namespace) -> str | None:
+    """Check ``$UNISPEECH_FAST_VERIFY`` and, when ``--backend`` was not given, set ``args.backend`` from
+    ``$UNISPEECH_FAST_BACKEND``. Returns the problem with either variable (for a usage error), or None."""
+    from ..dispatch import current_backend, verify_enabled
+
+    try:
+        verify_enabled()
+        if args.backend is None:
+            args.backend = current_backend()
+    except ValueError as exc:  # a bad $UNISPEECH_FAST_VERIFY or $UNISPEECH_FAST_BACKEND
+        return str(exc)
+    return None
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, add_command, error, positive
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, SAMPLE_RATE, add_command, backend_from_environment, error, positive
 
 __all__ = ["add_parser", "cmd_demo", "tiny_config"]
 
@@ -41,14 +41,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .. import (BackendNotSupportedError, UniSpeechSatConfig, UniSpeechSatModel, VerificationError, backend,
                    current_backend)
-    from ..dispatch import format_backend_table, verify_enabled
+    from ..dispatch import format_backend_table
 
-    try:
-        verify_enabled()  # reads $UNISPEECH_FAST_VERIFY
-        if args.backend is None:
-            args.backend = current_backend()
-    except ValueError as exc:  # a bad $UNISPEECH_FAST_VERIFY or $UNISPEECH_FAST_BACKEND
-        return error(str(exc), EXIT_USAGE)
+    problem = backend_from_environment(args)
+    if problem is not None:
+        return error(problem, EXIT_USAGE)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here (see `python -m unispeech_fast info`)",
               file=sys.stderr)
