@@ -89,10 +89,12 @@ def resample(
 
     ``wave`` is ``[samples]`` or ``[channels, samples]`` (numpy or torch; the result has the same
     kind, float32 unless the input is float64). The output has ``ceil(samples * new / orig)`` samples;
-    output sample ``n`` is the band-limited input at time ``n / new_rate``. Frequencies below
-    ``rolloff`` times the lower Nyquist frequency pass with unit gain (ripple well under 1%); those
-    above the output Nyquist frequency are suppressed (anti-aliasing), by about 80 dB past the
-    transition band. See :func:`_filter_taps` for the construction.
+    output sample ``n`` is the band-limited input at time ``n / new_rate``. The low-pass filter's cutoff
+    (half gain) is ``rolloff`` times the lower Nyquist frequency, with a transition band around it: with
+    the defaults, 44.1 kHz to 16 kHz passes sines with gain 1.0000 up to 0.81x the output Nyquist
+    frequency (6.5 kHz), 0.977 at 0.875x (7 kHz), 0.81 at 0.91x, 0.5 at 0.945x (the cutoff). Frequencies
+    above the output Nyquist frequency are suppressed (anti-aliasing), by about 80 dB past the transition
+    band. See :func:`_filter_taps` for the construction.
 
     Memory is bounded for every pair of rates: only the taps of the phases in use are built (at
     most ``2 * pad + 1`` per output phase, ``pad`` about ``zeros / rolloff * max(1, orig / new)``),

@@ -143,7 +143,8 @@ def _run(
                     log_once(
                         "audio-group-norm-padding",
                         "group-norm checkpoint batched with padding: the first conv layer's statistics include "
-                        "the padding, so results differ slightly from single-file runs; pass exact=True "
+                        "the padding, so results differ from single-file runs (by more than rounding: an embedding or a "
+                        "transcript can change); pass exact=True "
                         "(--exact) to batch only equal lengths",
                     )
             stage_share[0] = sum(lengths) / stages
