@@ -208,6 +208,9 @@ _DROPPED = {  # case: (the change, a literal part of the error)
                                         "hooks on unispeech_sat.feature_extractor (FeatureEncoder)"),
     "hook on the positional conv": (lambda b: _hook(b.encoder.pos_conv_embed),
                                     "hooks on unispeech_sat.encoder.pos_conv_embed (PositionalConvEmbedding)"),
+    "forward replaced on an instance": (lambda b: setattr(b.encoder.layers[0].feed_forward, "forward", lambda x: x),
+                                        "the forward replaced on the instance "
+                                        "unispeech_sat.encoder.layers.0.feed_forward (FeedForward) would not run"),
     "subclassed encoder layer": (lambda b: b.encoder.layers.__setitem__(0, _MyEncoderLayer(b.config)),
                                  "layers.0 (_MyEncoderLayer) is not one of them"),
     "activation changed": (lambda b: setattr(b.encoder.layers[0].feed_forward, "intermediate_act_fn", torch.tanh),

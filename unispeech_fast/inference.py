@@ -512,9 +512,10 @@ def _refuse_what_a_snapshot_would_drop(model: nn.Module) -> None:
             if id(sub) in carried:
                 continue
             where = f"{name} ({type(sub).__name__})"
-            if _has_hooks(sub):
-                raise TypeError(f"optimize_for_inference rebuilds {path} from its weights, so the hooks on {where} would "
-                                f"not run in the snapshot; remove them (or fold what they do into the weights) first")
+            if _has_hooks(sub) or "forward" in vars(sub):  # a hook, or a forward replaced on the instance
+                what = f"the hooks on {where}" if _has_hooks(sub) else f"the forward replaced on the instance {where}"
+                raise TypeError(f"optimize_for_inference rebuilds {path} from its weights, so {what} would not run in "
+                                f"the snapshot; remove them (or fold what they do into the weights) first")
             if isinstance(sub, PositionalConvEmbedding) and not _is_weight_normed(sub.conv):
                 raise TypeError(f"optimize_for_inference folds the positional conv's weight norm; {name}.conv is not "
                                 f"exactly weight_norm(dim=2) of a Conv1d")
