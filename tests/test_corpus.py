@@ -153,6 +153,22 @@ def test_corpus_embed_equals_file_mode_and_lists_failures(corpus, ckpts, tmp_pat
     assert [f["input"] for f in record["failed"]] == [os.path.join(corpus["root"], "spk2/broken.flac")]
 
 
+def test_two_unreadable_files_without_exact_are_named_and_skipped(corpus, ckpts, tmp_path, capsys):
+    """Without --exact, two files whose header cannot be read (length 0 in the plan) once crashed the
+    batch planning (ZeroDivisionError): no results, no failures list (review2 item 1)."""
+    tsv = tmp_path / "two_bad.tsv"
+    tsv.write_text(open(corpus["tsv"]).read() + "spk1/missing.wav\t5000\nspk2/gone.wav\t3000\n")
+    out = tmp_path / "emb"
+    assert _run("embed", "--manifest", tsv, "--model", ckpts["ctc"], "-o", out, "--threads", "1", "--quiet") \
+        == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "3 of 12 input(s) failed" in err and "Traceback" not in err
+    assert len(_results(out, ".npy")) == 9
+    record = json.loads((out / "failures.json").read_text())
+    bad = ("spk2/broken.flac", "spk1/missing.wav", "spk2/gone.wav")
+    assert [f["input"] for f in record["failed"]] == [os.path.join(corpus["root"], r) for r in bad]
+
+
 def test_rerun_skips_done_and_redoes_deleted_outputs(corpus, ckpts, tmp_path, monkeypatch):
     out = tmp_path / "emb"
     args = ("embed", "--manifest", corpus["jsonl"], "--model", ckpts["ctc"], "-o", out, *EXACT)
