@@ -96,6 +96,23 @@ def test_an_output_that_is_a_checkpoint_file_is_refused(command, ckpt, flag, _, 
 
 
 @pytest.mark.parametrize("command, ckpt, flag, suffix", FILE_OUTPUTS)
+def test_an_output_that_is_a_hard_link_to_an_input_is_refused(command, ckpt, flag, suffix, ckpts, files, tmp_path,
+                                                              capsys, monkeypatch):
+    """A hard link has its own realpath: the file identity is compared too (review2 item 2)."""
+    _no_model_run(monkeypatch)
+    for source in (files["good1"], os.path.join(ckpts[ckpt], "config.json")):
+        before = open(source, "rb").read()
+        link = tmp_path / f"link{suffix}"
+        if link.exists():
+            link.unlink()
+        os.link(source, link)
+        code, _, err = _cli([command, files["good1"], files["good2"], "--model", ckpts[ckpt], flag, str(link),
+                             "--overwrite"], capsys)
+        assert code == cli.EXIT_USAGE and f"is one of the inputs ({source})" in err, err
+        assert open(source, "rb").read() == before
+
+
+@pytest.mark.parametrize("command, ckpt, flag, suffix", FILE_OUTPUTS)
 def test_an_existing_output_is_replaced_only_with_overwrite(command, ckpt, flag, suffix, ckpts, files, tmp_path,
                                                              capsys):
     target = tmp_path / f"old{suffix}"

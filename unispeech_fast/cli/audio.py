@@ -29,9 +29,10 @@ Failure contract:
   ``<output>.failures.json`` beside a file output (none when the results go to stdout and no
   ``--failures`` is given). It is written only when some input failed.
 - Outputs are checked before the model runs: an output path that is one of the inputs (AUDIO,
-  ``--vocab``, a file of the ``--model`` checkpoint) is refused; so is an existing file (also an
-  existing ``<stem>.npy`` in the ``embed`` directory, or the failures file) unless ``--overwrite``
-  is given; the directory must exist (``embed`` creates its output directory) and be writable.
+  ``--vocab``, a file of the ``--model`` checkpoint) under any spelling, symlink or hard link is
+  refused; so is an existing file (also an existing ``<stem>.npy`` in the ``embed`` directory, or
+  the failures file) unless ``--overwrite`` is given; the directory must exist (``embed`` creates
+  its output directory) and be writable.
 
 Corpus jobs (``embed``, ``transcribe``, ``diarize`` with ``--manifest FILE|DIR --output DIR``,
 :func:`run_corpus`): one result file per input under the output directory, a per-rank done list
@@ -194,7 +195,14 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
 
 
 def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+    """``a`` and ``b`` name one file: the same path under any spelling or symlink, or, when both exist,
+    the same file identity (device and inode: a hard link, which writing ``a`` would write through)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): no identity to share
+        return False
 
 
 def _check_inputs(args: argparse.Namespace) -> str | None:
