@@ -738,13 +738,62 @@ class _Group:
             dist.destroy_process_group()
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _model_fingerprint(args: argparse.Namespace) -> dict[str, str]:
+    """A cheap fingerprint of the files the results depend on, ``name -> text``: the small JSON files
+    of the ``--model`` directory (config, preprocessor config, vocab, shard indexes) and ``--vocab`` by
+    the SHA-256 of their contents; each weights file (``*.safetensors``, ``*.bin``) by its size and
+    ``st_mtime_ns``, which any rewrite in place changes (hashing them would read gigabytes on every
+    start of every rank; see README, Corpus jobs). A hub id (not a local directory) has no entries."""
+    import hashlib
+
+    def digest(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return "sha256 " + hashlib.sha256(f.read()).hexdigest()
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+
+    found: dict[str, str] = {}
+    if os.path.isdir(args.model):
+        for name in sorted(os.listdir(args.model)):
+            path = os.path.join(args.model, name)
+            if not os.path.isfile(path):
+                continue
+            if name.endswith(".json"):
+                found[name] = digest(path)
+            elif name.endswith(_WEIGHT_SUFFIXES):
+                st = os.stat(path)
+                found[name] = f"size {st.st_size}, mtime_ns {st.st_mtime_ns}"
+    if getattr(args, "vocab", None):
+        found["--vocab"] = digest(args.vocab)
+    return found
+
+
 def _job_record(args: argparse.Namespace, command: str) -> dict:
     """What fixes the results: a rerun resumes only a job with the same record."""
     return {"command": command, "model": os.path.realpath(args.model), "dtype": args.dtype, "device": args.device,
             "normalize": args.normalize, "exact": args.exact, "max_batch_seconds": args.max_batch_seconds,
             "max_padding": args.max_padding, "layer": getattr(args, "layer", None), "pool": getattr(args, "pool", None),
             "threshold": getattr(args, "threshold", None),
-            "vocab": os.path.realpath(args.vocab) if getattr(args, "vocab", None) else None}
+            "vocab": os.path.realpath(args.vocab) if getattr(args, "vocab", None) else None,
+            "model_files": _model_fingerprint(args)}
+
+
+def _job_mismatch(old: dict, job: dict) -> str | None:
+    """Why a directory's ``job.json`` (``old``) is not this job, or None when it is."""
+    if old == job:
+        return None
+    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+    why = f"it differs in {', '.join(diff)}"
+    if "model_files" in diff and old.get("model") == job["model"]:
+        before, now = old["model_files"] if isinstance(old["model_files"], dict) else {}, job["model_files"]
+        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        why += "; files of the checkpoint (or --vocab) changed since the job started: " + ", ".join(
+            f"{n} ({'added' if n not in before else 'removed' if n not in now else 'changed'})" for n in changed)
+    return why
 
 
 def _done_keys(state: str) -> set[str]:
@@ -824,9 +873,15 @@ def _corpus_setup(args: argparse.Namespace, command: str, group: _Group):
                 old = json.load(f)
         except (OSError, ValueError) as exc:
             return f"--output {out}: cannot read {job_file}: {exc}; pass --overwrite to start over", EXIT_USAGE
-        if old != job:
-            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-            return (f"--output {out} holds the results of a different job (it differs in {', '.join(diff)}); "
+        if not isinstance(old, dict):
+            return f"--output {out}: {job_file} holds no JSON object; pass --overwrite to start over", EXIT_USAGE
+        if "model_files" not in old:  # written before job.json recorded the checkpoint's fingerprint
+            return (f"--output {out}: {job_file} does not record the checkpoint's files (model_files; written by an "
+                    "older version), so a resume cannot tell whether the checkpoint changed since; pass --overwrite "
+                    "to start over or choose another directory"), EXIT_USAGE
+        why = _job_mismatch(old, job)
+        if why is not None:
+            return (f"--output {out} holds the results of a different job ({why}); "
                     "pass --overwrite to start over or choose another directory"), EXIT_USAGE
     group.barrier()  # every rank has checked the directory before rank 0 writes into it
     if group.rank == 0:
