@@ -139,6 +139,16 @@ def test_embed_directory_refuses_to_replace_an_existing_npy(ckpts, files, tmp_pa
     assert np.load(out / "good2.npy").shape == (16,)
 
 
+def test_embed_creates_its_directory_when_every_input_fails(ckpts, files, tmp_path, capsys):
+    """The failures list goes into the output directory, so it is created even with no result (review2 item 4)."""
+    out = tmp_path / "new" / "emb"
+    code, _, err = _cli(["embed", files["trunc"], "--model", ckpts["ctc"], "-o", str(out) + os.sep], capsys)
+    assert code == cli.EXIT_FAILURE and "1 of 1 input(s) failed" in err and "no results were written" in err, err
+    record = json.loads((out / "failures.json").read_text())
+    assert [f["input"] for f in record["failed"]] == [files["trunc"]] and record["succeeded"] == 0
+    assert os.listdir(out) == ["failures.json"]
+
+
 @pytest.mark.parametrize("command, ckpt", [("embed", "ctc"), ("transcribe", "ctc"), ("diarize", "frames"),
                                            ("verify-speakers", "xvector")])
 def test_the_same_input_twice_is_refused_by_every_command(command, ckpt, ckpts, files, tmp_path, capsys,

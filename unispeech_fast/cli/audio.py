@@ -442,12 +442,13 @@ def run_embed(args: argparse.Namespace) -> int:
         done = [(path, vec) for path, vec in zip(args.audio, vectors) if vec is not None]
 
         def write() -> None:
+            if not as_safetensors:  # created even when every input failed: the failures list goes there
+                os.makedirs(out, exist_ok=True)
             if not done:
                 return
             if as_safetensors:
                 _save_safetensors(dict(done), out)
             else:
-                os.makedirs(out, exist_ok=True)
                 for path, vec in done:
                     np.save(os.path.join(out, names[path]), vec)
 
