@@ -363,6 +363,29 @@ def test_bench_writes_results_before_plotting(tmp_path, capsys, monkeypatch):
     assert json.loads((out / "results.json").read_text())
 
 
+def test_bench_refuses_existing_results_before_measuring(tmp_path, capsys, monkeypatch):
+    """``bench --out DIR`` replaced a results.json it did not create (review2 item 5): refused up front."""
+    from unispeech_fast.bench import cli as bench_cli
+    from unispeech_fast.bench import harness
+
+    out = tmp_path / "b"
+    out.mkdir()
+    argv = ["--quick", "--op", "attention", "--provider", "eager", "--out", str(out), "--warmup", "0", "--reps", "1"]
+    real = harness.run_suite
+    monkeypatch.setattr(harness, "run_suite", lambda *a, **k: pytest.fail("benchmarks ran before the check"))
+    for name in ("results.json", "results.csv", "attention_float32.png"):
+        (out / name).write_text("mine")
+        code = bench_cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and str(out / name) in err and "--overwrite" in err, err
+        assert (out / name).read_text() == "mine"
+        (out / name).unlink()
+    (out / "results.json").write_text("mine")
+    monkeypatch.setattr(harness, "run_suite", real)
+    assert bench_cli.main([*argv, "--no-plots", "--overwrite"]) == cli.EXIT_OK
+    assert json.loads((out / "results.json").read_text())
+
+
 # ============================================================================================ item 13
 @pytest.mark.parametrize("field, value", [("dtype", "int8"), ("dtype", "float8_e4m3fn"), ("torch_dtype", "int8"),
                                           ("torch_dtype", "float8_e5m2"), ("dtype", "complex64"), ("dtype", 16)])
