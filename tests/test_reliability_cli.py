@@ -139,6 +139,22 @@ def test_embed_directory_refuses_to_replace_an_existing_npy(ckpts, files, tmp_pa
     assert np.load(out / "good2.npy").shape == (16,)
 
 
+def test_safetensors_outputs_get_the_umask_mode(ckpts, files, tmp_path, capsys):
+    """embed -o x.safetensors and verify-speakers --embeddings x.safetensors were created 0600 (review2 item 6)."""
+    old = os.umask(0o022)
+    try:
+        code, _, err = _cli(["embed", files["good1"], "--model", ckpts["ctc"], "-o", str(tmp_path / "e.safetensors")],
+                            capsys)
+        assert code == cli.EXIT_OK, err
+        code, _, err = _cli(["verify-speakers", files["good1"], files["good2"], "--model", ckpts["xvector"],
+                             "--embeddings", str(tmp_path / "v.safetensors")], capsys)
+        assert code == cli.EXIT_OK, err
+    finally:
+        os.umask(old)
+    for name in ("e.safetensors", "v.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name
+
+
 def test_embed_creates_its_directory_when_every_input_fails(ckpts, files, tmp_path, capsys):
     """The failures list goes into the output directory, so it is created even with no result (review2 item 4)."""
     out = tmp_path / "new" / "emb"

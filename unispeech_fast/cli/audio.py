@@ -387,9 +387,9 @@ def _npy_names(paths: Sequence[str]) -> dict[str, str] | str:
 def _save_safetensors(tensors: dict, path: str) -> None:
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from ..loading import save_safetensors
 
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+    save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
 
 
 # ============================================================================================ commands
