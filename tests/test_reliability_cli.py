@@ -155,6 +155,20 @@ def test_safetensors_outputs_get_the_umask_mode(ckpts, files, tmp_path, capsys):
         assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name
 
 
+def test_embed_refuses_an_output_directory_named_like_a_file(ckpts, files, tmp_path, capsys, monkeypatch):
+    """``embed -o x.npy`` made a directory named x.npy (review2 item 7): refused, saying what -o may be."""
+    _no_model_run(monkeypatch)
+    for argv in ([files["good1"]], ["--manifest", os.path.dirname(files["good1"])]):
+        code, _, err = _cli(["embed", *argv, "--model", ckpts["ctc"], "-o", str(tmp_path / "x.npy")], capsys)
+        assert code == cli.EXIT_USAGE and "would become a directory of that name" in err, err
+        assert ("one .safetensors file" in err) if argv[0] != "--manifest" else ("output is a directory" in err)
+        assert not (tmp_path / "x.npy").exists()
+    monkeypatch.undo()
+    code, _, err = _cli(["embed", files["good1"], "--model", ckpts["ctc"], "-o", str(tmp_path / "x.npy") + os.sep],
+                        capsys)
+    assert code == cli.EXIT_OK and (tmp_path / "x.npy" / "good1.npy").is_file(), err
+
+
 def test_embed_creates_its_directory_when_every_input_fails(ckpts, files, tmp_path, capsys):
     """The failures list goes into the output directory, so it is created even with no result (review2 item 4)."""
     out = tmp_path / "new" / "emb"

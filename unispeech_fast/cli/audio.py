@@ -32,7 +32,8 @@ Failure contract:
   ``--vocab``, a file of the ``--model`` checkpoint) under any spelling, symlink or hard link is
   refused; so is an existing file (also an existing ``<stem>.npy`` in the ``embed`` directory, or
   the failures file) unless ``--overwrite`` is given; the directory must exist (``embed`` creates
-  its output directory) and be writable.
+  its output directory, but not one named like a file such as ``x.npy``; ``x.npy/`` asks for it)
+  and be writable.
 
 Corpus jobs (``embed``, ``transcribe``, ``diarize`` with ``--manifest FILE|DIR --output DIR``,
 :func:`run_corpus`): one result file per input under the output directory, a per-rank done list
@@ -277,6 +278,22 @@ def _check_outputs(args: argparse.Namespace, outputs: Sequence[tuple[str, str | 
     return None
 
 
+# names that end like a file: an output directory with one of these suffixes is almost surely a mistake
+_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".json", ".jsonl",
+                  ".txt", ".tsv", ".csv", ".rttm", ".parquet", ".arrow", ".mat", ".ark", ".scp", ".wav", ".flac", ".ogg",
+                  ".mp3")
+
+
+def _file_like_directory(out: str, what: str) -> str | None:
+    """An output directory that does not exist yet and whose name ends in a file suffix (``x.npy``) is refused:
+    it would be created as a directory of that name. ``x.npy/`` (a trailing separator) asks for it."""
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix in _FILE_SUFFIXES and not out.endswith(os.sep) and not os.path.isdir(out):
+        return (f"--output {out}: {what}; a name ending in {suffix} would become a directory of that name "
+                f"(write {out}{os.sep} if that is what you want)")
+    return None
+
+
 def _default_failures_path(args: argparse.Namespace, output: str | None) -> str | None:
     if args.failures is not None:
         return args.failures
@@ -418,6 +435,10 @@ def run_embed(args: argparse.Namespace) -> int:
         if os.path.exists(out) and not os.path.isdir(out):
             return error(f"--output {out} exists and is not a directory (a .safetensors name writes one file)",
                           EXIT_USAGE)
+        problem = _file_like_directory(out, "embed writes a directory (one <stem>.npy per file) or one .safetensors "
+                                            "file (a name ending in .safetensors)")
+        if problem:
+            return error(problem, EXIT_USAGE)
         names = _npy_names(args.audio)
         if isinstance(names, str):
             return error(names, EXIT_USAGE)
@@ -829,6 +850,9 @@ def _corpus_setup(args: argparse.Namespace, command: str, group: _Group):
         return f"{command} --manifest needs --output DIR (a directory: one result file per input)", EXIT_USAGE
     if out.endswith(".safetensors") or (os.path.exists(out) and not os.path.isdir(out)):
         return f"--output {out}: with --manifest the output is a directory (one result file per input)", EXIT_USAGE
+    problem = _file_like_directory(out, "with --manifest the output is a directory (one result file per input)")
+    if problem:
+        return problem, EXIT_USAGE
     if args.failures is not None:
         return "--failures: with --manifest the failures list is <output>/failures.json", EXIT_USAGE
     try:
