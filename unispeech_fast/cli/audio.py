@@ -279,9 +279,9 @@ def _check_outputs(args: argparse.Namespace, outputs: Sequence[tuple[str, str | 
 
 
 # names that end like a file: an output directory with one of these suffixes is almost surely a mistake
-_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".json", ".jsonl",
-                  ".txt", ".tsv", ".csv", ".rttm", ".parquet", ".arrow", ".mat", ".ark", ".scp", ".wav", ".flac", ".ogg",
-                  ".mp3")
+_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".json",
+                  ".jsonl", ".txt", ".tsv", ".csv", ".rttm", ".parquet", ".arrow", ".mat", ".ark", ".scp", ".wav",
+                  ".flac", ".ogg", ".mp3")
 
 
 def _file_like_directory(out: str, what: str) -> str | None:
