@@ -203,6 +203,15 @@ def test_plan_batches_bounds_padding_and_budget():
         audio.plan_batches([1], 10, 1.0)
 
 
+def test_plan_batches_takes_zero_lengths():
+    """A corpus job gives unreadable files length 0; two of them once divided by zero (review2 item 1)."""
+    assert audio.plan_batches([0, 5, 0, 4], 100, 0.15) == [[1, 3], [0, 2]]
+    assert audio.plan_batches([0, 0, 0], 100, 0.0) == [[0, 1, 2]]
+    assert audio.plan_batches([0, 0], 100, 0.15, exact=True) == [[0, 1]]
+    with pytest.raises(ValueError, match="lengths must be >= 0, got -1"):
+        audio.plan_batches([3, -1], 100, 0.15)
+
+
 @pytest.mark.parametrize("pool,layer", [("mean", None), ("frames", None), ("frames", 1)])
 def test_batched_embeddings_equal_single_runs_for_layer_norm(ckpts, pool, layer):
     model = audio.load_model(ckpts["ctc"])

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_noise, write_tiny_checkpoints, write_truncated_flac
 from unispeech_fast import (
@@ -153,6 +155,22 @@ def test_corpus_embed_equals_file_mode_and_lists_failures(corpus, ckpts, tmp_pat
     assert [f["input"] for f in record["failed"]] == [os.path.join(corpus["root"], "spk2/broken.flac")]
 
 
+def test_two_unreadable_files_without_exact_are_named_and_skipped(corpus, ckpts, tmp_path, capsys):
+    """Without --exact, two files whose header cannot be read (length 0 in the plan) once crashed the
+    batch planning (ZeroDivisionError): no results, no failures list (review2 item 1)."""
+    tsv = tmp_path / "two_bad.tsv"
+    tsv.write_text(open(corpus["tsv"]).read() + "spk1/missing.wav\t5000\nspk2/gone.wav\t3000\n")
+    out = tmp_path / "emb"
+    assert _run("embed", "--manifest", tsv, "--model", ckpts["ctc"], "-o", out, "--threads", "1", "--quiet") \
+        == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "3 of 12 input(s) failed" in err and "Traceback" not in err
+    assert len(_results(out, ".npy")) == 9
+    record = json.loads((out / "failures.json").read_text())
+    bad = ("spk2/broken.flac", "spk1/missing.wav", "spk2/gone.wav")
+    assert [f["input"] for f in record["failed"]] == [os.path.join(corpus["root"], r) for r in bad]
+
+
 def test_rerun_skips_done_and_redoes_deleted_outputs(corpus, ckpts, tmp_path, monkeypatch):
     out = tmp_path / "emb"
     args = ("embed", "--manifest", corpus["jsonl"], "--model", ckpts["ctc"], "-o", out, *EXACT)
@@ -216,6 +234,39 @@ def test_directory_of_another_job_is_refused_unless_overwrite(corpus, ckpts, tmp
     redone = _results(out, ".npy")
     assert redone.keys() == first.keys() and all(redone[k] != first[k] for k in first)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_after_the_checkpoint_changed_in_place_is_refused(corpus, ckpts, tmp_path, capsys):
+    """job.json fingerprints the checkpoint's files: weights rewritten in place (same path) or a changed
+    config.json refuse a resume naming the file, as does a job.json without the fingerprint (review2 item 3)."""
+    model = tmp_path / "ckpt"
+    shutil.copytree(ckpts["ctc"], model)
+    out = tmp_path / "emb"
+    args = ("embed", "--manifest", corpus["root"], "--model", model, "-o", out, *EXACT)
+    assert _run(*args) == cli.EXIT_FAILURE  # the broken file
+    assert _run(*args) == cli.EXIT_FAILURE  # an unchanged checkpoint resumes
+    capsys.readouterr()
+    job = json.loads((out / ".corpus" / "job.json").read_text())
+    assert set(job["model_files"]) == {"config.json", "model.safetensors", "vocab.json"}
+    torch.manual_seed(5)  # other weights, written in place
+    reloaded = audio.load_model(str(model))
+    for p in reloaded.parameters():
+        p.data.normal_()
+    reloaded.save_pretrained(model)
+    assert _run(*args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "differs in model_files" in err and "model.safetensors (changed)" in err, err
+    assert "config.json" not in err.split("started:")[1]
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the config alone counts
+    assert _run(*args) == cli.EXIT_USAGE
+    assert "config.json (changed), model.safetensors (changed)" in capsys.readouterr().err
+    assert _run(*args, "--overwrite") == cli.EXIT_FAILURE  # --overwrite starts over with the new checkpoint
+    assert _run(*args) == cli.EXIT_FAILURE
+    job = json.loads((out / ".corpus" / "job.json").read_text())
+    del job["model_files"]  # as an older version wrote it
+    (out / ".corpus" / "job.json").write_text(json.dumps(job))
+    assert _run(*args) == cli.EXIT_USAGE
+    assert "does not record the checkpoint's files (model_files" in capsys.readouterr().err
 
 
 def test_diarize_corpus_writes_rttm_per_file(corpus, ckpts, tmp_path):

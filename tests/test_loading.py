@@ -24,6 +24,24 @@ def _main_key(head):
     return {"Model": "last_hidden_state", "ForPreTraining": "projected_states"}.get(head, "logits")
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_saved_files_get_the_umask_mode(tmp_path, mask):
+    """safetensors creates files 0600; ours get ``0o666 & ~umask`` like any other file (review2 item 6)."""
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat"))
+    model = uf.UniSpeechSatModel(config)
+    old = os.umask(mask)
+    try:
+        model.save_pretrained(tmp_path / "one")
+        model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    finally:
+        os.umask(old)
+    for directory in ("one", "sharded"):
+        names = sorted(os.listdir(tmp_path / directory))
+        assert sum(n.endswith(".safetensors") for n in names) >= (1 if directory == "one" else 2), names
+        for name in names:
+            assert oct(os.stat(tmp_path / directory / name).st_mode & 0o777) == oct(0o666 & ~mask), name
+
+
 @pytest.mark.parametrize("family,head", ALL_CLASSES)
 def test_our_save_loads_in_transformers(tmp_path, family, head):
     config = getattr(uf, family + "Config")(**tiny_config_kwargs(family, do_stable_layer_norm=True))

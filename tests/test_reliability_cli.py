@@ -96,6 +96,23 @@ def test_an_output_that_is_a_checkpoint_file_is_refused(command, ckpt, flag, _, 
 
 
 @pytest.mark.parametrize("command, ckpt, flag, suffix", FILE_OUTPUTS)
+def test_an_output_that_is_a_hard_link_to_an_input_is_refused(command, ckpt, flag, suffix, ckpts, files, tmp_path,
+                                                              capsys, monkeypatch):
+    """A hard link has its own realpath: the file identity is compared too (review2 item 2)."""
+    _no_model_run(monkeypatch)
+    for source in (files["good1"], os.path.join(ckpts[ckpt], "config.json")):
+        before = open(source, "rb").read()
+        link = tmp_path / f"link{suffix}"
+        if link.exists():
+            link.unlink()
+        os.link(source, link)
+        code, _, err = _cli([command, files["good1"], files["good2"], "--model", ckpts[ckpt], flag, str(link),
+                             "--overwrite"], capsys)
+        assert code == cli.EXIT_USAGE and f"is one of the inputs ({source})" in err, err
+        assert open(source, "rb").read() == before
+
+
+@pytest.mark.parametrize("command, ckpt, flag, suffix", FILE_OUTPUTS)
 def test_an_existing_output_is_replaced_only_with_overwrite(command, ckpt, flag, suffix, ckpts, files, tmp_path,
                                                              capsys):
     target = tmp_path / f"old{suffix}"
@@ -120,6 +137,46 @@ def test_embed_directory_refuses_to_replace_an_existing_npy(ckpts, files, tmp_pa
     code, _, err = _cli([*argv, "--overwrite"], capsys)
     assert code == cli.EXIT_OK, err
     assert np.load(out / "good2.npy").shape == (16,)
+
+
+def test_safetensors_outputs_get_the_umask_mode(ckpts, files, tmp_path, capsys):
+    """embed -o x.safetensors and verify-speakers --embeddings x.safetensors were created 0600 (review2 item 6)."""
+    old = os.umask(0o022)
+    try:
+        code, _, err = _cli(["embed", files["good1"], "--model", ckpts["ctc"], "-o", str(tmp_path / "e.safetensors")],
+                            capsys)
+        assert code == cli.EXIT_OK, err
+        code, _, err = _cli(["verify-speakers", files["good1"], files["good2"], "--model", ckpts["xvector"],
+                             "--embeddings", str(tmp_path / "v.safetensors")], capsys)
+        assert code == cli.EXIT_OK, err
+    finally:
+        os.umask(old)
+    for name in ("e.safetensors", "v.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name
+
+
+def test_embed_refuses_an_output_directory_named_like_a_file(ckpts, files, tmp_path, capsys, monkeypatch):
+    """``embed -o x.npy`` made a directory named x.npy (review2 item 7): refused, saying what -o may be."""
+    _no_model_run(monkeypatch)
+    for argv in ([files["good1"]], ["--manifest", os.path.dirname(files["good1"])]):
+        code, _, err = _cli(["embed", *argv, "--model", ckpts["ctc"], "-o", str(tmp_path / "x.npy")], capsys)
+        assert code == cli.EXIT_USAGE and "would become a directory of that name" in err, err
+        assert ("one .safetensors file" in err) if argv[0] != "--manifest" else ("output is a directory" in err)
+        assert not (tmp_path / "x.npy").exists()
+    monkeypatch.undo()
+    code, _, err = _cli(["embed", files["good1"], "--model", ckpts["ctc"], "-o", str(tmp_path / "x.npy") + os.sep],
+                        capsys)
+    assert code == cli.EXIT_OK and (tmp_path / "x.npy" / "good1.npy").is_file(), err
+
+
+def test_embed_creates_its_directory_when_every_input_fails(ckpts, files, tmp_path, capsys):
+    """The failures list goes into the output directory, so it is created even with no result (review2 item 4)."""
+    out = tmp_path / "new" / "emb"
+    code, _, err = _cli(["embed", files["trunc"], "--model", ckpts["ctc"], "-o", str(out) + os.sep], capsys)
+    assert code == cli.EXIT_FAILURE and "1 of 1 input(s) failed" in err and "no results were written" in err, err
+    record = json.loads((out / "failures.json").read_text())
+    assert [f["input"] for f in record["failed"]] == [files["trunc"]] and record["succeeded"] == 0
+    assert os.listdir(out) == ["failures.json"]
 
 
 @pytest.mark.parametrize("command, ckpt", [("embed", "ctc"), ("transcribe", "ctc"), ("diarize", "frames"),
@@ -333,6 +390,29 @@ def test_bench_writes_results_before_plotting(tmp_path, capsys, monkeypatch):
     with pytest.raises(RuntimeError, match="plotting broke"):
         bench_cli.main(["--quick", "--op", "attention", "--provider", "eager", "--out", str(out),
                         "--warmup", "0", "--reps", "1"])
+    assert json.loads((out / "results.json").read_text())
+
+
+def test_bench_refuses_existing_results_before_measuring(tmp_path, capsys, monkeypatch):
+    """``bench --out DIR`` replaced a results.json it did not create (review2 item 5): refused up front."""
+    from unispeech_fast.bench import cli as bench_cli
+    from unispeech_fast.bench import harness
+
+    out = tmp_path / "b"
+    out.mkdir()
+    argv = ["--quick", "--op", "attention", "--provider", "eager", "--out", str(out), "--warmup", "0", "--reps", "1"]
+    real = harness.run_suite
+    monkeypatch.setattr(harness, "run_suite", lambda *a, **k: pytest.fail("benchmarks ran before the check"))
+    for name in ("results.json", "results.csv", "attention_float32.png"):
+        (out / name).write_text("mine")
+        code = bench_cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and str(out / name) in err and "--overwrite" in err, err
+        assert (out / name).read_text() == "mine"
+        (out / name).unlink()
+    (out / "results.json").write_text("mine")
+    monkeypatch.setattr(harness, "run_suite", real)
+    assert bench_cli.main([*argv, "--no-plots", "--overwrite"]) == cli.EXIT_OK
     assert json.loads((out / "results.json").read_text())
 
 

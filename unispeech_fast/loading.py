@@ -253,10 +253,31 @@ def _parse_size(size: int | str) -> int:
     return int(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
 
 
-def save_pretrained(model, directory, *, max_shard_size=None, safe_serialization=True) -> None:
-    """Write ``config.json`` and weights (safetensors, or ``pytorch_model.bin``), sharded if asked."""
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the file's mode made ``0o666 & ~umask``, as ``open`` creates a file:
+    safetensors (0.8) creates it readable by its owner only (0600)."""
     from safetensors.torch import save_file
 
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def save_pretrained(model, directory, *, max_shard_size=None, safe_serialization=True) -> None:
+    """Write ``config.json`` and weights (safetensors, or ``pytorch_model.bin``), sharded if asked."""
     os.makedirs(directory, exist_ok=True)
     config = model.config.copy()
     config.architectures = [type(model).__name__]
@@ -274,7 +295,7 @@ def save_pretrained(model, directory, *, max_shard_size=None, safe_serialization
 
     def write(tensors: dict[str, torch.Tensor], file: str) -> None:
         if safe_serialization:
-            save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+            save_safetensors(tensors, os.path.join(directory, file), metadata={"format": "pt"})
         else:
             torch.save(tensors, os.path.join(directory, file))
 

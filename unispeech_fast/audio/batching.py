@@ -24,11 +24,16 @@ def plan_batches(
     current batch while ``batch_size * longest <= max_batch_samples`` and the padded fraction
     ``1 - sum(lengths) / (batch_size * longest)`` stays ``<= max_padding``; ``exact`` allows equal
     lengths only (no padding at all). An input longer than ``max_batch_samples`` forms its own batch.
+    Zero lengths (a corpus job's files whose header could not be read) batch together: a batch of
+    empty inputs has no padding.
     """
     if not 0.0 <= max_padding < 1.0:
         raise ValueError(f"max_padding must be in [0, 1), got {max_padding!r}")
     if max_batch_samples <= 0:
         raise ValueError(f"max_batch_samples must be positive, got {max_batch_samples!r}")
+    negative = [n for n in lengths if n < 0]
+    if negative:
+        raise ValueError(f"lengths must be >= 0, got {negative[0]!r}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -42,7 +47,8 @@ def plan_batches(
             if exact:
                 fits = fits and n == longest
             else:
-                fits = fits and 1.0 - (total + n) / (size * longest) <= max_padding + 1e-12
+                # longest == 0: every length so far is 0 (sorted descending), so is n: no padding
+                fits = fits and (longest == 0 or 1.0 - (total + n) / (size * longest) <= max_padding + 1e-12)
             if fits:
                 current.append(i)
                 total += n

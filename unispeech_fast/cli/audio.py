@@ -29,9 +29,11 @@ Failure contract:
   ``<output>.failures.json`` beside a file output (none when the results go to stdout and no
   ``--failures`` is given). It is written only when some input failed.
 - Outputs are checked before the model runs: an output path that is one of the inputs (AUDIO,
-  ``--vocab``, a file of the ``--model`` checkpoint) is refused; so is an existing file (also an
-  existing ``<stem>.npy`` in the ``embed`` directory, or the failures file) unless ``--overwrite``
-  is given; the directory must exist (``embed`` creates its output directory) and be writable.
+  ``--vocab``, a file of the ``--model`` checkpoint) under any spelling, symlink or hard link is
+  refused; so is an existing file (also an existing ``<stem>.npy`` in the ``embed`` directory, or
+  the failures file) unless ``--overwrite`` is given; the directory must exist (``embed`` creates
+  its output directory, but not one named like a file such as ``x.npy``; ``x.npy/`` asks for it)
+  and be writable.
 
 Corpus jobs (``embed``, ``transcribe``, ``diarize`` with ``--manifest FILE|DIR --output DIR``,
 :func:`run_corpus`): one result file per input under the output directory, a per-rank done list
@@ -194,7 +196,14 @@ def _run_task(args: argparse.Namespace, task: Callable[..., int], failures: dict
 
 
 def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+    """``a`` and ``b`` name one file: the same path under any spelling or symlink, or, when both exist,
+    the same file identity (device and inode: a hard link, which writing ``a`` would write through)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): no identity to share
+        return False
 
 
 def _check_inputs(args: argparse.Namespace) -> str | None:
@@ -266,6 +275,22 @@ def _check_outputs(args: argparse.Namespace, outputs: Sequence[tuple[str, str | 
         for other_flag, other in named[:k]:
             if _same_file(path, other):
                 return f"{flag} and {other_flag} name the same file {path}"
+    return None
+
+
+# names that end like a file: an output directory with one of these suffixes is almost surely a mistake
+_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".json",
+                  ".jsonl", ".txt", ".tsv", ".csv", ".rttm", ".parquet", ".arrow", ".mat", ".ark", ".scp", ".wav",
+                  ".flac", ".ogg", ".mp3")
+
+
+def _file_like_directory(out: str, what: str) -> str | None:
+    """An output directory that does not exist yet and whose name ends in a file suffix (``x.npy``) is refused:
+    it would be created as a directory of that name. ``x.npy/`` (a trailing separator) asks for it."""
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix in _FILE_SUFFIXES and not out.endswith(os.sep) and not os.path.isdir(out):
+        return (f"--output {out}: {what}; a name ending in {suffix} would become a directory of that name "
+                f"(write {out}{os.sep} if that is what you want)")
     return None
 
 
@@ -379,9 +404,9 @@ def _npy_names(paths: Sequence[str]) -> dict[str, str] | str:
 def _save_safetensors(tensors: dict, path: str) -> None:
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from ..loading import save_safetensors
 
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
+    save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path)
 
 
 # ============================================================================================ commands
@@ -410,6 +435,10 @@ def run_embed(args: argparse.Namespace) -> int:
         if os.path.exists(out) and not os.path.isdir(out):
             return error(f"--output {out} exists and is not a directory (a .safetensors name writes one file)",
                           EXIT_USAGE)
+        problem = _file_like_directory(out, "embed writes a directory (one <stem>.npy per file) or one .safetensors "
+                                            "file (a name ending in .safetensors)")
+        if problem:
+            return error(problem, EXIT_USAGE)
         names = _npy_names(args.audio)
         if isinstance(names, str):
             return error(names, EXIT_USAGE)
@@ -434,12 +463,13 @@ def run_embed(args: argparse.Namespace) -> int:
         done = [(path, vec) for path, vec in zip(args.audio, vectors) if vec is not None]
 
         def write() -> None:
+            if not as_safetensors:  # created even when every input failed: the failures list goes there
+                os.makedirs(out, exist_ok=True)
             if not done:
                 return
             if as_safetensors:
                 _save_safetensors(dict(done), out)
             else:
-                os.makedirs(out, exist_ok=True)
                 for path, vec in done:
                     np.save(os.path.join(out, names[path]), vec)
 
@@ -730,13 +760,62 @@ class _Group:
             dist.destroy_process_group()
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _model_fingerprint(args: argparse.Namespace) -> dict[str, str]:
+    """A cheap fingerprint of the files the results depend on, ``name -> text``: the small JSON files
+    of the ``--model`` directory (config, preprocessor config, vocab, shard indexes) and ``--vocab`` by
+    the SHA-256 of their contents; each weights file (``*.safetensors``, ``*.bin``) by its size and
+    ``st_mtime_ns``, which any rewrite in place changes (hashing them would read gigabytes on every
+    start of every rank; see README, Corpus jobs). A hub id (not a local directory) has no entries."""
+    import hashlib
+
+    def digest(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return "sha256 " + hashlib.sha256(f.read()).hexdigest()
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+
+    found: dict[str, str] = {}
+    if os.path.isdir(args.model):
+        for name in sorted(os.listdir(args.model)):
+            path = os.path.join(args.model, name)
+            if not os.path.isfile(path):
+                continue
+            if name.endswith(".json"):
+                found[name] = digest(path)
+            elif name.endswith(_WEIGHT_SUFFIXES):
+                st = os.stat(path)
+                found[name] = f"size {st.st_size}, mtime_ns {st.st_mtime_ns}"
+    if getattr(args, "vocab", None):
+        found["--vocab"] = digest(args.vocab)
+    return found
+
+
 def _job_record(args: argparse.Namespace, command: str) -> dict:
     """What fixes the results: a rerun resumes only a job with the same record."""
     return {"command": command, "model": os.path.realpath(args.model), "dtype": args.dtype, "device": args.device,
             "normalize": args.normalize, "exact": args.exact, "max_batch_seconds": args.max_batch_seconds,
             "max_padding": args.max_padding, "layer": getattr(args, "layer", None), "pool": getattr(args, "pool", None),
             "threshold": getattr(args, "threshold", None),
-            "vocab": os.path.realpath(args.vocab) if getattr(args, "vocab", None) else None}
+            "vocab": os.path.realpath(args.vocab) if getattr(args, "vocab", None) else None,
+            "model_files": _model_fingerprint(args)}
+
+
+def _job_mismatch(old: dict, job: dict) -> str | None:
+    """Why a directory's ``job.json`` (``old``) is not this job, or None when it is."""
+    if old == job:
+        return None
+    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+    why = f"it differs in {', '.join(diff)}"
+    if "model_files" in diff and old.get("model") == job["model"]:
+        before, now = old["model_files"] if isinstance(old["model_files"], dict) else {}, job["model_files"]
+        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        why += "; files of the checkpoint (or --vocab) changed since the job started: " + ", ".join(
+            f"{n} ({'added' if n not in before else 'removed' if n not in now else 'changed'})" for n in changed)
+    return why
 
 
 def _done_keys(state: str) -> set[str]:
@@ -771,6 +850,9 @@ def _corpus_setup(args: argparse.Namespace, command: str, group: _Group):
         return f"{command} --manifest needs --output DIR (a directory: one result file per input)", EXIT_USAGE
     if out.endswith(".safetensors") or (os.path.exists(out) and not os.path.isdir(out)):
         return f"--output {out}: with --manifest the output is a directory (one result file per input)", EXIT_USAGE
+    problem = _file_like_directory(out, "with --manifest the output is a directory (one result file per input)")
+    if problem:
+        return problem, EXIT_USAGE
     if args.failures is not None:
         return "--failures: with --manifest the failures list is <output>/failures.json", EXIT_USAGE
     try:
@@ -816,9 +898,15 @@ def _corpus_setup(args: argparse.Namespace, command: str, group: _Group):
                 old = json.load(f)
         except (OSError, ValueError) as exc:
             return f"--output {out}: cannot read {job_file}: {exc}; pass --overwrite to start over", EXIT_USAGE
-        if old != job:
-            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-            return (f"--output {out} holds the results of a different job (it differs in {', '.join(diff)}); "
+        if not isinstance(old, dict):
+            return f"--output {out}: {job_file} holds no JSON object; pass --overwrite to start over", EXIT_USAGE
+        if "model_files" not in old:  # written before job.json recorded the checkpoint's fingerprint
+            return (f"--output {out}: {job_file} does not record the checkpoint's files (model_files; written by an "
+                    "older version), so a resume cannot tell whether the checkpoint changed since; pass --overwrite "
+                    "to start over or choose another directory"), EXIT_USAGE
+        why = _job_mismatch(old, job)
+        if why is not None:
+            return (f"--output {out} holds the results of a different job ({why}); "
                     "pass --overwrite to start over or choose another directory"), EXIT_USAGE
     group.barrier()  # every rank has checked the directory before rank 0 writes into it
     if group.rank == 0:

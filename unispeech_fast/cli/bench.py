@@ -3,7 +3,8 @@
 Wired into the main CLI with :func:`add_parser` (adds the ``bench`` subcommand) and :func:`run`.
 Exit codes: 0 success, 1 a regression against ``--compare`` (or nothing could be measured), 2 usage error
 (checked before anything runs, e.g. ``--out`` without matplotlib for the plots: install
-``unispeech_fast[bench]`` or pass ``--no-plots``). ``results.json`` and ``results.csv`` are written
+``unispeech_fast[bench]`` or pass ``--no-plots``; an existing ``results.json``, ``results.csv`` or plot
+in ``--out`` without ``--overwrite``). ``results.json`` and ``results.csv`` are written
 before the plots, so a plotting problem never loses the measurements.
 """
 
@@ -70,6 +71,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="on CPU, measure each row's peak memory (RSS high-water mark) in a fresh "
                              "subprocess; slow: one process start per row (default: memory n/a on CPU)")
     parser.add_argument("--no-plots", action="store_true", help="with --out, skip the PNG plots")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --out, replace results.json, results.csv and plots that already exist there "
+                             "(default: refuse them before anything runs)")
     return parser
 
 
@@ -110,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
               'pip install "unispeech_fast[bench]" (or pass --no-plots to write only results.json and '
               "results.csv)", file=sys.stderr)
         return EXIT_USAGE
+    if args.out is not None and not args.overwrite:  # before measuring: a refusal afterwards would lose the run
+        planned = ["results.json", "results.csv"]
+        if not args.no_plots:
+            planned += [f"{op}_{dtype}.png" for op in ops for dtype in dtypes]  # report.plot's names
+        existing = [os.path.join(args.out, name) for name in planned if os.path.lexists(os.path.join(args.out, name))]
+        if existing:
+            print(f"error: --out {args.out}: {', '.join(existing)} already exist(s); pass --overwrite to replace "
+                  "them or choose another directory", file=sys.stderr)
+            return EXIT_USAGE
     if args.out is not None:
         try:
             os.makedirs(args.out, exist_ok=True)
