@@ -122,6 +122,31 @@ def test_manifest_formats_agree(tmp_path):
         read_manifest(fair, ltr)
 
 
+def test_class_labels_that_are_label2id_names_are_those_classes(tmp_path):
+    """Names first: with numeric names sorted as strings ('0', '1', '10', '11', '2', ...) the label '10' is
+    label2id['10'] = 2, not id 10; a label that is no name is an integer id below num_labels."""
+    names = sorted(str(i) for i in range(12))
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", num_labels=12),
+                                   label2id={n: i for i, n in enumerate(names)},
+                                   id2label={i: n for i, n in enumerate(names)})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": "a.wav", "duration": 1, "label": label}) + "\n"
+                                for label in ("10", 10, "2", "0")))
+    for task in ("classify", "xvector"):
+        entries = read_manifest(manifest)
+        encode_labels(entries, task, config)
+        assert [e.label for e in entries] == [2, 2, 4, 0]
+        assert [config.id2label[e.label] for e in entries] == ["10", "10", "2", "0"]
+    default = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat"))  # LABEL_0 ...: numbers are ids
+    entries = read_manifest(manifest)
+    entries[0].label = entries[1].label = "LABEL_1"
+    encode_labels(entries, "classify", default)
+    assert [e.label for e in entries] == [1, 1, 2, 0]
+    entries[0].label = "3"
+    with pytest.raises(ManifestError, match=r"entry 0 .* label 3 is outside \[0, num_labels=3\)"):
+        encode_labels(entries, "classify", default)
+
+
 def test_plan_batches_buckets_by_padded_seconds():
     durations = [0.1, 2.0, 0.5, 0.45, 0.3, 0.11, 0.9, 0.12, 0.31]
     plan = plan_batches(durations, 1.0, seed=1, epoch=0)
