@@ -182,6 +182,33 @@ def test_finetune_each_task(tmp_path, task, family, labels):
     assert ((out / "final" / "vocab.json").is_file()) == (task == "ctc")
 
 
+def test_checkpoints_and_final_carry_the_preprocessor_config_the_run_used(tmp_path):
+    """A checkpoint that says do_normalize false trains without normalising, and its checkpoints and final/
+    say so too (without the file, the inference commands would normalise); the source's other fields are
+    kept. Without a source file the run writes transformers' defaults with its own do_normalize."""
+    from unispeech_fast.audio import load_model
+
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    source = {"do_normalize": False, "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+              "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 16000, "mine": [1, 2]}
+    (model / "preprocessor_config.json").write_text(json.dumps(source))
+    out = tmp_path / "run"
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--save-every", "1") == 0
+    for name in ("checkpoint-1", "checkpoint-2", "final"):
+        assert json.loads((out / name / "preprocessor_config.json").read_text()) == source, name
+    assert load_model(out / "final").preprocessor_config["do_normalize"] is False
+    (model / "preprocessor_config.json").unlink()
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    for extra, normalize in (((), True), (("--no-normalize",), False)):
+        out = tmp_path / f"run-{normalize}"
+        assert _pretrain(model, tsv, out, "--labels", str(km), "--max-steps", "1", *extra) == 0
+        for name in ("checkpoint-1", "final"):
+            pre = json.loads((out / name / "preprocessor_config.json").read_text())
+            assert pre["do_normalize"] is normalize and pre["sampling_rate"] == 16000
+            assert pre["return_attention_mask"] is False  # a group-norm feature encoder, as transformers' default
+            assert pre["feature_extractor_type"] == "Wav2Vec2FeatureExtractor"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("command,family", [("finetune", "UniSpeechSat"), ("pretrain", "UniSpeechSat"),
                                             ("pretrain", "UniSpeech")])

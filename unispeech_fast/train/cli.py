@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive as _positive
@@ -125,6 +124,31 @@ def _vocab(args, what: str) -> tuple[dict | None, str, str | None]:
         return None, vocab_file, f"{what} needs a vocab.json (token -> id): {vocab_file}: {exc}"
 
 
+def _preprocessor_config(model_dir: str, config, normalize: bool | None) -> dict:
+    """The ``preprocessor_config.json`` of the run: ``model_dir``'s (transformers' Wav2Vec2FeatureExtractor
+    defaults when it has none, with ``return_attention_mask`` on for a layer-norm feature encoder), its
+    ``do_normalize`` set to what the run does (``normalize``, or the file's, True when absent) and
+    ``sampling_rate`` to the 16 kHz the run reads. Every checkpoint and ``final/`` get it, so the inference
+    commands prepare audio as the training did. ValueError naming the file when it cannot be read."""
+    from ..cli.common import SAMPLE_RATE
+
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    pre = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "padding_side": "right",
+           "padding_value": 0.0, "do_normalize": True,
+           "return_attention_mask": getattr(config, "feat_extract_norm", "group") == "layer"}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                pre = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--model {model_dir}: cannot read preprocessor_config.json: {exc}") from None
+        if not isinstance(pre, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(pre).__name__}")
+    pre["do_normalize"] = bool(pre.get("do_normalize", True)) if normalize is None else bool(normalize)
+    pre["sampling_rate"] = SAMPLE_RATE
+    return pre
+
+
 def _check_common(args) -> str | None:
     import torch
 
@@ -207,7 +231,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
     from ..configuration import ConfigError
     from ..loading import CheckpointError
     from .data import ManifestError, read_manifest
-    from .loop import NonFiniteLossError, TrainOptions, train
+    from .loop import NonFiniteLossError, TrainOptions, train, write_run_files
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -236,13 +260,11 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
         random.seed(args.seed + rank)  # dropout: ranks draw their own masks (README "Training")
         np.random.seed(args.seed + rank)
         torch.manual_seed(args.seed + rank)
-        normalize = args.normalize
-        if normalize is None:
-            pre = os.path.join(args.model, "preprocessor_config.json")
-            normalize = True
-            if os.path.isfile(pre):
-                with open(pre, encoding="utf-8") as f:
-                    normalize = bool(json.load(f).get("do_normalize", True))
+        try:
+            preprocessor = _preprocessor_config(args.model, model.config, args.normalize)
+        except ValueError as exc:
+            return _error(str(exc), EXIT_USAGE)
+        normalize = preprocessor["do_normalize"]
         try:
             entries = read_manifest(args.manifest, args.labels)
             encode(entries, model)
@@ -259,7 +281,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
 
         try:
             summary = train(model, entries, opts, resume=args.resume, extra_files=extra_files, log=log,
-                            objective=objective)
+                            objective=objective, preprocessor=preprocessor)
         except NonFiniteLossError as exc:
             return _error(str(exc), EXIT_FAILURE)
         except AudioError as exc:
@@ -269,8 +291,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
         if summary["step"] == args.max_steps and rank == 0:
             final = os.path.join(args.output_dir, "final")
             model.save_pretrained(final)
-            for name, src in extra_files.items():
-                shutil.copyfile(src, os.path.join(final, name))
+            write_run_files(final, extra_files, preprocessor)
         if summary["failed"] and rank == 0:
             print(f"{len(summary['failed'])} file(s) skipped; listed in "
                   f"{os.path.join(args.output_dir, 'failures.json')}", file=sys.stderr)

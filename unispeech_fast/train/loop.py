@@ -36,7 +36,7 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
-__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "STATE_FILE"]
+__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "write_run_files", "STATE_FILE"]
 
 STATE_FILE = "training_state.pt"
 
@@ -130,16 +130,27 @@ def _write_failures(output_dir: str, failed: list[dict], total: int) -> None:
     os.replace(tmp, os.path.join(output_dir, "failures.json"))
 
 
+def write_run_files(directory: str, extra_files: dict[str, str], preprocessor: dict | None) -> None:
+    """Beside a checkpoint's weights: copies of ``extra_files`` (name -> source path, e.g. ``vocab.json``) and,
+    when given, ``preprocessor`` as ``preprocessor_config.json`` (how the run prepared its audio)."""
+    for name, src in extra_files.items():
+        shutil.copyfile(src, os.path.join(directory, name))
+    if preprocessor is not None:
+        with open(os.path.join(directory, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(preprocessor, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
 def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOptions, rank: int, world: int,
-                     extra_files: dict[str, str], objective_settings: dict | None = None) -> str:
+                     extra_files: dict[str, str], objective_settings: dict | None = None,
+                     preprocessor: dict | None = None) -> str:
     dist = _dist()
     final = os.path.join(opts.output_dir, f"checkpoint-{position['step']}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        for name, src in extra_files.items():
-            shutil.copyfile(src, os.path.join(tmp, name))
+        write_run_files(tmp, extra_files, preprocessor)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "position": position, "world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
                     "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
@@ -173,8 +184,12 @@ def _load_state(checkpoint: str, opts: TrainOptions, world: int, objective_setti
 
 
 def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None = None,
-          extra_files: dict[str, str] | None = None, log=print, objective=None) -> dict:
+          extra_files: dict[str, str] | None = None, log=print, objective=None,
+          preprocessor: dict | None = None) -> dict:
     """Train ``model`` (already on ``opts.device``, weights identical on every rank) on ``entries``.
+
+    ``extra_files`` (name -> path) are copied and ``preprocessor`` (a dict) is written as
+    ``preprocessor_config.json`` into every checkpoint (:func:`write_run_files`).
 
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
     written for that step or after it).
@@ -348,7 +363,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
         t0 = time.perf_counter()
         if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
             last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files,
-                                               objective_settings)
+                                               objective_settings, preprocessor)
     if bar is not None:
         bar.close()
     all_failed = _report_failures(failed, entries, opts.output_dir, rank)
