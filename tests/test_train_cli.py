@@ -292,6 +292,34 @@ def test_resume_refuses_a_changed_run(tmp_path, capsys):
     assert code == 2 and "max_steps=4" in capsys.readouterr().err
 
 
+def test_a_new_run_refuses_an_output_dir_that_holds_files(tmp_path, capsys):
+    """Without --resume, finetune and pretrain refuse a non-empty --output-dir (exit 2, naming it and saying
+    what to do) and change nothing in it; an empty directory is taken; a file is no directory."""
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()  # empty: fine
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--save-every", "1") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {out} is not empty" in err and "--resume" in err and "another --output-dir" in err
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    assert _pretrain(model, tsv, out, "--labels", str(km), "--max-steps", "1") == 2
+    assert f"--output-dir {out} is not empty" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("the user's own line\n")
+    assert _finetune(model, manifest, mine, "--task", "ctc", "--max-steps", "1") == 2
+    assert (mine / "metrics.jsonl").read_text() == "the user's own line\n" and len(list(mine.iterdir())) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    assert _finetune(model, manifest, manifest, "--task", "ctc", "--max-steps", "1") == 2
+    assert f"--output-dir {manifest}: exists and is not a directory" in capsys.readouterr().err
+    assert _finetune(model, manifest, manifest / "run", "--task", "ctc", "--max-steps", "1") == 2
+    assert f"--output-dir {manifest / 'run'}: cannot create it" in capsys.readouterr().err
+
+
 def _torchrun(tmp_path, out, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "unispeech_fast", "finetune", "--output-dir", str(out),

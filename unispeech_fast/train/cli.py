@@ -149,6 +149,19 @@ def _preprocessor_config(model_dir: str, config, normalize: bool | None) -> dict
     return pre
 
 
+def _check_output_dir(args) -> str | None:
+    """Why ``--output-dir`` cannot take this run, or None: a new run needs a new or empty directory (it never
+    replaces another run's checkpoints, final/ or metrics.jsonl); ``--resume`` continues the run there."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--output-dir {out}: exists and is not a directory"
+    if args.resume is None and os.path.isdir(out) and os.listdir(out):
+        return (f"--output-dir {out} is not empty (it holds {', '.join(sorted(os.listdir(out))[:5])}"
+                f"{', ...' if len(os.listdir(out)) > 5 else ''}); a new run needs a new or empty directory: give "
+                f"another --output-dir, or --resume {os.path.join(out, 'checkpoint-N')} to continue that run")
+    return None
+
+
 def _check_common(args) -> str | None:
     import torch
 
@@ -244,6 +257,11 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
             device = f"cuda:{torch.cuda.current_device()}"
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
+        problem = _check_output_dir(args)  # every rank looks before any rank writes (the barrier below)
+        if world > 1:
+            dist.barrier()
+        if problem is not None:
+            return _error(problem, EXIT_USAGE)
         import random
 
         import numpy as np
@@ -278,6 +296,11 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
                             normalize=normalize, device=device, progress=not args.quiet)
         def log(msg: str) -> None:
             print(msg, file=sys.stderr)
+
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as exc:
+            return _error(f"--output-dir {args.output_dir}: cannot create it: {exc}", EXIT_USAGE)
 
         try:
             summary = train(model, entries, opts, resume=args.resume, extra_files=extra_files, log=log,
