@@ -263,6 +263,19 @@ def test_task_that_does_not_fit_the_checkpoint_is_a_usage_error(tmp_path, capsys
     assert "--task xvector needs model_type in ['unispeech-sat']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [("--clip-norm", "nan"), ("--clip-norm", "inf"), ("--clip-norm", "-1"),
+                                          ("--weight-decay", "nan"), ("--warmup-steps", "-1"), ("--save-every", "-2")])
+def test_non_finite_or_negative_numbers_are_usage_errors(tmp_path, capsys, option, value):
+    """--clip-norm nan turned clipping off without a word (nan > 0 is false); every such option must be a
+    finite number >= 0 (0 = off for --clip-norm and --save-every)."""
+    with pytest.raises(SystemExit) as info:
+        _finetune(tmp_path / "base", tmp_path / "m.jsonl", tmp_path / "run", "--task", "ctc", "--max-steps", "1",
+                  option, value)
+    assert info.value.code == 2
+    assert f"{option} must be finite and >= 0, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # ============================================================================================ resume
 def test_resume_is_bitwise_exact_one_process(tmp_path):
     """Stopped after step 2 and resumed: the step-5 weights equal an uninterrupted run's, bit for bit

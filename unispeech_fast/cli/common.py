@@ -12,7 +12,8 @@ from typing import Sequence
 
 from ..audio.resampling import SAMPLE_RATE
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "SAMPLE_RATE", "positive", "fraction", "error", "run_command",
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "SAMPLE_RATE", "positive", "non_negative", "fraction", "error",
+           "run_command",
            "add_command", "backend_from_environment"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -31,6 +32,18 @@ def positive(kind: type, name: str):
         value = _number(kind, text, name, f"a {kind.__name__}")
         if not value > 0 or value != value or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{name} must be positive and finite, got {text!r}")
+        return value
+
+    return parse
+
+
+def non_negative(kind: type, name: str):
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires it finite and >= 0 (0 is often
+    "off"); NaN is refused, it would compare false everywhere and silently switch a feature off."""
+    def parse(text: str):
+        value = _number(kind, text, name, f"a {kind.__name__}")
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be finite and >= 0, got {text!r}")
         return value
 
     return parse

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive as _positive
+from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, non_negative as _non_negative, positive as _positive
 
 __all__ = ["add_parsers", "run_finetune", "run_pretrain", "TASK_HEADS", "PRETRAIN_HEADS"]
 
@@ -77,10 +77,10 @@ def _common_options(p, lr: float, freeze: bool) -> None:
     p.add_argument("--grad-accum", type=_positive(int, "--grad-accum"), default=1,
                    help="micro-batches per optimiser step and rank (default: 1)")
     p.add_argument("--lr", type=_positive(float, "--lr"), default=lr, help=f"peak learning rate (default: {lr:g})")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay (default: 0)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices (default: 0.01)")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clip, 0 = off (default: 1.0)")
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--warmup-steps", type=_non_negative(int, "--warmup-steps"), default=0, help="linear warm-up steps, then linear decay (default: 0)")
+    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"), default=0.01, help="AdamW weight decay of matrices (default: 0.01)")
+    p.add_argument("--clip-norm", type=_non_negative(float, "--clip-norm"), default=1.0, help="gradient norm clip, 0 = off (default: 1.0)")
+    p.add_argument("--save-every", type=_non_negative(int, "--save-every"), default=0,
                    help="write checkpoint-N every N steps (default: 0, only at the end)")
     p.add_argument("--stop-after", type=_positive(int, "--stop-after"), default=None,
                    help="stop (with a checkpoint) after this step without changing the schedule; --resume goes on")
@@ -167,8 +167,6 @@ def _check_common(args) -> str | None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: CUDA is not available here"
-    if args.save_every < 0 or args.warmup_steps < 0 or args.clip_norm < 0:
-        return "--save-every, --warmup-steps and --clip-norm must be >= 0"
     return None
 
 
