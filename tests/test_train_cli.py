@@ -305,6 +305,41 @@ def test_resume_refuses_a_changed_run(tmp_path, capsys):
     assert code == 2 and "max_steps=4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("changed,named", [
+    (("--lr", "1e-3"), "lr=5e-05 (--lr)"), (("--no-normalize",), "normalize=True (--no-normalize"),
+    (("--task", "xvector"), "head='UniSpeechSatForSequenceClassification' (--task)"),
+    (("--no-freeze-feature-encoder",), "freeze_feature_encoder=True (--[no-]freeze-feature-encoder)"),
+    (("--warmup-steps", "1"), "warmup_steps=0 (--warmup-steps)"),
+    (("--weight-decay", "0"), "weight_decay=0.01 (--weight-decay)"), (("--clip-norm", "0"), "clip_norm=1.0")])
+def test_resume_refuses_changed_options_naming_them(tmp_path, capsys, changed, named):
+    """A changed --lr was ignored (the scheduler state keeps the old one), --no-normalize applied without a
+    word, another task or freezing failed in torch's 'parameter group doesn't match': each is refused."""
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path, "ids")
+    common = ("--task", "classify", "--max-steps", "3")
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--stop-after", "1") == 0
+    capsys.readouterr()
+    args = (*common, *changed) if changed[0] != "--task" else ("--max-steps", "3", *changed)
+    assert _finetune(model, manifest, tmp_path / "r", *args, "--resume", str(tmp_path / "r" / "checkpoint-1")) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was written with " + named in err and "an exact resume needs the same value" in err
+    assert not (tmp_path / "r" / "checkpoint-3").exists()
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_record_a_setting(tmp_path, capsys):
+    from unispeech_fast.train.loop import STATE_FILE
+
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path, "ids")
+    common = ("--task", "classify", "--max-steps", "3")
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--stop-after", "1") == 0
+    path = tmp_path / "r" / "checkpoint-1" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["lr"]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--resume", str(path.parent)) == 2
+    assert "does not record lr (--lr; written by an earlier version)" in capsys.readouterr().err
+
+
 def test_a_new_run_refuses_an_output_dir_that_holds_files(tmp_path, capsys):
     """Without --resume, finetune and pretrain refuse a non-empty --output-dir (exit 2, naming it and saying
     what to do) and change nothing in it; an empty directory is taken; a file is no directory."""

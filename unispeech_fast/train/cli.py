@@ -242,7 +242,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
     from ..configuration import ConfigError
     from ..loading import CheckpointError
     from .data import ManifestError, read_manifest
-    from .loop import NonFiniteLossError, TrainOptions, train, write_run_files
+    from .loop import NonFiniteLossError, TrainOptions, check_resume, train, write_run_files
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -266,6 +266,11 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
 
         torch.manual_seed(args.seed)  # a new head is initialised identically on every rank
         source = args.resume if args.resume is not None else args.model
+        if args.resume is not None:  # another head would not even load from the checkpoint: check it first
+            try:
+                check_resume(args.resume, {"head": head})
+            except (ValueError, FileNotFoundError) as exc:
+                return _error(str(exc), EXIT_USAGE)
         try:
             model = getattr(models, head).from_pretrained(source, device=device)
         except (CheckpointError, ConfigError, OSError) as exc:
@@ -291,7 +296,8 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
                             max_batch_seconds=args.max_batch_seconds, grad_accum=args.grad_accum, lr=args.lr,
                             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
                             save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
-                            normalize=normalize, device=device, progress=not args.quiet)
+                            normalize=normalize, freeze_feature_encoder=args.freeze_feature_encoder, device=device,
+                            progress=not args.quiet)
         def log(msg: str) -> None:
             print(msg, file=sys.stderr)
 

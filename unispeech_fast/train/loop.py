@@ -36,7 +36,8 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
-__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "write_run_files", "STATE_FILE"]
+__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "write_run_files", "STATE_FILE",
+           "RESUME_SETTINGS", "check_resume"]
 
 STATE_FILE = "training_state.pt"
 
@@ -61,6 +62,7 @@ class TrainOptions:
     stop_after: int | None = None
     seed: int = 0
     normalize: bool = True
+    freeze_feature_encoder: bool = False  # recorded for --resume; the caller freezes the model
     device: str = "cpu"
     progress: bool = True
 
@@ -152,9 +154,7 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
         model.save_pretrained(tmp)
         write_run_files(tmp, extra_files, preprocessor)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "position": position, "world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
-                    "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
-                    "objective": objective_settings},
+                    "position": position, **_settings(model, opts, world, objective_settings)},
                    os.path.join(tmp, STATE_FILE))
     if dist is not None:
         dist.barrier()
@@ -169,17 +169,44 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
     return final
 
 
-def _load_state(checkpoint: str, opts: TrainOptions, world: int, objective_settings: dict | None = None) -> dict:
+#: The settings a checkpoint records and ``--resume`` compares, with the option that sets each: a resumed run
+#: continues the same run only if they match (the optimiser and scheduler state would otherwise keep the old
+#: learning rate and weight decay, or fail on other parameter groups, and the rest would change silently).
+RESUME_SETTINGS = {
+    "world_size": "the number of ranks", "seed": "--seed", "grad_accum": "--grad-accum",
+    "max_batch_seconds": "--max-batch-seconds", "max_steps": "--max-steps",
+    "objective": "--gumbel-temperature, --mixing-prob", "head": "--task", "lr": "--lr",
+    "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "clip_norm": "--clip-norm",
+    "normalize": "--no-normalize, or the --model's preprocessor_config.json",
+    "freeze_feature_encoder": "--[no-]freeze-feature-encoder",
+}
+
+
+def _settings(model, opts: TrainOptions, world: int, objective_settings: dict | None) -> dict:
+    """The values of :data:`RESUME_SETTINGS` for this run."""
+    return {"world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
+            "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
+            "objective": objective_settings, "head": type(model).__name__, "lr": opts.lr,
+            "warmup_steps": opts.warmup_steps, "weight_decay": opts.weight_decay, "clip_norm": opts.clip_norm,
+            "normalize": opts.normalize, "freeze_feature_encoder": opts.freeze_feature_encoder}
+
+
+def check_resume(checkpoint: str, settings: dict) -> dict:
+    """The training state of ``checkpoint`` after checking that it records ``settings`` (some of
+    :data:`RESUME_SETTINGS`: name -> this run's value). FileNotFoundError when it holds no state,
+    ValueError naming the first setting that differs or that it does not record."""
     path = os.path.join(checkpoint, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {checkpoint}: no {STATE_FILE} (not a checkpoint this command wrote)")
     state = torch.load(path, weights_only=True)
-    for key, value in (("world_size", world), ("seed", opts.seed), ("grad_accum", opts.grad_accum),
-                       ("max_batch_seconds", opts.max_batch_seconds), ("max_steps", opts.max_steps),
-                       ("objective", objective_settings)):
-        if state.get(key) != value:
-            raise ValueError(f"--resume {checkpoint}: the checkpoint was written with {key}={state[key]!r}, this run "
-                             f"has {value!r}; an exact resume needs the same value")
+    for key, value in settings.items():
+        option = RESUME_SETTINGS[key]
+        if key not in state:
+            raise ValueError(f"--resume {checkpoint}: the checkpoint does not record {key} ({option}; written by an "
+                             "earlier version), so an exact resume cannot be checked; start a new run from its weights")
+        if state[key] != value:
+            raise ValueError(f"--resume {checkpoint}: the checkpoint was written with {key}={state[key]!r} ({option}), "
+                             f"this run has {value!r}; an exact resume needs the same value")
     return state
 
 
@@ -233,7 +260,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.warmup_steps, opts.max_steps))
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resume is not None:
-        state = _load_state(resume, opts, world, objective_settings)
+        state = check_resume(resume, _settings(model, opts, world, objective_settings))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         position = dict(state["position"])
