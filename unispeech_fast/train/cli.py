@@ -77,9 +77,12 @@ def _common_options(p, lr: float, freeze: bool) -> None:
     p.add_argument("--grad-accum", type=_positive(int, "--grad-accum"), default=1,
                    help="micro-batches per optimiser step and rank (default: 1)")
     p.add_argument("--lr", type=_positive(float, "--lr"), default=lr, help=f"peak learning rate (default: {lr:g})")
-    p.add_argument("--warmup-steps", type=_non_negative(int, "--warmup-steps"), default=0, help="linear warm-up steps, then linear decay (default: 0)")
-    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"), default=0.01, help="AdamW weight decay of matrices (default: 0.01)")
-    p.add_argument("--clip-norm", type=_non_negative(float, "--clip-norm"), default=1.0, help="gradient norm clip, 0 = off (default: 1.0)")
+    p.add_argument("--warmup-steps", type=_non_negative(int, "--warmup-steps"), default=0,
+                   help="linear warm-up steps, then linear decay (default: 0)")
+    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"), default=0.01,
+                   help="AdamW weight decay of matrices (default: 0.01)")
+    p.add_argument("--clip-norm", type=_non_negative(float, "--clip-norm"), default=1.0,
+                   help="gradient norm clip, 0 = off (default: 1.0)")
     p.add_argument("--save-every", type=_non_negative(int, "--save-every"), default=0,
                    help="write checkpoint-N every N steps (default: 0, only at the end)")
     p.add_argument("--stop-after", type=_positive(int, "--stop-after"), default=None,
