@@ -368,6 +368,50 @@ def test_a_new_run_refuses_an_output_dir_that_holds_files(tmp_path, capsys):
     assert f"--output-dir {manifest / 'run'}: cannot create it" in capsys.readouterr().err
 
 
+def test_resume_from_a_missing_directory_is_a_usage_error(tmp_path, capsys):
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    missing = tmp_path / "nonexist"
+    assert _finetune(model, manifest, tmp_path / "run", "--task", "ctc", "--max-steps", "1", "--resume",
+                     str(missing)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --resume {missing}: no such directory (give a checkpoint-N directory of the run)"
+
+
+def test_sigint_stops_with_one_line_and_exit_130_keeping_what_was_written(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt, here raised by the 9th file read, in step 3 of 1-2 files each) ends the
+    run with exit 130 and one error line naming the last step and checkpoint; its checkpoints, metrics
+    and failures.json stay, and --resume continues from the checkpoint."""
+    from unispeech_fast.train import loop
+
+    model = _checkpoint(tmp_path)
+    manifest = _corpus(tmp_path, extra=[("broken.wav", None, "ab")])
+    reads, load_example = [0], loop.load_example
+
+    def interrupting(*args, **kwargs):
+        reads[0] += 1
+        if reads[0] == 9:
+            raise KeyboardInterrupt
+        return load_example(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_example", interrupting)
+    out = tmp_path / "run"
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "6", "--save-every", "2",
+                     "--grad-accum", "2") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= steps < 6
+    last = out / f"checkpoint-{steps // 2 * 2}"
+    assert err[-1] == f"error: interrupted after step {steps}; last checkpoint: {last} (continue with --resume {last})"
+    assert not any("Traceback" in line for line in err)
+    assert last.is_dir() and not (out / "final").exists()
+    assert [pathlib.Path(f["input"]).name for f in json.loads((out / "failures.json").read_text())["failed"]] == \
+        ["broken.wav"]
+    monkeypatch.setattr(loop, "load_example", load_example)
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "6", "--save-every", "2",
+                     "--grad-accum", "2", "--resume", str(last)) == 0
+    assert (out / "final").is_dir()
+
+
 def _torchrun(tmp_path, out, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "unispeech_fast", "finetune", "--output-dir", str(out),

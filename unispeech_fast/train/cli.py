@@ -6,7 +6,9 @@ pre-training objective and README "Training" for the commands.
 Exit codes as in :mod:`unispeech_fast.cli`: 0 the run reached its last step (files that could not be
 read were skipped and are listed in ``failures.json``); 1 runtime failure (a NaN/Inf loss, which
 names the step and the batch's files and keeps the last good checkpoint; a corrupt checkpoint; no
-usable audio); 2 usage error (bad options, manifest, labels or checkpoint for the task).
+usable audio); 2 usage error (bad options, manifest, labels or checkpoint for the task, a non-empty
+``--output-dir`` without ``--resume``); 130 interrupted (SIGINT: one ``error:`` line naming the last
+finished step and checkpoint; the checkpoints, ``metrics.jsonl`` and ``failures.json`` written so far stay).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 import os
 import sys
 
-from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, non_negative as _non_negative, positive as _positive
+from ..cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ..cli.common import non_negative as _non_negative, positive as _positive
 
 __all__ = ["add_parsers", "run_finetune", "run_pretrain", "TASK_HEADS", "PRETRAIN_HEADS"]
 
@@ -245,7 +248,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
     from ..configuration import ConfigError
     from ..loading import CheckpointError
     from .data import ManifestError, read_manifest
-    from .loop import NonFiniteLossError, TrainOptions, check_resume, train, write_run_files
+    from .loop import NonFiniteLossError, TrainingInterrupted, TrainOptions, check_resume, train, write_run_files
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -314,6 +317,8 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
                             objective=objective, preprocessor=preprocessor)
         except NonFiniteLossError as exc:
             return _error(str(exc), EXIT_FAILURE)
+        except TrainingInterrupted as exc:
+            return _error(str(exc), EXIT_INTERRUPTED)
         except AudioError as exc:
             return _error(str(exc), EXIT_FAILURE)
         except (ValueError, FileNotFoundError) as exc:
@@ -326,6 +331,8 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
             print(f"{len(summary['failed'])} file(s) skipped; listed in "
                   f"{os.path.join(args.output_dir, 'failures.json')}", file=sys.stderr)
         return EXIT_OK
+    except KeyboardInterrupt:  # outside the steps (loading, checking files, writing final/); files written stay
+        return _error("interrupted", EXIT_INTERRUPTED)
     finally:
         if world > 1:
             import torch.distributed as dist

@@ -36,10 +36,14 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
-__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "write_run_files", "STATE_FILE",
-           "RESUME_SETTINGS", "check_resume"]
+__all__ = ["TrainOptions", "NonFiniteLossError", "TrainingInterrupted", "train", "lr_lambda", "write_run_files",
+           "STATE_FILE", "RESUME_SETTINGS", "check_resume"]
 
 STATE_FILE = "training_state.pt"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (KeyboardInterrupt) during the steps; the message names the last finished step and checkpoint."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -196,6 +200,8 @@ def check_resume(checkpoint: str, settings: dict) -> dict:
     :data:`RESUME_SETTINGS`: name -> this run's value). FileNotFoundError when it holds no state,
     ValueError naming the first setting that differs or that it does not record."""
     path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--resume {checkpoint}: no such directory (give a checkpoint-N directory of the run)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {checkpoint}: no {STATE_FILE} (not a checkpoint this command wrote)")
     state = torch.load(path, weights_only=True)
@@ -293,104 +299,114 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     stop_at = opts.max_steps if opts.stop_after is None else min(opts.max_steps, opts.stop_after)
     model.train()
     t0 = time.perf_counter()
-    while position["step"] < stop_at:
-        if position["batch"] + per_step > len(plan):
-            left = len(plan) - position["batch"]
-            if rank == 0 and left:
-                log(f"epoch {position['epoch']}: {left} batch(es) left unused (fewer than one step of {per_step})")
-            if position["batch"] == 0:
-                raise ValueError(f"the manifest gives {len(plan)} batch(es) per epoch, fewer than one step needs "
-                                 f"(world_size x grad_accum = {per_step}); lower --max-batch-seconds")
-            position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch": 0}
-            plan = epoch_plan(position["epoch"])
-            continue
-        step = position["step"] + 1
-        optimizer.zero_grad(set_to_none=True)
-        extra_metrics = objective.start_step(model, step) if objective is not None else {}
-        loss_sum, audio_seconds, ppl, files = 0.0, 0.0, None, []
-        for a in range(opts.grad_accum):
-            plan_index = position["batch"] + a * world + rank
-            batch_ids = plan[plan_index]
-            examples = []
-            for i in batch_ids:
-                entry = by_index[i]
-                try:
-                    example = load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"]))
-                except AudioError as exc:
-                    failed[i] = str(exc)
-                    log(f"skipped: {exc}")
-                    continue
-                reason = objective.check(entry, example) if objective is not None else None
-                if reason is not None:
-                    failed[i] = reason
-                    log(f"skipped: {reason}")
-                    continue
-                examples.append(example)
-                files.append(entry.path)
-                audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
-            sync = a == opts.grad_accum - 1 or dist is None
-            ctx = net.no_sync() if not sync else _null()
-            with ctx:
-                if examples:
-                    batch = collator(examples)
-                    if objective is not None:
-                        batch = objective.prepare(batch, step, plan_index)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast if autocast is not None else _null():
-                        out = net(**batch)
-                    loss = objective.loss(out, batch) if objective is not None else out.loss
-                    if getattr(out, "codevector_perplexity", None) is not None:
-                        ppl = float(out.codevector_perplexity.detach())
-                else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
-                    # the ranks in step (DDP needs a forward on every rank) and adds nothing
-                    silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
-                    silent = {k: v.to(device) for k, v in silent.items()}
-                    out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
-                                                                     dtype=torch.bool, device=device))
-                    stand_in = getattr(out, "logits", None)
-                    stand_in = out.projected_states if stand_in is None else stand_in
-                    loss = stand_in.float().sum() * 0.0
-                (loss.float() / opts.grad_accum).backward()
-            loss_sum += float(loss.detach())
-        finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
-        if dist is not None:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            named = [f for part in _gather(files) for f in part]
+    try:
+        while position["step"] < stop_at:
+            if position["batch"] + per_step > len(plan):
+                left = len(plan) - position["batch"]
+                if rank == 0 and left:
+                    log(f"epoch {position['epoch']}: {left} batch(es) left unused (fewer than one step of {per_step})")
+                if position["batch"] == 0:
+                    raise ValueError(f"the manifest gives {len(plan)} batch(es) per epoch, fewer than one step needs "
+                                     f"(world_size x grad_accum = {per_step}); lower --max-batch-seconds")
+                position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch": 0}
+                plan = epoch_plan(position["epoch"])
+                continue
+            step = position["step"] + 1
+            optimizer.zero_grad(set_to_none=True)
+            extra_metrics = objective.start_step(model, step) if objective is not None else {}
+            loss_sum, audio_seconds, ppl, files = 0.0, 0.0, None, []
+            for a in range(opts.grad_accum):
+                plan_index = position["batch"] + a * world + rank
+                batch_ids = plan[plan_index]
+                examples = []
+                for i in batch_ids:
+                    entry = by_index[i]
+                    try:
+                        example = load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"]))
+                    except AudioError as exc:
+                        failed[i] = str(exc)
+                        log(f"skipped: {exc}")
+                        continue
+                    reason = objective.check(entry, example) if objective is not None else None
+                    if reason is not None:
+                        failed[i] = reason
+                        log(f"skipped: {reason}")
+                        continue
+                    examples.append(example)
+                    files.append(entry.path)
+                    audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
+                sync = a == opts.grad_accum - 1 or dist is None
+                ctx = net.no_sync() if not sync else _null()
+                with ctx:
+                    if examples:
+                        batch = collator(examples)
+                        if objective is not None:
+                            batch = objective.prepare(batch, step, plan_index)
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        with autocast if autocast is not None else _null():
+                            out = net(**batch)
+                        loss = objective.loss(out, batch) if objective is not None else out.loss
+                        if getattr(out, "codevector_perplexity", None) is not None:
+                            ppl = float(out.codevector_perplexity.detach())
+                    else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
+                        # the ranks in step (DDP needs a forward on every rank) and adds nothing
+                        silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
+                        silent = {k: v.to(device) for k, v in silent.items()}
+                        out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
+                                                                         dtype=torch.bool, device=device))
+                        stand_in = getattr(out, "logits", None)
+                        stand_in = out.projected_states if stand_in is None else stand_in
+                        loss = stand_in.float().sum() * 0.0
+                    (loss.float() / opts.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
+            if dist is not None:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                named = [f for part in _gather(files) for f in part]
+                _report_failures(failed, entries, opts.output_dir, rank)
+                raise NonFiniteLossError(
+                    f"step {step}: the loss is not finite (rank {rank}: {loss_sum}); batch files: {named}; "
+                    f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
+                )
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip_norm)) if opts.clip_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            position = {"step": step, "epoch": position["epoch"], "batch": position["batch"] + per_step}
+            totals = torch.tensor([loss_sum / opts.grad_accum, audio_seconds], dtype=torch.float64)
+            if dist is not None:
+                dist.all_reduce(totals)
+                totals[0] /= world
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "epoch": position["epoch"], "loss": float(totals[0]), "lr": lr,
+                      "grad_norm": grad_norm, "audio_seconds": float(totals[1]), "elapsed_s": elapsed}
+            if ppl is not None:
+                record["perplexity"] = ppl
+            record.update(extra_metrics)
+            if rank == 0:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    rate = record["audio_seconds"] / max(elapsed, 1e-9)  # audio-seconds per second = hours per hour
+                    post = {"loss": f"{record['loss']:.4g}", "audio-h/h": f"{rate:.1f}"}
+                    if ppl is not None:
+                        post["ppl"] = f"{ppl:.1f}"
+                    bar.set_postfix(post)
+            t0 = time.perf_counter()
+            if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
+                last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world,
+                                                   extra_files, objective_settings, preprocessor)
+    except KeyboardInterrupt:  # Ctrl-C: what is written stays (metrics of finished steps, checkpoints)
+        if bar is not None:
+            bar.close()
+        if dist is None:  # ranks interrupted together cannot be counted on to meet in a gather
             _report_failures(failed, entries, opts.output_dir, rank)
-            raise NonFiniteLossError(
-                f"step {step}: the loss is not finite (rank {rank}: {loss_sum}); batch files: {named}; "
-                f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
-            )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip_norm)) if opts.clip_norm > 0 else None
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        position = {"step": step, "epoch": position["epoch"], "batch": position["batch"] + per_step}
-        totals = torch.tensor([loss_sum / opts.grad_accum, audio_seconds], dtype=torch.float64)
-        if dist is not None:
-            dist.all_reduce(totals)
-            totals[0] /= world
-        elapsed = time.perf_counter() - t0
-        record = {"step": step, "epoch": position["epoch"], "loss": float(totals[0]), "lr": lr,
-                  "grad_norm": grad_norm, "audio_seconds": float(totals[1]), "elapsed_s": elapsed}
-        if ppl is not None:
-            record["perplexity"] = ppl
-        record.update(extra_metrics)
-        if rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.update(1)
-                rate = record["audio_seconds"] / max(elapsed, 1e-9)  # audio-seconds per second = hours per hour
-                post = {"loss": f"{record['loss']:.4g}", "audio-h/h": f"{rate:.1f}"}
-                if ppl is not None:
-                    post["ppl"] = f"{ppl:.1f}"
-                bar.set_postfix(post)
-        t0 = time.perf_counter()
-        if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
-            last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files,
-                                               objective_settings, preprocessor)
+        raise TrainingInterrupted(
+            f"interrupted after step {position['step']}; last checkpoint: "
+            f"{last_checkpoint or 'none (no checkpoint yet)'}"
+            + (f" (continue with --resume {last_checkpoint})" if last_checkpoint else "")) from None
     if bar is not None:
         bar.close()
     all_failed = _report_failures(failed, entries, opts.output_dir, rank)
