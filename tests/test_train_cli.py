@@ -291,6 +291,14 @@ def test_resume_is_bitwise_exact_one_process(tmp_path):
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in full] == [json.loads(x)["loss"] for x in part]
+    # resumed from an earlier checkpoint than the last step run (as after a kill between checkpoints): the
+    # rows of the steps after it are dropped, then written again, so the file reads as the uninterrupted run's
+    assert _finetune(model, manifest, tmp_path / "again", *common, "--stop-after", "4", "--save-every", "2") == 0
+    assert _finetune(model, manifest, tmp_path / "again", *common, "--save-every", "2",
+                     "--resume", str(tmp_path / "again" / "checkpoint-2")) == 0
+    again = (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["step"], json.loads(x)["loss"]) for x in again] == \
+        [(json.loads(x)["step"], json.loads(x)["loss"]) for x in full]
     # control: without restoring, a "resume" from the base weights is not the same run
     assert _finetune(model, manifest, tmp_path / "fresh", *common, "--stop-after", "3") == 0
     assert not torch.equal(_weights(tmp_path / "fresh" / "checkpoint-3")["lm_head.weight"],

@@ -285,6 +285,8 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     last_checkpoint = resume
     metrics_path = os.path.join(opts.output_dir, "metrics.jsonl")
+    if resume is not None and rank == 0:
+        _drop_metrics_after(metrics_path, position["step"])
     bar = None
     if rank == 0 and opts.progress:
         from tqdm import tqdm
@@ -411,6 +413,31 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
         bar.close()
     all_failed = _report_failures(failed, entries, opts.output_dir, rank)
     return {"step": position["step"], "checkpoint": last_checkpoint, "failed": all_failed}
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+    """Resuming from the checkpoint of ``step``: the run's ``metrics.jsonl`` loses its rows of later steps (written
+    before the run stopped past that checkpoint; the resumed run writes them again), rewritten atomically, so it
+    reads as an uninterrupted run's. Lines that are no such row are kept."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+
+    def later(line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _report_failures(failed: dict[int, str], entries: list[Entry], output_dir: str, rank: int) -> dict[int, str]:
