@@ -315,7 +315,7 @@ def test_resume_refuses_a_changed_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("changed,named", [
     (("--lr", "1e-3"), "lr=5e-05 (--lr)"), (("--no-normalize",), "normalize=True (--no-normalize"),
-    (("--task", "xvector"), "head='UniSpeechSatForSequenceClassification' (--task)"),
+    (("--task", "xvector"), "head='UniSpeechSatForSequenceClassification' (--task, or the --model's model_type)"),
     (("--no-freeze-feature-encoder",), "freeze_feature_encoder=True (--[no-]freeze-feature-encoder)"),
     (("--warmup-steps", "1"), "warmup_steps=0 (--warmup-steps)"),
     (("--weight-decay", "0"), "weight_decay=0.01 (--weight-decay)"), (("--clip-norm", "0"), "clip_norm=1.0")])

@@ -179,7 +179,7 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
 RESUME_SETTINGS = {
     "world_size": "the number of ranks", "seed": "--seed", "grad_accum": "--grad-accum",
     "max_batch_seconds": "--max-batch-seconds", "max_steps": "--max-steps",
-    "objective": "--gumbel-temperature, --mixing-prob", "head": "--task", "lr": "--lr",
+    "objective": "--gumbel-temperature, --mixing-prob", "head": "--task, or the --model's model_type", "lr": "--lr",
     "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "clip_norm": "--clip-norm",
     "normalize": "--no-normalize, or the --model's preprocessor_config.json",
     "freeze_feature_encoder": "--[no-]freeze-feature-encoder",
@@ -225,7 +225,8 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     ``preprocessor_config.json`` into every checkpoint (:func:`write_run_files`).
 
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
-    written for that step or after it).
+    written for that step or after it) and :class:`TrainingInterrupted` on a KeyboardInterrupt (SIGINT)
+    during the steps (what was written stays; with one process ``failures.json`` is written first).
 
     A CPU run repeats itself bit for bit (and so resumes exactly) with PyTorch's default algorithms:
     the models avoid the CPU kernel that two compared 2-thread runs found adding in thread order, the
