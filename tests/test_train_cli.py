@@ -122,6 +122,31 @@ def test_manifest_formats_agree(tmp_path):
         read_manifest(fair, ltr)
 
 
+def test_class_labels_that_are_label2id_names_are_those_classes(tmp_path):
+    """Names first: with numeric names sorted as strings ('0', '1', '10', '11', '2', ...) the label '10' is
+    label2id['10'] = 2, not id 10; a label that is no name is an integer id below num_labels."""
+    names = sorted(str(i) for i in range(12))
+    config = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat", num_labels=12),
+                                   label2id={n: i for i, n in enumerate(names)},
+                                   id2label={i: n for i, n in enumerate(names)})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": "a.wav", "duration": 1, "label": label}) + "\n"
+                                for label in ("10", 10, "2", "0")))
+    for task in ("classify", "xvector"):
+        entries = read_manifest(manifest)
+        encode_labels(entries, task, config)
+        assert [e.label for e in entries] == [2, 2, 4, 0]
+        assert [config.id2label[e.label] for e in entries] == ["10", "10", "2", "0"]
+    default = uf.UniSpeechSatConfig(**tiny_config_kwargs("UniSpeechSat"))  # LABEL_0 ...: numbers are ids
+    entries = read_manifest(manifest)
+    entries[0].label = entries[1].label = "LABEL_1"
+    encode_labels(entries, "classify", default)
+    assert [e.label for e in entries] == [1, 1, 2, 0]
+    entries[0].label = "3"
+    with pytest.raises(ManifestError, match=r"entry 0 .* label 3 is outside \[0, num_labels=3\)"):
+        encode_labels(entries, "classify", default)
+
+
 def test_plan_batches_buckets_by_padded_seconds():
     durations = [0.1, 2.0, 0.5, 0.45, 0.3, 0.11, 0.9, 0.12, 0.31]
     plan = plan_batches(durations, 1.0, seed=1, epoch=0)
@@ -155,6 +180,33 @@ def test_finetune_each_task(tmp_path, task, family, labels):
     assert changed and not any(re.match(r"unispeech(_sat)?\.feature_extractor\.", k) for k in changed)
     assert (out / "checkpoint-4" / "training_state.pt").is_file()
     assert ((out / "final" / "vocab.json").is_file()) == (task == "ctc")
+
+
+def test_checkpoints_and_final_carry_the_preprocessor_config_the_run_used(tmp_path):
+    """A checkpoint that says do_normalize false trains without normalising, and its checkpoints and final/
+    say so too (without the file, the inference commands would normalise); the source's other fields are
+    kept. Without a source file the run writes transformers' defaults with its own do_normalize."""
+    from unispeech_fast.audio import load_model
+
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    source = {"do_normalize": False, "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+              "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 16000, "mine": [1, 2]}
+    (model / "preprocessor_config.json").write_text(json.dumps(source))
+    out = tmp_path / "run"
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--save-every", "1") == 0
+    for name in ("checkpoint-1", "checkpoint-2", "final"):
+        assert json.loads((out / name / "preprocessor_config.json").read_text()) == source, name
+    assert load_model(out / "final").preprocessor_config["do_normalize"] is False
+    (model / "preprocessor_config.json").unlink()
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    for extra, normalize in (((), True), (("--no-normalize",), False)):
+        out = tmp_path / f"run-{normalize}"
+        assert _pretrain(model, tsv, out, "--labels", str(km), "--max-steps", "1", *extra) == 0
+        for name in ("checkpoint-1", "final"):
+            pre = json.loads((out / name / "preprocessor_config.json").read_text())
+            assert pre["do_normalize"] is normalize and pre["sampling_rate"] == 16000
+            assert pre["return_attention_mask"] is False  # a group-norm feature encoder, as transformers' default
+            assert pre["feature_extractor_type"] == "Wav2Vec2FeatureExtractor"
 
 
 @pytest.mark.gpu
@@ -211,6 +263,19 @@ def test_task_that_does_not_fit_the_checkpoint_is_a_usage_error(tmp_path, capsys
     assert "--task xvector needs model_type in ['unispeech-sat']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [("--clip-norm", "nan"), ("--clip-norm", "inf"), ("--clip-norm", "-1"),
+                                          ("--weight-decay", "nan"), ("--warmup-steps", "-1"), ("--save-every", "-2")])
+def test_non_finite_or_negative_numbers_are_usage_errors(tmp_path, capsys, option, value):
+    """--clip-norm nan turned clipping off without a word (nan > 0 is false); every such option must be a
+    finite number >= 0 (0 = off for --clip-norm and --save-every)."""
+    with pytest.raises(SystemExit) as info:
+        _finetune(tmp_path / "base", tmp_path / "m.jsonl", tmp_path / "run", "--task", "ctc", "--max-steps", "1",
+                  option, value)
+    assert info.value.code == 2
+    assert f"{option} must be finite and >= 0, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # ============================================================================================ resume
 def test_resume_is_bitwise_exact_one_process(tmp_path):
     """Stopped after step 2 and resumed: the step-5 weights equal an uninterrupted run's, bit for bit
@@ -226,6 +291,14 @@ def test_resume_is_bitwise_exact_one_process(tmp_path):
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in full] == [json.loads(x)["loss"] for x in part]
+    # resumed from an earlier checkpoint than the last step run (as after a kill between checkpoints): the
+    # rows of the steps after it are dropped, then written again, so the file reads as the uninterrupted run's
+    assert _finetune(model, manifest, tmp_path / "again", *common, "--stop-after", "4", "--save-every", "2") == 0
+    assert _finetune(model, manifest, tmp_path / "again", *common, "--save-every", "2",
+                     "--resume", str(tmp_path / "again" / "checkpoint-2")) == 0
+    again = (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["step"], json.loads(x)["loss"]) for x in again] == \
+        [(json.loads(x)["step"], json.loads(x)["loss"]) for x in full]
     # control: without restoring, a "resume" from the base weights is not the same run
     assert _finetune(model, manifest, tmp_path / "fresh", *common, "--stop-after", "3") == 0
     assert not torch.equal(_weights(tmp_path / "fresh" / "checkpoint-3")["lm_head.weight"],
@@ -238,6 +311,113 @@ def test_resume_refuses_a_changed_run(tmp_path, capsys):
     code = _finetune(model, manifest, tmp_path / "r", "--task", "ctc", "--max-steps", "6",
                      "--resume", str(tmp_path / "r" / "checkpoint-1"))
     assert code == 2 and "max_steps=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changed,named", [
+    (("--lr", "1e-3"), "lr=5e-05 (--lr)"), (("--no-normalize",), "normalize=True (--no-normalize"),
+    (("--task", "xvector"), "head='UniSpeechSatForSequenceClassification' (--task, or the --model's model_type)"),
+    (("--no-freeze-feature-encoder",), "freeze_feature_encoder=True (--[no-]freeze-feature-encoder)"),
+    (("--warmup-steps", "1"), "warmup_steps=0 (--warmup-steps)"),
+    (("--weight-decay", "0"), "weight_decay=0.01 (--weight-decay)"), (("--clip-norm", "0"), "clip_norm=1.0")])
+def test_resume_refuses_changed_options_naming_them(tmp_path, capsys, changed, named):
+    """A changed --lr was ignored (the scheduler state keeps the old one), --no-normalize applied without a
+    word, another task or freezing failed in torch's 'parameter group doesn't match': each is refused."""
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path, "ids")
+    common = ("--task", "classify", "--max-steps", "3")
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--stop-after", "1") == 0
+    capsys.readouterr()
+    args = (*common, *changed) if changed[0] != "--task" else ("--max-steps", "3", *changed)
+    assert _finetune(model, manifest, tmp_path / "r", *args, "--resume", str(tmp_path / "r" / "checkpoint-1")) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint was written with " + named in err and "an exact resume needs the same value" in err
+    assert not (tmp_path / "r" / "checkpoint-3").exists()
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_record_a_setting(tmp_path, capsys):
+    from unispeech_fast.train.loop import STATE_FILE
+
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path, "ids")
+    common = ("--task", "classify", "--max-steps", "3")
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--stop-after", "1") == 0
+    path = tmp_path / "r" / "checkpoint-1" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["lr"]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert _finetune(model, manifest, tmp_path / "r", *common, "--resume", str(path.parent)) == 2
+    assert "does not record lr (--lr; written by an earlier version)" in capsys.readouterr().err
+
+
+def test_a_new_run_refuses_an_output_dir_that_holds_files(tmp_path, capsys):
+    """Without --resume, finetune and pretrain refuse a non-empty --output-dir (exit 2, naming it and saying
+    what to do) and change nothing in it; an empty directory is taken; a file is no directory."""
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()  # empty: fine
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--save-every", "1") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "2", "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {out} is not empty" in err and "--resume" in err and "another --output-dir" in err
+    tsv, km = _fairseq_corpus(tmp_path, "UniSpeechSat")
+    assert _pretrain(model, tsv, out, "--labels", str(km), "--max-steps", "1") == 2
+    assert f"--output-dir {out} is not empty" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("the user's own line\n")
+    assert _finetune(model, manifest, mine, "--task", "ctc", "--max-steps", "1") == 2
+    assert (mine / "metrics.jsonl").read_text() == "the user's own line\n" and len(list(mine.iterdir())) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    assert _finetune(model, manifest, manifest, "--task", "ctc", "--max-steps", "1") == 2
+    assert f"--output-dir {manifest}: exists and is not a directory" in capsys.readouterr().err
+    assert _finetune(model, manifest, manifest / "run", "--task", "ctc", "--max-steps", "1") == 2
+    assert f"--output-dir {manifest / 'run'}: cannot create it" in capsys.readouterr().err
+
+
+def test_resume_from_a_missing_directory_is_a_usage_error(tmp_path, capsys):
+    model, manifest = _checkpoint(tmp_path), _corpus(tmp_path)
+    missing = tmp_path / "nonexist"
+    assert _finetune(model, manifest, tmp_path / "run", "--task", "ctc", "--max-steps", "1", "--resume",
+                     str(missing)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --resume {missing}: no such directory (give a checkpoint-N directory of the run)"
+
+
+def test_sigint_stops_with_one_line_and_exit_130_keeping_what_was_written(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt, here raised by the 9th file read, in step 3 of 1-2 files each) ends the
+    run with exit 130 and one error line naming the last step and checkpoint; its checkpoints, metrics
+    and failures.json stay, and --resume continues from the checkpoint."""
+    from unispeech_fast.train import loop
+
+    model = _checkpoint(tmp_path)
+    manifest = _corpus(tmp_path, extra=[("broken.wav", None, "ab")])
+    reads, load_example = [0], loop.load_example
+
+    def interrupting(*args, **kwargs):
+        reads[0] += 1
+        if reads[0] == 9:
+            raise KeyboardInterrupt
+        return load_example(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_example", interrupting)
+    out = tmp_path / "run"
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "6", "--save-every", "2",
+                     "--grad-accum", "2") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= steps < 6
+    last = out / f"checkpoint-{steps // 2 * 2}"
+    assert err[-1] == f"error: interrupted after step {steps}; last checkpoint: {last} (continue with --resume {last})"
+    assert not any("Traceback" in line for line in err)
+    assert last.is_dir() and not (out / "final").exists()
+    assert [pathlib.Path(f["input"]).name for f in json.loads((out / "failures.json").read_text())["failed"]] == \
+        ["broken.wav"]
+    monkeypatch.setattr(loop, "load_example", load_example)
+    assert _finetune(model, manifest, out, "--task", "ctc", "--max-steps", "6", "--save-every", "2",
+                     "--grad-accum", "2", "--resume", str(last)) == 0
+    assert (out / "final").is_dir()
 
 
 def _torchrun(tmp_path, out, *args):

@@ -1,7 +1,8 @@
 """What every command of the CLI shares: exit codes, the sample rate, argument validators, error lines.
 
 Exit codes: :data:`EXIT_OK` (0) success, :data:`EXIT_FAILURE` (1) runtime failure, :data:`EXIT_USAGE`
-(2) usage error (argparse exits with 2 on its own errors too). Errors are ``error:`` lines on stderr.
+(2) usage error (argparse exits with 2 on its own errors too), :data:`EXIT_INTERRUPTED` (130) stopped by SIGINT
+(the training commands). Errors are ``error:`` lines on stderr.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Sequence
 
 from ..audio.resampling import SAMPLE_RATE
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "SAMPLE_RATE", "positive", "fraction", "error", "run_command",
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "SAMPLE_RATE", "positive", "non_negative",
+           "fraction", "error", "run_command",
            "add_command", "backend_from_environment"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 
 def _number(kind: type, text: str, name: str, what: str):
@@ -31,6 +34,18 @@ def positive(kind: type, name: str):
         value = _number(kind, text, name, f"a {kind.__name__}")
         if not value > 0 or value != value or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{name} must be positive and finite, got {text!r}")
+        return value
+
+    return parse
+
+
+def non_negative(kind: type, name: str):
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires it finite and >= 0 (0 is often
+    "off"); NaN is refused, it would compare false everywhere and silently switch a feature off."""
+    def parse(text: str):
+        value = _number(kind, text, name, f"a {kind.__name__}")
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be finite and >= 0, got {text!r}")
         return value
 
     return parse

@@ -6,7 +6,9 @@ pre-training objective and README "Training" for the commands.
 Exit codes as in :mod:`unispeech_fast.cli`: 0 the run reached its last step (files that could not be
 read were skipped and are listed in ``failures.json``); 1 runtime failure (a NaN/Inf loss, which
 names the step and the batch's files and keeps the last good checkpoint; a corrupt checkpoint; no
-usable audio); 2 usage error (bad options, manifest, labels or checkpoint for the task).
+usable audio); 2 usage error (bad options, manifest, labels or checkpoint for the task, a non-empty
+``--output-dir`` without ``--resume``); 130 interrupted (SIGINT: one ``error:`` line naming the last
+finished step and checkpoint; the checkpoints, ``metrics.jsonl`` and ``failures.json`` written so far stay).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
-from ..cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, positive as _positive
+from ..cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ..cli.common import non_negative as _non_negative, positive as _positive
 
 __all__ = ["add_parsers", "run_finetune", "run_pretrain", "TASK_HEADS", "PRETRAIN_HEADS"]
 
@@ -78,10 +80,13 @@ def _common_options(p, lr: float, freeze: bool) -> None:
     p.add_argument("--grad-accum", type=_positive(int, "--grad-accum"), default=1,
                    help="micro-batches per optimiser step and rank (default: 1)")
     p.add_argument("--lr", type=_positive(float, "--lr"), default=lr, help=f"peak learning rate (default: {lr:g})")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay (default: 0)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices (default: 0.01)")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clip, 0 = off (default: 1.0)")
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--warmup-steps", type=_non_negative(int, "--warmup-steps"), default=0,
+                   help="linear warm-up steps, then linear decay (default: 0)")
+    p.add_argument("--weight-decay", type=_non_negative(float, "--weight-decay"), default=0.01,
+                   help="AdamW weight decay of matrices (default: 0.01)")
+    p.add_argument("--clip-norm", type=_non_negative(float, "--clip-norm"), default=1.0,
+                   help="gradient norm clip, 0 = off (default: 1.0)")
+    p.add_argument("--save-every", type=_non_negative(int, "--save-every"), default=0,
                    help="write checkpoint-N every N steps (default: 0, only at the end)")
     p.add_argument("--stop-after", type=_positive(int, "--stop-after"), default=None,
                    help="stop (with a checkpoint) after this step without changing the schedule; --resume goes on")
@@ -125,13 +130,49 @@ def _vocab(args, what: str) -> tuple[dict | None, str, str | None]:
         return None, vocab_file, f"{what} needs a vocab.json (token -> id): {vocab_file}: {exc}"
 
 
+def _preprocessor_config(model_dir: str, config, normalize: bool | None) -> dict:
+    """The ``preprocessor_config.json`` of the run: ``model_dir``'s (transformers' Wav2Vec2FeatureExtractor
+    defaults when it has none, with ``return_attention_mask`` on for a layer-norm feature encoder), its
+    ``do_normalize`` set to what the run does (``normalize``, or the file's, True when absent) and
+    ``sampling_rate`` to the 16 kHz the run reads. Every checkpoint and ``final/`` get it, so the inference
+    commands prepare audio as the training did. ValueError naming the file when it cannot be read."""
+    from ..cli.common import SAMPLE_RATE
+
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    pre = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "padding_side": "right",
+           "padding_value": 0.0, "do_normalize": True,
+           "return_attention_mask": getattr(config, "feat_extract_norm", "group") == "layer"}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                pre = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--model {model_dir}: cannot read preprocessor_config.json: {exc}") from None
+        if not isinstance(pre, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(pre).__name__}")
+    pre["do_normalize"] = bool(pre.get("do_normalize", True)) if normalize is None else bool(normalize)
+    pre["sampling_rate"] = SAMPLE_RATE
+    return pre
+
+
+def _check_output_dir(args) -> str | None:
+    """Why ``--output-dir`` cannot take this run, or None: a new run needs a new or empty directory (it never
+    replaces another run's checkpoints, final/ or metrics.jsonl); ``--resume`` continues the run there."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--output-dir {out}: exists and is not a directory"
+    if args.resume is None and os.path.isdir(out) and os.listdir(out):
+        return (f"--output-dir {out} is not empty (it holds {', '.join(sorted(os.listdir(out))[:5])}"
+                f"{', ...' if len(os.listdir(out)) > 5 else ''}); a new run needs a new or empty directory: give "
+                f"another --output-dir, or --resume {os.path.join(out, 'checkpoint-N')} to continue that run")
+    return None
+
+
 def _check_common(args) -> str | None:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: CUDA is not available here"
-    if args.save_every < 0 or args.warmup_steps < 0 or args.clip_norm < 0:
-        return "--save-every, --warmup-steps and --clip-norm must be >= 0"
     return None
 
 
@@ -207,7 +248,7 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
     from ..configuration import ConfigError
     from ..loading import CheckpointError
     from .data import ManifestError, read_manifest
-    from .loop import NonFiniteLossError, TrainOptions, train
+    from .loop import NonFiniteLossError, TrainingInterrupted, TrainOptions, check_resume, train, write_run_files
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -220,12 +261,22 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
             device = f"cuda:{torch.cuda.current_device()}"
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
+        problem = _check_output_dir(args)  # every rank looks before any rank writes (the barrier below)
+        if world > 1:
+            dist.barrier()
+        if problem is not None:
+            return _error(problem, EXIT_USAGE)
         import random
 
         import numpy as np
 
         torch.manual_seed(args.seed)  # a new head is initialised identically on every rank
         source = args.resume if args.resume is not None else args.model
+        if args.resume is not None:  # another head would not even load from the checkpoint: check it first
+            try:
+                check_resume(args.resume, {"head": head})
+            except (ValueError, FileNotFoundError) as exc:
+                return _error(str(exc), EXIT_USAGE)
         try:
             model = getattr(models, head).from_pretrained(source, device=device)
         except (CheckpointError, ConfigError, OSError) as exc:
@@ -236,13 +287,11 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
         random.seed(args.seed + rank)  # dropout: ranks draw their own masks (README "Training")
         np.random.seed(args.seed + rank)
         torch.manual_seed(args.seed + rank)
-        normalize = args.normalize
-        if normalize is None:
-            pre = os.path.join(args.model, "preprocessor_config.json")
-            normalize = True
-            if os.path.isfile(pre):
-                with open(pre, encoding="utf-8") as f:
-                    normalize = bool(json.load(f).get("do_normalize", True))
+        try:
+            preprocessor = _preprocessor_config(args.model, model.config, args.normalize)
+        except ValueError as exc:
+            return _error(str(exc), EXIT_USAGE)
+        normalize = preprocessor["do_normalize"]
         try:
             entries = read_manifest(args.manifest, args.labels)
             encode(entries, model)
@@ -253,15 +302,23 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
                             max_batch_seconds=args.max_batch_seconds, grad_accum=args.grad_accum, lr=args.lr,
                             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
                             save_every=args.save_every, stop_after=args.stop_after, seed=args.seed,
-                            normalize=normalize, device=device, progress=not args.quiet)
+                            normalize=normalize, freeze_feature_encoder=args.freeze_feature_encoder, device=device,
+                            progress=not args.quiet)
         def log(msg: str) -> None:
             print(msg, file=sys.stderr)
 
         try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as exc:
+            return _error(f"--output-dir {args.output_dir}: cannot create it: {exc}", EXIT_USAGE)
+
+        try:
             summary = train(model, entries, opts, resume=args.resume, extra_files=extra_files, log=log,
-                            objective=objective)
+                            objective=objective, preprocessor=preprocessor)
         except NonFiniteLossError as exc:
             return _error(str(exc), EXIT_FAILURE)
+        except TrainingInterrupted as exc:
+            return _error(str(exc), EXIT_INTERRUPTED)
         except AudioError as exc:
             return _error(str(exc), EXIT_FAILURE)
         except (ValueError, FileNotFoundError) as exc:
@@ -269,12 +326,13 @@ def _run(args, head: str, encode, make_objective, extra_files: dict[str, str]) -
         if summary["step"] == args.max_steps and rank == 0:
             final = os.path.join(args.output_dir, "final")
             model.save_pretrained(final)
-            for name, src in extra_files.items():
-                shutil.copyfile(src, os.path.join(final, name))
+            write_run_files(final, extra_files, preprocessor)
         if summary["failed"] and rank == 0:
             print(f"{len(summary['failed'])} file(s) skipped; listed in "
                   f"{os.path.join(args.output_dir, 'failures.json')}", file=sys.stderr)
         return EXIT_OK
+    except KeyboardInterrupt:  # outside the steps (loading, checking files, writing final/); files written stay
+        return _error("interrupted", EXIT_INTERRUPTED)
     finally:
         if world > 1:
             import torch.distributed as dist

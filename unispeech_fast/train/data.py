@@ -121,8 +121,10 @@ def encode_labels(entries: Sequence[Entry], task: str, config, vocab: dict[str, 
 
     - ``ctc``: a list of tokens (``.ltr``) or a text whose characters are tokens, a space meaning
       the word delimiter ``|``; each token must be in ``vocab``;
-    - ``classify``/``xvector``: a class name from ``config.label2id`` or an integer id below
-      ``config.num_labels``.
+    - ``classify``/``xvector``: a label that is a key of ``config.label2id`` is that class, names
+      first: with ``label2id = {"0": 0, "1": 1, "10": 2, ...}`` (speaker ids sorted as strings) the
+      label ``"10"`` is class 2, never id 10. Any other label must be an integer id in
+      ``[0, config.num_labels)``.
     """
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     for entry in entries:
@@ -142,7 +144,7 @@ def encode_labels(entries: Sequence[Entry], task: str, config, vocab: dict[str, 
             entry.label = [vocab[t] for t in tokens]
         else:
             name = str(entry.label)
-            if name in label2id and not name.lstrip("-").isdigit():
+            if name in label2id:
                 value = label2id[name]
             else:
                 try:

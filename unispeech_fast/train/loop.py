@@ -36,9 +36,14 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError
 from .data import Entry, check_audio, load_example, plan_batches
 
-__all__ = ["TrainOptions", "NonFiniteLossError", "train", "lr_lambda", "STATE_FILE"]
+__all__ = ["TrainOptions", "NonFiniteLossError", "TrainingInterrupted", "train", "lr_lambda", "write_run_files",
+           "STATE_FILE", "RESUME_SETTINGS", "check_resume"]
 
 STATE_FILE = "training_state.pt"
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT (KeyboardInterrupt) during the steps; the message names the last finished step and checkpoint."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,6 +66,7 @@ class TrainOptions:
     stop_after: int | None = None
     seed: int = 0
     normalize: bool = True
+    freeze_feature_encoder: bool = False  # recorded for --resume; the caller freezes the model
     device: str = "cpu"
     progress: bool = True
 
@@ -130,20 +136,29 @@ def _write_failures(output_dir: str, failed: list[dict], total: int) -> None:
     os.replace(tmp, os.path.join(output_dir, "failures.json"))
 
 
+def write_run_files(directory: str, extra_files: dict[str, str], preprocessor: dict | None) -> None:
+    """Beside a checkpoint's weights: copies of ``extra_files`` (name -> source path, e.g. ``vocab.json``) and,
+    when given, ``preprocessor`` as ``preprocessor_config.json`` (how the run prepared its audio)."""
+    for name, src in extra_files.items():
+        shutil.copyfile(src, os.path.join(directory, name))
+    if preprocessor is not None:
+        with open(os.path.join(directory, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(preprocessor, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
 def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOptions, rank: int, world: int,
-                     extra_files: dict[str, str], objective_settings: dict | None = None) -> str:
+                     extra_files: dict[str, str], objective_settings: dict | None = None,
+                     preprocessor: dict | None = None) -> str:
     dist = _dist()
     final = os.path.join(opts.output_dir, f"checkpoint-{position['step']}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        for name, src in extra_files.items():
-            shutil.copyfile(src, os.path.join(tmp, name))
+        write_run_files(tmp, extra_files, preprocessor)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "position": position, "world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
-                    "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
-                    "objective": objective_settings},
+                    "position": position, **_settings(model, opts, world, objective_settings)},
                    os.path.join(tmp, STATE_FILE))
     if dist is not None:
         dist.barrier()
@@ -158,26 +173,60 @@ def _save_checkpoint(model, optimizer, scheduler, position: dict, opts: TrainOpt
     return final
 
 
-def _load_state(checkpoint: str, opts: TrainOptions, world: int, objective_settings: dict | None = None) -> dict:
+#: The settings a checkpoint records and ``--resume`` compares, with the option that sets each: a resumed run
+#: continues the same run only if they match (the optimiser and scheduler state would otherwise keep the old
+#: learning rate and weight decay, or fail on other parameter groups, and the rest would change silently).
+RESUME_SETTINGS = {
+    "world_size": "the number of ranks", "seed": "--seed", "grad_accum": "--grad-accum",
+    "max_batch_seconds": "--max-batch-seconds", "max_steps": "--max-steps",
+    "objective": "--gumbel-temperature, --mixing-prob", "head": "--task, or the --model's model_type", "lr": "--lr",
+    "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "clip_norm": "--clip-norm",
+    "normalize": "--no-normalize, or the --model's preprocessor_config.json",
+    "freeze_feature_encoder": "--[no-]freeze-feature-encoder",
+}
+
+
+def _settings(model, opts: TrainOptions, world: int, objective_settings: dict | None) -> dict:
+    """The values of :data:`RESUME_SETTINGS` for this run."""
+    return {"world_size": world, "seed": opts.seed, "grad_accum": opts.grad_accum,
+            "max_batch_seconds": opts.max_batch_seconds, "max_steps": opts.max_steps,
+            "objective": objective_settings, "head": type(model).__name__, "lr": opts.lr,
+            "warmup_steps": opts.warmup_steps, "weight_decay": opts.weight_decay, "clip_norm": opts.clip_norm,
+            "normalize": opts.normalize, "freeze_feature_encoder": opts.freeze_feature_encoder}
+
+
+def check_resume(checkpoint: str, settings: dict) -> dict:
+    """The training state of ``checkpoint`` after checking that it records ``settings`` (some of
+    :data:`RESUME_SETTINGS`: name -> this run's value). FileNotFoundError when it holds no state,
+    ValueError naming the first setting that differs or that it does not record."""
     path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--resume {checkpoint}: no such directory (give a checkpoint-N directory of the run)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {checkpoint}: no {STATE_FILE} (not a checkpoint this command wrote)")
     state = torch.load(path, weights_only=True)
-    for key, value in (("world_size", world), ("seed", opts.seed), ("grad_accum", opts.grad_accum),
-                       ("max_batch_seconds", opts.max_batch_seconds), ("max_steps", opts.max_steps),
-                       ("objective", objective_settings)):
-        if state.get(key) != value:
-            raise ValueError(f"--resume {checkpoint}: the checkpoint was written with {key}={state[key]!r}, this run "
-                             f"has {value!r}; an exact resume needs the same value")
+    for key, value in settings.items():
+        option = RESUME_SETTINGS[key]
+        if key not in state:
+            raise ValueError(f"--resume {checkpoint}: the checkpoint does not record {key} ({option}; written by an "
+                             "earlier version), so an exact resume cannot be checked; start a new run from its weights")
+        if state[key] != value:
+            raise ValueError(f"--resume {checkpoint}: the checkpoint was written with {key}={state[key]!r} ({option}), "
+                             f"this run has {value!r}; an exact resume needs the same value")
     return state
 
 
 def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None = None,
-          extra_files: dict[str, str] | None = None, log=print, objective=None) -> dict:
+          extra_files: dict[str, str] | None = None, log=print, objective=None,
+          preprocessor: dict | None = None) -> dict:
     """Train ``model`` (already on ``opts.device``, weights identical on every rank) on ``entries``.
 
+    ``extra_files`` (name -> path) are copied and ``preprocessor`` (a dict) is written as
+    ``preprocessor_config.json`` into every checkpoint (:func:`write_run_files`).
+
     Returns a summary dict. Raises :class:`NonFiniteLossError` on a NaN/Inf loss (no checkpoint is
-    written for that step or after it).
+    written for that step or after it) and :class:`TrainingInterrupted` on a KeyboardInterrupt (SIGINT)
+    during the steps (what was written stays; with one process ``failures.json`` is written first).
 
     A CPU run repeats itself bit for bit (and so resumes exactly) with PyTorch's default algorithms:
     the models avoid the CPU kernel that two compared 2-thread runs found adding in thread order, the
@@ -218,7 +267,7 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.warmup_steps, opts.max_steps))
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resume is not None:
-        state = _load_state(resume, opts, world, objective_settings)
+        state = check_resume(resume, _settings(model, opts, world, objective_settings))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         position = dict(state["position"])
@@ -237,6 +286,8 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     last_checkpoint = resume
     metrics_path = os.path.join(opts.output_dir, "metrics.jsonl")
+    if resume is not None and rank == 0:
+        _drop_metrics_after(metrics_path, position["step"])
     bar = None
     if rank == 0 and opts.progress:
         from tqdm import tqdm
@@ -251,108 +302,143 @@ def train(model, entries: list[Entry], opts: TrainOptions, *, resume: str | None
     stop_at = opts.max_steps if opts.stop_after is None else min(opts.max_steps, opts.stop_after)
     model.train()
     t0 = time.perf_counter()
-    while position["step"] < stop_at:
-        if position["batch"] + per_step > len(plan):
-            left = len(plan) - position["batch"]
-            if rank == 0 and left:
-                log(f"epoch {position['epoch']}: {left} batch(es) left unused (fewer than one step of {per_step})")
-            if position["batch"] == 0:
-                raise ValueError(f"the manifest gives {len(plan)} batch(es) per epoch, fewer than one step needs "
-                                 f"(world_size x grad_accum = {per_step}); lower --max-batch-seconds")
-            position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch": 0}
-            plan = epoch_plan(position["epoch"])
-            continue
-        step = position["step"] + 1
-        optimizer.zero_grad(set_to_none=True)
-        extra_metrics = objective.start_step(model, step) if objective is not None else {}
-        loss_sum, audio_seconds, ppl, files = 0.0, 0.0, None, []
-        for a in range(opts.grad_accum):
-            plan_index = position["batch"] + a * world + rank
-            batch_ids = plan[plan_index]
-            examples = []
-            for i in batch_ids:
-                entry = by_index[i]
-                try:
-                    example = load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"]))
-                except AudioError as exc:
-                    failed[i] = str(exc)
-                    log(f"skipped: {exc}")
-                    continue
-                reason = objective.check(entry, example) if objective is not None else None
-                if reason is not None:
-                    failed[i] = reason
-                    log(f"skipped: {reason}")
-                    continue
-                examples.append(example)
-                files.append(entry.path)
-                audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
-            sync = a == opts.grad_accum - 1 or dist is None
-            ctx = net.no_sync() if not sync else _null()
-            with ctx:
-                if examples:
-                    batch = collator(examples)
-                    if objective is not None:
-                        batch = objective.prepare(batch, step, plan_index)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast if autocast is not None else _null():
-                        out = net(**batch)
-                    loss = objective.loss(out, batch) if objective is not None else out.loss
-                    if getattr(out, "codevector_perplexity", None) is not None:
-                        ppl = float(out.codevector_perplexity.detach())
-                else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
-                    # the ranks in step (DDP needs a forward on every rank) and adds nothing
-                    silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
-                    silent = {k: v.to(device) for k, v in silent.items()}
-                    out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
-                                                                     dtype=torch.bool, device=device))
-                    stand_in = getattr(out, "logits", None)
-                    stand_in = out.projected_states if stand_in is None else stand_in
-                    loss = stand_in.float().sum() * 0.0
-                (loss.float() / opts.grad_accum).backward()
-            loss_sum += float(loss.detach())
-        finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
-        if dist is not None:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            named = [f for part in _gather(files) for f in part]
+    try:
+        while position["step"] < stop_at:
+            if position["batch"] + per_step > len(plan):
+                left = len(plan) - position["batch"]
+                if rank == 0 and left:
+                    log(f"epoch {position['epoch']}: {left} batch(es) left unused (fewer than one step of {per_step})")
+                if position["batch"] == 0:
+                    raise ValueError(f"the manifest gives {len(plan)} batch(es) per epoch, fewer than one step needs "
+                                     f"(world_size x grad_accum = {per_step}); lower --max-batch-seconds")
+                position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch": 0}
+                plan = epoch_plan(position["epoch"])
+                continue
+            step = position["step"] + 1
+            optimizer.zero_grad(set_to_none=True)
+            extra_metrics = objective.start_step(model, step) if objective is not None else {}
+            loss_sum, audio_seconds, ppl, files = 0.0, 0.0, None, []
+            for a in range(opts.grad_accum):
+                plan_index = position["batch"] + a * world + rank
+                batch_ids = plan[plan_index]
+                examples = []
+                for i in batch_ids:
+                    entry = by_index[i]
+                    try:
+                        example = load_example(entry, opts.normalize, sample_seed(opts.seed, i, position["epoch"]))
+                    except AudioError as exc:
+                        failed[i] = str(exc)
+                        log(f"skipped: {exc}")
+                        continue
+                    reason = objective.check(entry, example) if objective is not None else None
+                    if reason is not None:
+                        failed[i] = reason
+                        log(f"skipped: {reason}")
+                        continue
+                    examples.append(example)
+                    files.append(entry.path)
+                    audio_seconds += examples[-1]["input_values"].numel() / SAMPLE_RATE
+                sync = a == opts.grad_accum - 1 or dist is None
+                ctx = net.no_sync() if not sync else _null()
+                with ctx:
+                    if examples:
+                        batch = collator(examples)
+                        if objective is not None:
+                            batch = objective.prepare(batch, step, plan_index)
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        with autocast if autocast is not None else _null():
+                            out = net(**batch)
+                        loss = objective.loss(out, batch) if objective is not None else out.loss
+                        if getattr(out, "codevector_perplexity", None) is not None:
+                            ppl = float(out.codevector_perplexity.detach())
+                    else:  # every file of this micro-batch failed: a silent input with a zero loss keeps
+                        # the ranks in step (DDP needs a forward on every rank) and adds nothing
+                        silent = SpeechDataCollator(model)([{"input_values": torch.zeros(min_samples)}])
+                        silent = {k: v.to(device) for k, v in silent.items()}
+                        out = net(**silent, mask_time_indices=torch.zeros(1, _frames(model.config, min_samples),
+                                                                         dtype=torch.bool, device=device))
+                        stand_in = getattr(out, "logits", None)
+                        stand_in = out.projected_states if stand_in is None else stand_in
+                        loss = stand_in.float().sum() * 0.0
+                    (loss.float() / opts.grad_accum).backward()
+                loss_sum += float(loss.detach())
+            finite = torch.tensor([1.0 if math.isfinite(loss_sum) else 0.0])
+            if dist is not None:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                named = [f for part in _gather(files) for f in part]
+                _report_failures(failed, entries, opts.output_dir, rank)
+                raise NonFiniteLossError(
+                    f"step {step}: the loss is not finite (rank {rank}: {loss_sum}); batch files: {named}; "
+                    f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
+                )
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip_norm)) if opts.clip_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            position = {"step": step, "epoch": position["epoch"], "batch": position["batch"] + per_step}
+            totals = torch.tensor([loss_sum / opts.grad_accum, audio_seconds], dtype=torch.float64)
+            if dist is not None:
+                dist.all_reduce(totals)
+                totals[0] /= world
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "epoch": position["epoch"], "loss": float(totals[0]), "lr": lr,
+                      "grad_norm": grad_norm, "audio_seconds": float(totals[1]), "elapsed_s": elapsed}
+            if ppl is not None:
+                record["perplexity"] = ppl
+            record.update(extra_metrics)
+            if rank == 0:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    rate = record["audio_seconds"] / max(elapsed, 1e-9)  # audio-seconds per second = hours per hour
+                    post = {"loss": f"{record['loss']:.4g}", "audio-h/h": f"{rate:.1f}"}
+                    if ppl is not None:
+                        post["ppl"] = f"{ppl:.1f}"
+                    bar.set_postfix(post)
+            t0 = time.perf_counter()
+            if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
+                last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world,
+                                                   extra_files, objective_settings, preprocessor)
+    except KeyboardInterrupt:  # Ctrl-C: what is written stays (metrics of finished steps, checkpoints)
+        if bar is not None:
+            bar.close()
+        if dist is None:  # ranks interrupted together cannot be counted on to meet in a gather
             _report_failures(failed, entries, opts.output_dir, rank)
-            raise NonFiniteLossError(
-                f"step {step}: the loss is not finite (rank {rank}: {loss_sum}); batch files: {named}; "
-                f"last good checkpoint: {last_checkpoint or 'none (no checkpoint yet)'}"
-            )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip_norm)) if opts.clip_norm > 0 else None
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        position = {"step": step, "epoch": position["epoch"], "batch": position["batch"] + per_step}
-        totals = torch.tensor([loss_sum / opts.grad_accum, audio_seconds], dtype=torch.float64)
-        if dist is not None:
-            dist.all_reduce(totals)
-            totals[0] /= world
-        elapsed = time.perf_counter() - t0
-        record = {"step": step, "epoch": position["epoch"], "loss": float(totals[0]), "lr": lr,
-                  "grad_norm": grad_norm, "audio_seconds": float(totals[1]), "elapsed_s": elapsed}
-        if ppl is not None:
-            record["perplexity"] = ppl
-        record.update(extra_metrics)
-        if rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.update(1)
-                rate = record["audio_seconds"] / max(elapsed, 1e-9)  # audio-seconds per second = hours per hour
-                post = {"loss": f"{record['loss']:.4g}", "audio-h/h": f"{rate:.1f}"}
-                if ppl is not None:
-                    post["ppl"] = f"{ppl:.1f}"
-                bar.set_postfix(post)
-        t0 = time.perf_counter()
-        if (opts.save_every and step % opts.save_every == 0) or step == stop_at:
-            last_checkpoint = _save_checkpoint(model, optimizer, scheduler, position, opts, rank, world, extra_files,
-                                               objective_settings)
+        raise TrainingInterrupted(
+            f"interrupted after step {position['step']}; last checkpoint: "
+            f"{last_checkpoint or 'none (no checkpoint yet)'}"
+            + (f" (continue with --resume {last_checkpoint})" if last_checkpoint else "")) from None
     if bar is not None:
         bar.close()
     all_failed = _report_failures(failed, entries, opts.output_dir, rank)
     return {"step": position["step"], "checkpoint": last_checkpoint, "failed": all_failed}
+
+
+def _drop_metrics_after(path: str, step: int) -> None:
+    """Resuming from the checkpoint of ``step``: the run's ``metrics.jsonl`` loses its rows of later steps (written
+    before the run stopped past that checkpoint; the resumed run writes them again), rewritten atomically, so it
+    reads as an uninterrupted run's. Lines that are no such row are kept."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+
+    def later(line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _report_failures(failed: dict[int, str], entries: list[Entry], output_dir: str, rank: int) -> dict[int, str]:
