@@ -491,15 +491,11 @@ _REBUILT_TYPES = (*_REPLACED, Attention, FeedForward, ConvLayer, nn.Linear, nn.C
                   nn.Dropout, nn.ModuleList)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks))
-
-
 def _refuse_what_a_snapshot_would_drop(model: nn.Module) -> None:
     """Raise ``TypeError`` for anything on the modules the snapshot rebuilds from weights that a rebuild would
     silently lose: a forward/backward hook, a wrapped or subclassed layer (LoRA or other adapters, PEFT
     wrappers, parametrizations), or a feed-forward activation that no longer matches the config."""
-    from .patching import _is_weight_normed
+    from .patching import _hooks, _is_weight_normed
 
     for path, module in model.named_modules():
         if not isinstance(module, _REPLACED):
@@ -512,8 +508,8 @@ def _refuse_what_a_snapshot_would_drop(model: nn.Module) -> None:
             if id(sub) in carried:
                 continue
             where = f"{name} ({type(sub).__name__})"
-            if _has_hooks(sub) or "forward" in vars(sub):  # a hook, or a forward replaced on the instance
-                what = f"the hooks on {where}" if _has_hooks(sub) else f"the forward replaced on the instance {where}"
+            if _hooks(sub) or "forward" in vars(sub):  # a hook, or a forward replaced on the instance
+                what = f"the hooks on {where}" if _hooks(sub) else f"the forward replaced on the instance {where}"
                 raise TypeError(f"optimize_for_inference rebuilds {path} from its weights, so {what} would not run in "
                                 f"the snapshot; remove them (or fold what they do into the weights) first")
             if isinstance(sub, PositionalConvEmbedding) and not _is_weight_normed(sub.conv):
