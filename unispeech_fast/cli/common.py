@@ -28,27 +28,26 @@ def _number(kind: type, text: str, name: str, what: str):
         raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
 
 
-def positive(kind: type, name: str):
-    """An argparse ``type`` that parses ``kind`` (int or float) and requires it positive and finite."""
+def _finite(kind: type, name: str, accept, requirement: str):
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires ``accept(value)`` and a finite value.
+    NaN fails every comparison, so it is refused too (it would otherwise silently switch a feature off)."""
     def parse(text: str):
         value = _number(kind, text, name, f"a {kind.__name__}")
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be positive and finite, got {text!r}")
+        if not accept(value) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be {requirement}, got {text!r}")
         return value
 
     return parse
+
+
+def positive(kind: type, name: str):
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires it positive and finite."""
+    return _finite(kind, name, lambda v: v > 0, "positive and finite")
 
 
 def non_negative(kind: type, name: str):
-    """An argparse ``type`` that parses ``kind`` (int or float) and requires it finite and >= 0 (0 is often
-    "off"); NaN is refused, it would compare false everywhere and silently switch a feature off."""
-    def parse(text: str):
-        value = _number(kind, text, name, f"a {kind.__name__}")
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be finite and >= 0, got {text!r}")
-        return value
-
-    return parse
+    """An argparse ``type`` that parses ``kind`` (int or float) and requires it finite and >= 0 (0 is often "off")."""
+    return _finite(kind, name, lambda v: v >= 0, "finite and >= 0")
 
 
 def fraction(name: str, high_open: bool):
