@@ -143,13 +143,12 @@ def _preprocessor_config(model_dir: str, config, normalize: bool | None) -> dict
            "padding_value": 0.0, "do_normalize": True,
            "return_attention_mask": getattr(config, "feat_extract_norm", "group") == "layer"}
     if os.path.isfile(path):
+        from ..loading import _read_json_object
+
         try:
-            with open(path, encoding="utf-8") as f:
-                pre = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--model {model_dir}: cannot read preprocessor_config.json: {exc}") from None
-        if not isinstance(pre, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(pre).__name__}")
+            pre = _read_json_object(path, ValueError)  # names the file when it is not a JSON object
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it: {exc}") from None
     pre["do_normalize"] = bool(pre.get("do_normalize", True)) if normalize is None else bool(normalize)
     pre["sampling_rate"] = SAMPLE_RATE
     return pre
