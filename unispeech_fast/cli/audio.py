@@ -804,15 +804,19 @@ def _job_record(args: argparse.Namespace, command: str) -> dict:
             "model_files": _model_fingerprint(args)}
 
 
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _job_mismatch(old: dict, job: dict) -> str | None:
     """Why a directory's ``job.json`` (``old``) is not this job, or None when it is."""
     if old == job:
         return None
-    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+    diff = _differing_keys(old, job)
     why = f"it differs in {', '.join(diff)}"
     if "model_files" in diff and old.get("model") == job["model"]:
         before, now = old["model_files"] if isinstance(old["model_files"], dict) else {}, job["model_files"]
-        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        changed = _differing_keys(before, now)
         why += "; files of the checkpoint (or --vocab) changed since the job started: " + ", ".join(
             f"{n} ({'added' if n not in before else 'removed' if n not in now else 'changed'})" for n in changed)
     return why
